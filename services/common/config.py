@@ -1,0 +1,113 @@
+"""Configuration read once from environment variables and validated at start.
+
+A service declares its settings as a list of `Setting`s; `load` reads them all
+and reports every bad value at once, so a misconfigured pod fails fast with a
+message that names the variable."""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+
+class ConfigError(Exception):
+    pass
+
+
+def _parse_bool(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected true or false, got {raw!r}")
+
+
+_PARSERS: dict[type, Callable[[str], Any]] = {int: int, float: float, str: str, bool: _parse_bool}
+
+
+@dataclass(frozen=True)
+class Setting:
+    env: str
+    type: type
+    default: Any
+    help: str
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def key(self) -> str:
+        return self.env.lower()
+
+    def parse(self, raw: str) -> Any:
+        try:
+            value = _PARSERS[self.type](raw.strip())
+        except ValueError as exc:
+            raise ConfigError(f"{self.env}={raw!r}: not a valid {self.type.__name__} ({exc})") from None
+        self.check(value)
+        return value
+
+    def check(self, value: Any) -> None:
+        if self.minimum is not None and value < self.minimum:
+            raise ConfigError(f"{self.env}={value!r}: must be at least {self.minimum:g}")
+        if self.maximum is not None and value > self.maximum:
+            raise ConfigError(f"{self.env}={value!r}: must be at most {self.maximum:g}")
+        if self.choices is not None and value not in self.choices:
+            raise ConfigError(f"{self.env}={value!r}: must be one of {', '.join(self.choices)}")
+
+
+class Config:
+    """Attribute access to validated settings: config.model_dir for MODEL_DIR."""
+
+    def __init__(self, values: dict[str, Any]):
+        self._values = values
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self._values[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self._values)
+
+
+def load(settings: list[Setting], environ: Mapping[str, str] | None = None) -> Config:
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    for setting in settings:
+        raw = environ.get(setting.env)
+        try:
+            values[setting.key] = setting.default if raw is None or raw == "" else setting.parse(raw)
+        except ConfigError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+    return Config(values)
+
+
+def load_or_exit(settings: list[Setting]) -> Config:
+    try:
+        return load(settings)
+    except ConfigError as exc:
+        print(f"imagemesh: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+# Settings the gateway and every service share.
+COMMON_SETTINGS = [
+    Setting("BIND_HOST", str, "127.0.0.1", "address the servers listen on (0.0.0.0 in containers)"),
+    Setting("LOG_LEVEL", str, "INFO", "log level", choices=("DEBUG", "INFO", "WARNING", "ERROR")),
+    Setting("MAX_INPUT_PIXELS", int, 40_000_000, "largest input image, in pixels", minimum=1),
+    Setting("MAX_OUTPUT_PIXELS", int, 67_108_864, "largest output image, in pixels", minimum=1),
+]
+
+# Settings of every gRPC service.
+SERVICE_SETTINGS = COMMON_SETTINGS + [
+    Setting("MAX_CONCURRENT_REQUESTS", int, 2, "requests processed at once per service", minimum=1),
+    Setting("MAX_QUEUED_REQUESTS", int, 16, "requests waiting for a slot before RESOURCE_EXHAUSTED", minimum=0),
+    Setting("DRAIN_SECONDS", float, 30.0, "grace period for in-flight streams on SIGTERM", minimum=0),
+]

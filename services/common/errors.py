@@ -1,0 +1,58 @@
+"""Errors that carry their gRPC status and a stable reason, raised by engines
+and servicers alike and turned into a status (and an HTTP code) in one place."""
+import grpc
+
+
+class ServiceError(Exception):
+    code = grpc.StatusCode.INTERNAL
+    reason = "internal"
+
+    def __init__(self, message: str, *, reason: str | None = None, field: str = ""):
+        super().__init__(message)
+        self.message = message
+        if reason:
+            self.reason = reason
+        self.field = field
+
+
+class InvalidArgument(ServiceError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "invalid_argument"
+
+
+class LimitExceeded(ServiceError):
+    """A configured size limit was broken (HTTP 413)."""
+    code = grpc.StatusCode.OUT_OF_RANGE
+    reason = "limit_exceeded"
+
+
+class UndecodableImage(ServiceError):
+    """The bytes are not an image we can decode (HTTP 422)."""
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "undecodable_image"
+
+
+class UnsupportedMediaType(ServiceError):
+    """An image format the API does not take (HTTP 415)."""
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "unsupported_media_type"
+
+
+class ModelNotFound(ServiceError):
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "model_not_found"
+
+
+class ModelNotReady(ServiceError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "model_not_ready"
+
+
+class Overloaded(ServiceError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "overloaded"
+
+
+class Unavailable(ServiceError):
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "unavailable"

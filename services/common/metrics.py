@@ -1,0 +1,22 @@
+"""Prometheus metrics every service exports, all named imagemesh_*."""
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+REQUESTS = Counter("imagemesh_grpc_requests", "gRPC requests handled", ["service", "method", "code"])
+REQUEST_SECONDS = Histogram(
+    "imagemesh_grpc_request_duration_seconds", "gRPC request duration", ["service", "method"],
+    buckets=DURATION_BUCKETS)
+IN_FLIGHT = Gauge("imagemesh_grpc_requests_in_flight", "gRPC requests being handled", ["service", "method"])
+QUEUE_DEPTH = Gauge("imagemesh_queue_depth", "requests waiting for a processing slot", ["service"])
+REJECTED = Counter("imagemesh_requests_rejected", "requests refused because the queue was full", ["service"])
+TILES = Counter("imagemesh_tiles_processed", "tiles processed", ["service", "model", "backend"])
+INFERENCE_SECONDS = Histogram(
+    "imagemesh_inference_seconds", "time per tile in the model (or resampler)", ["service", "model", "backend"],
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+MODEL_READY = Gauge("imagemesh_model_ready", "1 when the model is loaded and serving", ["service", "model", "backend"])
+
+
+def serve(host: str, port: int) -> None:
+    """Expose /metrics on its own HTTP port (a daemon thread)."""
+    start_http_server(port, addr=host)

@@ -1,0 +1,183 @@
+"""What every gRPC service runs on: a grpc.aio server with grpc.health.v1
+(NOT_SERVING while loading and draining), reflection, a /metrics endpoint, a
+concurrency limit that answers RESOURCE_EXHAUSTED instead of queueing without
+bound, request ids from gRPC metadata, errors mapped to status codes, and a
+graceful drain on SIGTERM."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import inspect
+import logging
+import signal
+import time
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from imagemesh.v1 import common_pb2
+
+from . import logs, metrics
+from .config import Config
+from .errors import Overloaded, ServiceError
+
+ERROR_TRAILER = "imagemesh-error-bin"
+logger = logging.getLogger("imagemesh.server")
+
+
+class ConcurrencyLimiter:
+    """At most `max_active` requests at once and `max_queued` waiting; more is refused."""
+
+    def __init__(self, service: str, max_active: int, max_queued: int):
+        self.service = service
+        self.max_active = max_active
+        self.max_queued = max_queued
+        self.active = 0
+        self.waiting = 0
+        self._slots = asyncio.Semaphore(max_active)
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        if self.active >= self.max_active and self.waiting >= self.max_queued:
+            metrics.REJECTED.labels(self.service).inc()
+            raise Overloaded(f"{self.service} is busy ({self.active} running, {self.waiting} queued); retry later")
+        self.waiting += 1
+        metrics.QUEUE_DEPTH.labels(self.service).set(self.waiting)
+        try:
+            await self._slots.acquire()
+        finally:
+            self.waiting -= 1
+            metrics.QUEUE_DEPTH.labels(self.service).set(self.waiting)
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
+            self._slots.release()
+
+
+def _metadata_value(context: grpc.aio.ServicerContext, key: str) -> str:
+    for item in context.invocation_metadata() or ():
+        if item.key == key:
+            return item.value if isinstance(item.value, str) else item.value.decode("ascii", "replace")
+    return ""
+
+
+class ServiceRuntime:
+    def __init__(self, service: str, grpc_service_name: str, config: Config, port: int, metrics_port: int):
+        self.service = service
+        self.grpc_service_name = grpc_service_name
+        self.config = config
+        self.port = port
+        self.metrics_port = metrics_port
+        self.health = health.aio.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.limiter: ConcurrencyLimiter | None = None
+
+    @contextlib.asynccontextmanager
+    async def call(self, method: str, context: grpc.aio.ServicerContext, limited: bool) -> AsyncIterator[None]:
+        request_id = _metadata_value(context, logs.REQUEST_ID_HEADER) or logs.new_request_id()
+        token = logs.request_id_var.set(request_id)
+        in_flight = metrics.IN_FLIGHT.labels(self.service, method)
+        in_flight.inc()
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            await context.send_initial_metadata(((logs.REQUEST_ID_HEADER, request_id),))
+            if limited:
+                async with self.limiter.slot():
+                    yield
+            else:
+                yield
+        except ServiceError as exc:
+            code = exc.code
+            detail = common_pb2.ErrorDetail(reason=exc.reason, message=exc.message, field=exc.field)
+            context.set_trailing_metadata(((ERROR_TRAILER, detail.SerializeToString()),))
+            logs.log(logger, logging.INFO, "request refused", method=method, code=code.name, reason=exc.reason,
+                     error=exc.message)
+            await context.abort(code, exc.message)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception:
+            code = grpc.StatusCode.INTERNAL
+            logger.exception("unhandled error in %s", method)
+            await context.abort(code, f"internal error (request id {request_id})")
+        finally:
+            in_flight.dec()
+            metrics.REQUESTS.labels(self.service, method, code.name).inc()
+            metrics.REQUEST_SECONDS.labels(self.service, method).observe(time.perf_counter() - started)
+            logs.request_id_var.reset(token)
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", self.grpc_service_name):
+            await self.health.set(name, status)
+
+    async def start(self, add_servicer: Callable[[grpc.aio.Server], None]) -> int:
+        """Bind and start serving (NOT_SERVING until set_serving(True)); returns the bound port."""
+        self.limiter = ConcurrencyLimiter(self.service, self.config.max_concurrent_requests,
+                                          self.config.max_queued_requests)
+        self.server = grpc.aio.server()
+        add_servicer(self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (self.grpc_service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        await self.set_serving(False)
+        bound = self.server.add_insecure_port(f"{self.config.bind_host}:{self.port}")
+        if bound == 0:
+            raise SystemExit(f"imagemesh: cannot listen on {self.config.bind_host}:{self.port}")
+        await self.server.start()
+        if self.metrics_port:
+            metrics.serve(self.config.bind_host, self.metrics_port)
+        self.port = bound
+        logs.log(logger, logging.INFO, "listening", port=bound, metrics_port=self.metrics_port)
+        return bound
+
+    async def drain(self) -> None:
+        """Stop taking new calls, let in-flight streams finish within the grace period."""
+        logs.log(logger, logging.INFO, "draining", grace_seconds=self.config.drain_seconds)
+        await self.set_serving(False)
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.config.drain_seconds)
+        logs.log(logger, logging.INFO, "stopped")
+
+
+def rpc(limited: bool = False):
+    """Wrap a servicer method (unary or response-streaming) with request ids,
+    metrics, the concurrency limit (when `limited`) and error mapping. The
+    servicer must have a `runtime` attribute."""
+    def decorate(fn):
+        method = fn.__name__
+        if inspect.isasyncgenfunction(fn):
+            @functools.wraps(fn)
+            async def stream_wrapper(self, request, context):
+                async with self.runtime.call(method, context, limited):
+                    async for item in fn(self, request, context):
+                        yield item
+            return stream_wrapper
+
+        @functools.wraps(fn)
+        async def unary_wrapper(self, request, context):
+            async with self.runtime.call(method, context, limited):
+                return await fn(self, request, context)
+        return unary_wrapper
+    return decorate
+
+
+async def serve(runtime: ServiceRuntime, add_servicer: Callable[[grpc.aio.Server], None],
+                load: Callable[[], Awaitable[Any]]) -> None:
+    """Start, load models (NOT_SERVING meanwhile), serve until SIGTERM/SIGINT, drain."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await runtime.start(add_servicer)
+    await load()
+    await runtime.set_serving(True)
+    logs.log(logger, logging.INFO, "serving", port=runtime.port)
+    await stop.wait()
+    await runtime.drain()

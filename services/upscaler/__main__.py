@@ -1,0 +1,40 @@
+"""python -m services.upscaler: the upscaler gRPC service."""
+import asyncio
+from pathlib import Path
+
+from imagemesh.v1 import upscaler_pb2_grpc
+
+from services.common import config as cfg
+from services.common import logs
+from services.common.resources import available_cpus
+from services.common.server import ServiceRuntime, serve
+
+from .models import ModelRegistry
+from .server import UpscalerServicer
+
+SETTINGS = cfg.SERVICE_SETTINGS + [
+    cfg.Setting("UPSCALER_PORT", int, 50051, "gRPC port", minimum=0, maximum=65535),
+    cfg.Setting("UPSCALER_METRICS_PORT", int, 9051, "Prometheus /metrics port (0: off)", minimum=0, maximum=65535),
+    cfg.Setting("MODEL_DIR", str, "./models", "folder the model files are loaded from"),
+    cfg.Setting("UPSCALER_BACKEND", str, "auto", "inference backend", choices=("auto", "torch", "onnxruntime")),
+    cfg.Setting("UPSCALER_TILE_HALO", int, 16, "context pixels around each tile", minimum=1, maximum=256),
+    cfg.Setting("UPSCALER_THREADS", int, 0, "inference threads (0: the CPUs the container may use)", minimum=0),
+    cfg.Setting("ONNX_CACHE_DIR", str, "", "where .pth models exported to ONNX are cached (default ~/.cache/imagemesh/onnx)"),
+]
+
+
+async def main() -> None:
+    config = cfg.load_or_exit(SETTINGS)
+    logs.setup("upscaler", config.log_level)
+    runtime = ServiceRuntime("upscaler", "imagemesh.v1.Upscaler", config, config.upscaler_port,
+                             config.upscaler_metrics_port)
+    registry = ModelRegistry(Path(config.model_dir), backend=config.upscaler_backend,
+                             onnx_cache_dir=Path(config.onnx_cache_dir) if config.onnx_cache_dir else None,
+                             threads=config.upscaler_threads or available_cpus(), halo=config.upscaler_tile_halo)
+    servicer = UpscalerServicer(runtime, registry)
+    await serve(runtime, lambda server: upscaler_pb2_grpc.add_UpscalerServicer_to_server(servicer, server),
+                lambda: asyncio.get_running_loop().run_in_executor(None, registry.load_all))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,209 @@
+"""The upscaler's model registry: every model it knows by its official name,
+where its file comes from, and loading from MODEL_DIR. A model whose file is
+missing or broken is listed as not ready with the reason; nothing is ever
+downloaded while serving (see fetch.py for `make models`)."""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from services.common import logs, metrics
+from services.common.errors import ModelNotFound, ModelNotReady
+
+from .arch import ARCHITECTURES
+from .backends import OnnxBackend, TorchBackend, export_onnx
+from .engine import UpscaleEngine
+
+logger = logging.getLogger("imagemesh.upscaler.models")
+
+RELEASES = "https://github.com/xinntao/Real-ESRGAN/releases/download"
+BSD3 = "BSD-3-Clause (xinntao/Real-ESRGAN)"
+LANCZOS = "lanczos"
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    architecture: str
+    scale: int
+    params: dict
+    files: tuple[str, ...]  # accepted file names in MODEL_DIR, the official one first
+    source_url: str
+    sha256: str = ""  # of the official file, when published
+    license: str = BSD3
+    description: str = ""
+    # Rough peak working memory per input pixel, to choose a tile size.
+    bytes_per_input_pixel: int = 1200
+
+    @property
+    def official_file(self) -> str:
+        return self.files[0]
+
+
+SPECS = (
+    ModelSpec("realesr-general-x4v3", "SRVGGNetCompact", 4,
+              dict(num_in_ch=3, num_out_ch=3, num_feat=64, num_conv=32, upscale=4, act_type="prelu"),
+              ("realesr-general-x4v3.pth", "realesr-general-x4v3.fp16-derived.pth", "realesr-general-x4v3_fp16.onnx"),
+              f"{RELEASES}/v0.2.5.0/realesr-general-x4v3.pth",
+              description="small, fast general-purpose 4x model for real photos"),
+    ModelSpec("RealESRGAN_x4plus", "RRDBNet", 4,
+              dict(num_in_ch=3, num_out_ch=3, num_feat=64, num_block=23, num_grow_ch=32, scale=4),
+              ("RealESRGAN_x4plus.pth",), f"{RELEASES}/v0.1.0/RealESRGAN_x4plus.pth",
+              sha256="4fa0d38905f75ac06eb49a7951b426670021be3018265fd191d2125df9d682f1",
+              description="large general 4x model, highest quality, slow on CPU", bytes_per_input_pixel=16000),
+    ModelSpec("RealESRGAN_x2plus", "RRDBNet", 2,
+              dict(num_in_ch=3, num_out_ch=3, num_feat=64, num_block=23, num_grow_ch=32, scale=2),
+              ("RealESRGAN_x2plus.pth",), f"{RELEASES}/v0.2.1/RealESRGAN_x2plus.pth",
+              description="large general 2x model", bytes_per_input_pixel=4000),
+    ModelSpec("realesr-animevideov3", "SRVGGNetCompact", 4,
+              dict(num_in_ch=3, num_out_ch=3, num_feat=64, num_conv=16, upscale=4, act_type="prelu"),
+              ("realesr-animevideov3.pth",), f"{RELEASES}/v0.2.5.0/realesr-animevideov3.pth",
+              sha256="b8a8376811077954d82ca3fcf476f1ac3da3e8a68a4f4d71363008000a18b75d",
+              description="tiny 4x model for anime and video frames"),
+    ModelSpec("RealESRGAN_x4plus_anime_6B", "RRDBNet", 4,
+              dict(num_in_ch=3, num_out_ch=3, num_feat=64, num_block=6, num_grow_ch=32, scale=4),
+              ("RealESRGAN_x4plus_anime_6B.pth",), f"{RELEASES}/v0.2.2.4/RealESRGAN_x4plus_anime_6B.pth",
+              description="4x model for anime illustrations", bytes_per_input_pixel=16000),
+)
+SPECS_BY_NAME = {spec.name: spec for spec in SPECS}
+# What `auto` picks, best first, for photos: general models before anime ones.
+AUTO_ORDER = ("realesr-general-x4v3", "RealESRGAN_x4plus", "RealESRGAN_x2plus",
+              "realesr-animevideov3", "RealESRGAN_x4plus_anime_6B")
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_state_dict(path: Path) -> dict:
+    """An official Real-ESRGAN .pth: `params_ema` preferred, else `params`."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(checkpoint, dict):
+        for key in ("params_ema", "params"):
+            if key in checkpoint:
+                return checkpoint[key]
+        if all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+            return checkpoint
+    raise ValueError("not a Real-ESRGAN checkpoint (no params_ema or params)")
+
+
+def build_module(spec: ModelSpec, path: Path) -> torch.nn.Module:
+    module = ARCHITECTURES[spec.architecture](**spec.params)
+    module.load_state_dict(load_state_dict(path), strict=True)
+    return module.eval()
+
+
+@dataclass
+class LoadedModel:
+    spec: ModelSpec | None  # None for lanczos
+    name: str
+    ready: bool = False
+    reason: str = ""
+    backend: str = ""
+    file_name: str = ""
+    sha256_matches: bool = False
+    engine: UpscaleEngine | None = field(default=None, repr=False)
+
+    def info(self) -> dict:
+        spec = self.spec
+        return {
+            "name": self.name,
+            "architecture": spec.architecture if spec else "lanczos",
+            "scale": float(spec.scale) if spec else 0.0,
+            "ready": self.ready,
+            "not_ready_reason": self.reason,
+            "backend": self.backend,
+            "file_name": self.file_name or (spec.official_file if spec else ""),
+            "sha256": spec.sha256 if spec else "",
+            "sha256_matches": self.sha256_matches,
+            "license": spec.license if spec else "n/a (no weights)",
+            "source_url": spec.source_url if spec else "",
+            "accepted_files": list(spec.files) if spec else [],
+            "description": spec.description if spec else "Lanczos resampling with a light unsharp mask; always ready",
+        }
+
+
+class ModelRegistry:
+    def __init__(self, model_dir: Path, *, backend: str = "auto", onnx_cache_dir: Path | None = None,
+                 threads: int = 1, halo: int = 16):
+        self.model_dir = Path(model_dir)
+        self.backend = backend
+        self.onnx_cache_dir = onnx_cache_dir or Path.home() / ".cache" / "imagemesh" / "onnx"
+        self.threads = threads
+        self.halo = halo
+        self.models: dict[str, LoadedModel] = {}
+
+    def load_all(self) -> None:
+        torch.set_num_threads(self.threads)
+        for spec in SPECS:
+            self.models[spec.name] = self._load(spec)
+        self.models[LANCZOS] = LoadedModel(None, LANCZOS, ready=True, backend=LANCZOS,
+                                           engine=UpscaleEngine(None, 1, halo=8))
+        for model in self.models.values():
+            metrics.MODEL_READY.labels("upscaler", model.name, model.backend or "none").set(int(model.ready))
+
+    def _pick_file(self, spec: ModelSpec) -> Path | None:
+        present = [self.model_dir / name for name in spec.files if (self.model_dir / name).is_file()]
+        if self.backend == "torch":
+            present = [p for p in present if p.suffix == ".pth"]
+        elif self.backend == "onnxruntime":
+            present.sort(key=lambda p: p.suffix != ".onnx")  # a ready .onnx before an export
+        return present[0] if present else None
+
+    def _load(self, spec: ModelSpec) -> LoadedModel:
+        model = LoadedModel(spec, spec.name)
+        path = self._pick_file(spec)
+        if path is None:
+            wanted = " or ".join(p for p in spec.files if self.backend != "torch" or p.endswith(".pth"))
+            model.reason = f"no model file in {self.model_dir}: expected {wanted} (run `make models`)"
+            logs.log(logger, logging.INFO, "model not ready", model=spec.name, reason=model.reason)
+            return model
+        model.file_name = path.name
+        try:
+            digest = sha256_of(path)
+            model.sha256_matches = bool(spec.sha256) and digest == spec.sha256
+            run = self._backend_for(spec, path, digest)
+            model.engine = UpscaleEngine(run, spec.scale, halo=self.halo, pad_multiple=2 if spec.scale == 2 else 1,
+                                         bytes_per_input_pixel=spec.bytes_per_input_pixel)
+            model.backend = run.name
+            model.ready = True
+            logs.log(logger, logging.INFO, "model loaded", model=spec.name, file=path.name, backend=run.name,
+                     official_file=model.sha256_matches)
+        except Exception as exc:  # a broken file makes the model not ready, never the service
+            model.reason = f"{path.name} could not be loaded: {exc}"[:500]
+            logs.log(logger, logging.WARNING, "model failed to load", model=spec.name, reason=model.reason)
+        return model
+
+    def _backend_for(self, spec: ModelSpec, path: Path, digest: str):
+        if path.suffix == ".onnx":
+            return OnnxBackend(path, self.threads)
+        module = build_module(spec, path)
+        if self.backend == "onnxruntime":
+            cached = self.onnx_cache_dir / f"{path.stem}-{digest[:16]}.onnx"
+            if not cached.is_file():
+                export_onnx(module, cached)
+            return OnnxBackend(cached, self.threads)
+        return TorchBackend(module)
+
+    def default_model(self) -> str:
+        return next((name for name in AUTO_ORDER if self.models[name].ready), LANCZOS)
+
+    def resolve(self, name: str) -> LoadedModel:
+        name = name.strip() or AUTO
+        if name == AUTO:
+            name = self.default_model()
+        model = self.models.get(name)
+        if model is None:
+            raise ModelNotFound(f"unknown model {name!r}; known: auto, {', '.join(self.models)}", field="model")
+        if not model.ready:
+            raise ModelNotReady(f"model {name!r} is not ready: {model.reason}", field="model")
+        return model
