@@ -16,6 +16,11 @@ INFERENCE_SECONDS = Histogram(
     buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 MODEL_READY = Gauge("imagemesh_model_ready", "1 when the model is loaded and serving", ["service", "model", "backend"])
 
+HTTP_REQUESTS = Counter("imagemesh_http_requests", "HTTP requests handled by the gateway", ["route", "method", "status"])
+HTTP_SECONDS = Histogram("imagemesh_http_request_duration_seconds", "HTTP request duration", ["route", "method"],
+                         buckets=DURATION_BUCKETS)
+HTTP_IN_FLIGHT = Gauge("imagemesh_http_requests_in_flight", "HTTP requests being handled by the gateway")
+
 
 def serve(host: str, port: int) -> None:
     """Expose /metrics on its own HTTP port (a daemon thread)."""

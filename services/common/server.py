@@ -60,9 +60,9 @@ class ConcurrencyLimiter:
 
 
 def _metadata_value(context: grpc.aio.ServicerContext, key: str) -> str:
-    for item in context.invocation_metadata() or ():
-        if item.key == key:
-            return item.value if isinstance(item.value, str) else item.value.decode("ascii", "replace")
+    for name, value in context.invocation_metadata() or ():
+        if name == key:
+            return value if isinstance(value, str) else value.decode("ascii", "replace")
     return ""
 
 
