@@ -1,0 +1,137 @@
+"""Shared fixtures: real model files, real photos, and real services started
+as subprocesses on free loopback ports."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+import skimage.data
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_MODELS = Path(os.environ.get("IMAGEMESH_TEST_MODELS", ROOT.parent / "shared" / "models"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def psnr(a: np.ndarray, b: np.ndarray, maximum: float = 255.0) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(maximum ** 2 / mse)
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    if not (SHARED_MODELS / "realesr-general-x4v3_fp16.onnx").is_file():
+        pytest.fail(f"model files not found in {SHARED_MODELS} (set IMAGEMESH_TEST_MODELS)")
+    return SHARED_MODELS
+
+
+@pytest.fixture(scope="session")
+def photo() -> np.ndarray:
+    """A real photograph, cropped small so that CPU inference stays quick."""
+    return np.ascontiguousarray(skimage.data.coffee()[100:196, 200:328])
+
+
+@pytest.fixture(scope="session")
+def portrait() -> np.ndarray:
+    return np.ascontiguousarray(skimage.data.astronaut()[40:136, 180:260])
+
+
+class Service:
+    """A service process on loopback; stopped (SIGTERM) by the fixture."""
+
+    def __init__(self, module: str, env: dict, log_path: Path):
+        self.log_path = log_path
+        self.log = open(log_path, "wb")
+        self.process = subprocess.Popen([sys.executable, "-m", module], cwd=ROOT, env={**os.environ, **env},
+                                        stdout=self.log, stderr=subprocess.STDOUT)
+
+    def logs(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+
+
+def wait_for_grpc_serving(address: str, service: Service, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if service.process.poll() is not None:
+                raise RuntimeError(f"service exited early:\n{service.logs()[-3000:]}")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
+                        health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise RuntimeError(f"{address} not serving after {timeout}s:\n{service.logs()[-3000:]}")
+
+
+def start_upscaler(tmp_path_factory, model_dir: Path, **env) -> tuple[Service, str]:
+    port = free_port()
+    service = Service("services.upscaler", {
+        "MODEL_DIR": str(model_dir), "UPSCALER_PORT": str(port), "UPSCALER_METRICS_PORT": str(free_port()),
+        "ONNX_CACHE_DIR": str(tmp_path_factory.mktemp("onnx")), **env},
+        tmp_path_factory.mktemp("logs") / "upscaler.log")
+    address = f"127.0.0.1:{port}"
+    wait_for_grpc_serving(address, service)
+    return service, address
+
+
+@pytest.fixture(scope="session")
+def upscaler(tmp_path_factory, model_dir):
+    service, address = start_upscaler(tmp_path_factory, model_dir)
+    service.address = address
+    service.metrics_url = None
+    yield service
+    service.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway(tmp_path_factory, upscaler):
+    port = free_port()
+    service = Service("services.gateway", {"GATEWAY_PORT": str(port), "UPSCALER_ADDRESS": upscaler.address},
+                      tmp_path_factory.mktemp("logs") / "gateway.log")
+    base_url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline or service.process.poll() is not None:
+            raise RuntimeError(f"gateway not ready:\n{service.logs()[-3000:]}")
+        time.sleep(0.2)
+    service.url = base_url
+    yield service
+    service.stop()
+
+
+@pytest.fixture(scope="session")
+def http(gateway):
+    with httpx.Client(base_url=gateway.url, timeout=120) as client:
+        yield client

@@ -1,0 +1,86 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from services.common.errors import InvalidArgument
+from services.common.tiles import MAX_TILE_BYTES, Rect, TileBuffer, grid, split_for_messages, wire_tile_size
+
+
+def test_grid_covers_image_exactly_once():
+    cells = grid(10, 7, 4, 3)
+    coverage = np.zeros((7, 10), int)
+    for r in cells:
+        coverage[r.y0:r.y1, r.x0:r.x1] += 1
+    assert (coverage == 1).all()
+    assert cells[0] == Rect(0, 0, 4, 3) and cells[-1] == Rect(8, 6, 10, 7)
+
+
+def test_split_for_messages_respects_the_byte_cap():
+    rect = Rect(0, 0, 4096, 1024)
+    parts = split_for_messages(rect, bytes_per_pixel=8)  # 16-bit RGBA
+    assert all(p.width * p.height * 8 <= MAX_TILE_BYTES for p in parts)
+    assert sum(p.width * p.height for p in parts) == rect.width * rect.height
+    # A 16-bit RGBA 256x256 input tile upscaled 4x still goes out in messages under the cap.
+    assert wire_tile_size(256, 8) ** 2 * 8 <= MAX_TILE_BYTES
+
+
+def _buffer_from(image, tw, th):
+    h, w, c = image.shape
+    return TileBuffer(w, h, c, image.dtype, tw, th)
+
+
+@settings(max_examples=60, deadline=None)
+@given(width=st.integers(1, 40), height=st.integers(1, 40), tw=st.integers(1, 16), th=st.integers(1, 16),
+       seed=st.integers(0, 2**16), halo=st.integers(0, 6))
+def test_buffer_reads_equal_the_source_in_any_arrival_order(width, height, tw, th, seed, halo):
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 65535, (height, width, 3), dtype=np.uint16)
+    buffer = _buffer_from(image, tw, th)
+    cells = grid(width, height, tw, th)
+    regions = [r.expand(halo, width, height) for r in grid(width, height, 7, 5)]
+    done = set()
+    for index in rng.permutation(len(cells)):
+        cell = cells[index]
+        buffer.add(cell, image[cell.y0:cell.y1, cell.x0:cell.x1])
+        for i, region in enumerate(regions):
+            if i not in done and buffer.covers(region):
+                assert np.array_equal(buffer.read(region), image[region.y0:region.y1, region.x0:region.x1])
+                done.add(i)
+        buffer.release([r for i, r in enumerate(regions) if i not in done])
+    assert buffer.complete and len(done) == len(regions)
+    assert buffer.held_cells == 0
+
+
+def test_buffer_in_raster_order_holds_only_a_band_of_cells():
+    image = np.zeros((64, 64, 1), np.uint8)
+    buffer = _buffer_from(image, 8, 8)
+    regions = [r.expand(2, 64, 64) for r in grid(64, 64, 8, 8)]
+    pending = list(regions)
+    peak = 0
+    for cell in grid(64, 64, 8, 8):
+        buffer.add(cell, image[cell.y0:cell.y1, cell.x0:cell.x1])
+        pending = [r for r in pending if not buffer.covers(r)]
+        buffer.release(pending)
+        peak = max(peak, buffer.held_cells)
+    assert peak <= 2 * 8 + 2  # two rows of cells, not 64
+
+
+@pytest.mark.parametrize("rect, message", [
+    (Rect(3, 0, 11, 8), "not on the declared"),
+    (Rect(0, 0, 5, 8), "must be 8x8"),
+    (Rect(64, 0, 72, 8), "outside"),
+])
+def test_buffer_refuses_tiles_off_the_grid(rect, message):
+    buffer = TileBuffer(64, 64, 1, np.uint8, 8, 8)
+    with pytest.raises(InvalidArgument, match=message):
+        buffer.add(rect, np.zeros((rect.height, rect.width, 1), np.uint8))
+
+
+def test_buffer_refuses_duplicates_and_missing_grid():
+    buffer = TileBuffer(16, 16, 1, np.uint8, 8, 8)
+    buffer.add(Rect(0, 0, 8, 8), np.zeros((8, 8, 1), np.uint8))
+    with pytest.raises(InvalidArgument, match="twice"):
+        buffer.add(Rect(0, 0, 8, 8), np.zeros((8, 8, 1), np.uint8))
+    with pytest.raises(InvalidArgument, match="tile grid"):
+        TileBuffer(16, 16, 1, np.uint8, 0, 0)

@@ -1,0 +1,96 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from services.upscaler.engine import UpscaleEngine, output_size
+from services.upscaler.models import ModelRegistry, build_module
+
+from conftest import psnr
+
+
+@pytest.fixture(scope="module")
+def registry(model_dir):
+    registry = ModelRegistry(model_dir, threads=2)
+    registry.load_all()
+    return registry
+
+
+@pytest.fixture(scope="module")
+def general(registry):
+    return registry.resolve("realesr-general-x4v3").engine
+
+
+@pytest.fixture(scope="module")
+def lanczos(registry):
+    return registry.resolve("lanczos").engine
+
+
+def fp32_untiled(model_dir, image: np.ndarray) -> np.ndarray:
+    """Independent reference: the network on the whole image in fp32, no engine code."""
+    from services.upscaler.models import SPECS_BY_NAME
+    module = build_module(SPECS_BY_NAME["realesr-general-x4v3"], model_dir / "realesr-general-x4v3.fp16-derived.pth")
+    with torch.inference_mode():
+        x = torch.from_numpy(image.astype(np.float32) / 255).permute(2, 0, 1)[None]
+        y = module(x).clamp(0, 1)[0].permute(1, 2, 0).numpy()
+    return np.rint(y * 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("scale", [1, 2, 2.5, 3, 4, 8])
+def test_any_scale_gives_the_exact_size(general, lanczos, scale):
+    image = np.random.default_rng(0).integers(0, 256, (13, 17, 3), dtype=np.uint8)
+    for engine in (general, lanczos):
+        out = engine.upscale(image, "RGB", scale, tile=8)
+        assert out.shape == (round(13 * scale), round(17 * scale), 3)
+    assert output_size(17, 13, scale) == (round(17 * scale), round(13 * scale))
+
+
+def test_passes_follow_the_native_scale(general):
+    assert [general.passes_for(s) for s in (1, 2, 3.9, 4, 7.5, 8)] == [1, 1, 1, 1, 1, 1]
+    x2 = UpscaleEngine(lambda x: x, 2)
+    assert [x2.passes_for(s) for s in (1.5, 2, 3, 4, 8)] == [1, 1, 1, 2, 3]
+
+
+def test_tiled_output_matches_an_untiled_fp32_run(general, model_dir, photo):
+    reference = fp32_untiled(model_dir, photo)
+    for tile in (32, 48):
+        tiled = general.upscale(photo, "RGB", 4, tile=tile)
+        assert psnr(tiled, reference) >= 45
+
+
+def test_lanczos_fallback_tiles_match_untiled(lanczos, photo):
+    whole = lanczos.upscale(photo, "RGB", 3.3, tile=4096)
+    tiled = lanczos.upscale(photo, "RGB", 3.3, tile=17)
+    assert np.abs(whole.astype(int) - tiled).max() <= 1
+    plain = np.asarray(Image.fromarray(photo).resize(whole.shape[1::-1], Image.LANCZOS))
+    assert whole.std() > plain.std()  # the unsharp mask adds contrast
+
+
+def test_rgba_keeps_alpha_and_colour_is_unaffected(general, photo):
+    yy, xx = np.mgrid[:photo.shape[0], :photo.shape[1]]
+    alpha = (255 * ((yy - 48) ** 2 + (xx - 64) ** 2 < 35 ** 2)).astype(np.uint8)
+    rgba = np.dstack([photo, alpha])
+    out = general.upscale(rgba, "RGBA", 4, tile=48)
+    assert out.shape == (384, 512, 4)
+    assert np.array_equal(out[:, :, :3], general.upscale(photo, "RGB", 4, tile=48))
+    lanczos_alpha = np.asarray(Image.fromarray(alpha.astype(np.float32) / 255, "F").resize((512, 384), Image.LANCZOS))
+    assert np.abs(out[:, :, 3].astype(float) - np.clip(lanczos_alpha, 0, 1) * 255).max() <= 1
+    through_model = general.upscale(rgba, "RGBA", 4, tile=48, alpha_through_model=True)[:, :, 3]
+    assert psnr(through_model, out[:, :, 3]) > 25 and not np.array_equal(through_model, out[:, :, 3])
+
+
+def test_16bit_in_16bit_out(general, photo):
+    sixteen = photo.astype(np.uint16) * 257
+    out = general.upscale(sixteen, "RGB", 4, tile=48)
+    assert out.dtype == np.uint16
+    eight = general.upscale(photo, "RGB", 4, tile=48)
+    assert psnr(out, eight.astype(np.uint16) * 257, 65535) > 45
+    assert len(np.unique(out % 257)) > 1  # real 16-bit values, not 8-bit ones widened
+
+
+def test_grey_in_grey_out(general, photo):
+    grey = np.asarray(Image.fromarray(photo).convert("L"))[:, :, None]
+    out = general.upscale(grey, "L", 4, tile=48)
+    assert out.shape == (384, 512, 1)
+    via_rgb = general.upscale(np.repeat(grey, 3, axis=2), "RGB", 4, tile=48).mean(axis=2, keepdims=True)
+    assert psnr(out, via_rgb) > 45

@@ -1,0 +1,138 @@
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from services.common.errors import ModelNotFound, ModelNotReady
+from services.upscaler import fetch
+from services.upscaler.arch import RRDBNet
+from services.upscaler.models import SPECS, SPECS_BY_NAME, ModelRegistry, sha256_of
+
+from conftest import psnr
+
+UPSCALER_FILES = sorted({name for spec in SPECS for name in spec.files})
+
+
+def registry_for(directory, tmp_path, backend="auto"):
+    registry = ModelRegistry(directory, backend=backend, onnx_cache_dir=tmp_path / "onnx", threads=2)
+    registry.load_all()
+    return registry
+
+
+def only(tmp_path, source, name):
+    directory = tmp_path / f"models-{name}"
+    directory.mkdir()
+    os.symlink(source / name, directory / name)
+    return directory
+
+
+def test_every_upscaler_file_in_the_shared_folder_loads(model_dir, tmp_path, photo):
+    present = [name for name in UPSCALER_FILES if (model_dir / name).is_file()]
+    assert {"realesr-animevideov3.pth", "realesr-general-x4v3_fp16.onnx",
+            "realesr-general-x4v3.fp16-derived.pth"} <= set(present)
+    for name in present:
+        registry = registry_for(only(tmp_path, model_dir, name), tmp_path)
+        ready = [m for m in registry.models.values() if m.ready and m.name != "lanczos"]
+        assert [m.file_name for m in ready] == [name], name
+        assert ready[0].backend == ("onnxruntime" if name.endswith(".onnx") else "torch")
+        out = ready[0].engine.upscale(photo[:24, :24], "RGB", 4)
+        assert out.shape == (96, 96, 3) and out.std() > 10
+
+
+def test_official_checksum_is_recognised(model_dir, tmp_path):
+    registry = registry_for(model_dir, tmp_path)
+    assert registry.models["realesr-animevideov3"].sha256_matches
+    assert not registry.models["realesr-general-x4v3"].sha256_matches  # a derived file, not the release
+
+
+@pytest.mark.parametrize("model", ["realesr-general-x4v3", "realesr-animevideov3"])
+def test_torch_and_onnxruntime_backends_agree(model_dir, tmp_path, photo, model):
+    torch_engine = registry_for(model_dir, tmp_path, "torch").resolve(model)
+    ort_model = registry_for(model_dir, tmp_path, "onnxruntime").resolve(model)
+    assert (torch_engine.backend, ort_model.backend) == ("torch", "onnxruntime")
+    a = torch_engine.engine.upscale(photo, "RGB", 4, tile=64)
+    b = ort_model.engine.upscale(photo, "RGB", 4, tile=64)
+    assert psnr(a, b) >= 45
+
+
+def test_onnx_export_is_cached(model_dir, tmp_path):
+    registry_for(model_dir, tmp_path, "onnxruntime")
+    cached = list((tmp_path / "onnx").glob("realesr-animevideov3-*.onnx"))
+    assert len(cached) == 1
+    mtime = cached[0].stat().st_mtime_ns
+    registry_for(model_dir, tmp_path, "onnxruntime")
+    assert cached[0].stat().st_mtime_ns == mtime
+
+
+@pytest.mark.parametrize("name", ["RealESRGAN_x2plus", "RealESRGAN_x4plus", "RealESRGAN_x4plus_anime_6B"])
+def test_rrdbnet_models_load_strictly_preferring_params_ema(tmp_path, name):
+    spec = SPECS_BY_NAME[name]
+    torch.manual_seed(0)
+    ema, plain = RRDBNet(**spec.params), RRDBNet(**spec.params)
+    for p in ema.parameters():  # small weights keep the random network's output in range
+        p.data.mul_(0.1)
+    (tmp_path / "m").mkdir()
+    torch.save({"params": plain.state_dict(), "params_ema": ema.state_dict()}, tmp_path / "m" / spec.official_file)
+    model = registry_for(tmp_path / "m", tmp_path).resolve(name)
+    assert model.ready and model.backend == "torch" and not model.sha256_matches
+    # Odd sizes exercise the x2 model's pixel-unshuffle padding.
+    image = np.random.default_rng(0).integers(0, 256, (11, 15, 3), dtype=np.uint8)
+    out = model.engine.upscale(image, "RGB", spec.scale, tile=4096)
+    with torch.inference_mode():
+        x = torch.from_numpy(np.pad(image, ((0, 11 % 2), (0, 15 % 2), (0, 0)), mode="edge")
+                             .astype(np.float32) / 255).permute(2, 0, 1)[None]
+        expected = ema.eval()(x).clamp(0, 1)[0].permute(1, 2, 0).numpy()[:11 * spec.scale, :15 * spec.scale]
+    assert out.shape == (11 * spec.scale, 15 * spec.scale, 3)
+    assert np.abs(out.astype(float) - np.rint(expected * 255)).max() <= 1
+    if spec.scale == 2:
+        assert model.engine.upscale(image, "RGB", 4, tile=8).shape == (44, 60, 3)  # two passes
+
+
+def test_missing_and_broken_files_are_not_ready_with_a_reason(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "realesr-animevideov3.pth").write_bytes(b"not a checkpoint")
+    registry = registry_for(tmp_path / "m", tmp_path)
+    assert "could not be loaded" in registry.models["realesr-animevideov3"].reason
+    assert "RealESRGAN_x4plus.pth" in registry.models["RealESRGAN_x4plus"].reason
+    with pytest.raises(ModelNotReady, match="not ready"):
+        registry.resolve("realesr-animevideov3")
+    with pytest.raises(ModelNotFound):
+        registry.resolve("no-such-model")
+    assert registry.resolve("auto").name == "lanczos"  # the fallback is always there
+    assert registry.resolve("").backend == "lanczos"
+
+
+def test_auto_picks_the_general_model(model_dir, tmp_path):
+    registry = registry_for(model_dir, tmp_path)
+    assert registry.resolve("auto").name == "realesr-general-x4v3"
+
+
+def test_fetch_verifies_checksums(model_dir, tmp_path):
+    spec = SPECS_BY_NAME["realesr-animevideov3"]
+    target = fetch.fetch(spec, tmp_path / "ok", mirror=str(model_dir))
+    assert sha256_of(target) == spec.sha256
+    tampered = tmp_path / "tampered"
+    tampered.mkdir()
+    data = bytearray((model_dir / spec.official_file).read_bytes())
+    data[1000] ^= 0xFF
+    (tampered / spec.official_file).write_bytes(bytes(data))
+    with pytest.raises(fetch.FetchError, match="sha256 mismatch"):
+        fetch.fetch(spec, tmp_path / "bad", mirror=str(tampered))
+    assert list((tmp_path / "bad").iterdir()) == []  # nothing half-verified is left behind
+    with pytest.raises(fetch.FetchError, match="no published sha256"):
+        fetch.fetch(SPECS_BY_NAME["realesr-general-x4v3"], tmp_path / "x", mirror=str(tampered),
+                    require_checksum=True)
+
+
+def test_fetch_command_exports_to_the_cache_the_registry_uses(model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("ONNX_CACHE_DIR", str(tmp_path / "onnx"))
+    assert fetch.main(["--dir", str(tmp_path / "m"), "--model", "realesr-animevideov3",
+                       "--mirror", str(model_dir), "--export-onnx"]) == 0
+    exported = list((tmp_path / "onnx").glob("*.onnx"))
+    assert len(exported) == 1
+    registry = registry_for(tmp_path / "m", tmp_path, "onnxruntime")
+    assert registry.resolve("realesr-animevideov3").backend == "onnxruntime"
+    assert list((tmp_path / "onnx").glob("*.onnx")) == exported  # reused, not exported again
+    shutil.rmtree(tmp_path / "m")
