@@ -90,22 +90,21 @@ def wait_for_grpc_serving(address: str, service: Service, timeout: float = 120) 
     raise RuntimeError(f"{address} not serving after {timeout}s:\n{service.logs()[-3000:]}")
 
 
-def start_upscaler(tmp_path_factory, model_dir: Path, **env) -> tuple[Service, str]:
-    port = free_port()
+def start_upscaler(tmp_path_factory, model_dir: Path, **env) -> Service:
+    port, metrics_port = free_port(), free_port()
     service = Service("services.upscaler", {
-        "MODEL_DIR": str(model_dir), "UPSCALER_PORT": str(port), "UPSCALER_METRICS_PORT": str(free_port()),
+        "MODEL_DIR": str(model_dir), "UPSCALER_PORT": str(port), "UPSCALER_METRICS_PORT": str(metrics_port),
         "ONNX_CACHE_DIR": str(tmp_path_factory.mktemp("onnx")), **env},
         tmp_path_factory.mktemp("logs") / "upscaler.log")
-    address = f"127.0.0.1:{port}"
-    wait_for_grpc_serving(address, service)
-    return service, address
+    service.address = f"127.0.0.1:{port}"
+    service.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+    wait_for_grpc_serving(service.address, service)
+    return service
 
 
 @pytest.fixture(scope="session")
 def upscaler(tmp_path_factory, model_dir):
-    service, address = start_upscaler(tmp_path_factory, model_dir)
-    service.address = address
-    service.metrics_url = None
+    service = start_upscaler(tmp_path_factory, model_dir)
     yield service
     service.stop()
 
