@@ -173,6 +173,14 @@ def test_metrics_move_after_a_request(upscaler, stub, photo):
         assert name in text
 
 
+def answers(health) -> bool:
+    try:
+        health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+        return True
+    except grpc.RpcError:
+        return False
+
+
 def test_concurrency_limit_then_graceful_drain(tmp_path_factory, model_dir):
     """One slot, no queue: a second call is RESOURCE_EXHAUSTED. Then SIGTERM
     mid-stream: the open stream still completes, new calls are refused."""
@@ -194,9 +202,12 @@ def test_concurrency_limit_then_graceful_drain(tmp_path_factory, model_dir):
 
             service.process.send_signal(signal.SIGTERM)
             deadline = time.monotonic() + 10
-            while health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING:
+            while answers(health):  # draining: NOT_SERVING, then no new calls at all
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
+            with pytest.raises(grpc.RpcError) as info:
+                collect(stub.Upscale(requests_for(image, "RGB", model="lanczos"), timeout=30))
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
             release.set()
             _, summary, _, out = collect(itertools.chain([first], held))
             assert summary.tiles_done == 1 and out.shape == (256, 256, 3)
