@@ -14,7 +14,7 @@ import sys
 import time
 
 # Module names, in start order: services first, the gateway last.
-PROCESSES = ("services.upscaler", "services.gateway")
+PROCESSES = ("services.upscaler", "services.bgremoval", "services.effects", "services.gateway")
 STOP_GRACE_SECONDS = 35
 PR_SET_PDEATHSIG = 1
 

@@ -11,7 +11,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from imagemesh.v1 import common_pb2, upscaler_pb2, upscaler_pb2_grpc
+from imagemesh.v1 import common_pb2, pipeline_pb2, upscaler_pb2_grpc
 from services.common import wire
 from services.common.server import ERROR_TRAILER
 from services.common.tiles import MAX_TILE_BYTES, Rect, grid
@@ -30,12 +30,16 @@ def requests_for(image, mode, *, scale=4.0, model="auto", tile_size=0, edge=32, 
     """Start message then tiles; `pause(index)` may block between tiles."""
     height, width = image.shape[:2]
     header = wire.header(width, height, mode, image.dtype, tile_width=edge, tile_height=edge)
-    yield upscaler_pb2.UpscaleRequest(start=upscaler_pb2.UpscaleStart(
-        image=header, options=upscaler_pb2.UpscaleOptions(model=model, scale=scale, tile_size=tile_size)))
+    yield start_message(header, pipeline_pb2.UpscaleOptions(model=model, scale=scale, tile_size=tile_size))
     for index, rect in enumerate(grid(width, height, edge, edge)):
         if pause:
             pause(index)
-        yield upscaler_pb2.UpscaleRequest(tile=wire.tile(rect, image[rect.y0:rect.y1, rect.x0:rect.x1]))
+        yield pipeline_pb2.StreamRequest(tile=wire.tile(rect, image[rect.y0:rect.y1, rect.x0:rect.x1]))
+
+
+def start_message(header, options):
+    return pipeline_pb2.StreamRequest(start=pipeline_pb2.StreamStart(
+        image=header, steps=[pipeline_pb2.Step(upscale=options)]))
 
 
 def collect(replies):
@@ -76,7 +80,7 @@ def test_health_and_reflection(upscaler):
 
 
 def test_list_models_reports_readiness_backend_and_reasons(stub):
-    reply = stub.ListModels(upscaler_pb2.ListModelsRequest())
+    reply = stub.ListModels(common_pb2.ListModelsRequest())
     models = {m.name: m for m in reply.models}
     assert reply.default_model == "realesr-general-x4v3"
     assert models["realesr-general-x4v3"].ready and models["realesr-general-x4v3"].backend == "torch"
@@ -104,9 +108,11 @@ def test_output_streams_before_the_last_input_tile_and_equals_the_engine(stub, m
 
     result, summary, tiles, out = collect(flag(replies))
     assert waited == [True], "no output tile came back before the input was complete"
-    assert (result.model, result.backend, result.image.width, result.image.height) == \
+    report = result.steps[0]
+    assert (report.name, report.backend, result.image.width, result.image.height) == \
         ("realesr-general-x4v3", "torch", 512, 384)
-    assert summary.tiles_done == result.tiles_total == 12
+    assert summary.steps[0].tiles == int(report.details["tiles_total"]) == 12
+    assert summary.steps[0].compute_ms > 0
     registry = ModelRegistry(model_dir, threads=2)
     registry.load_all()
     expected = registry.resolve("auto").engine.upscale(photo, "RGB", 4, tile=32)
@@ -138,19 +144,22 @@ def test_option_errors(stub, photo, kwargs, code, reason):
 def test_stream_errors(stub):
     image = np.zeros((40, 40, 3), np.uint8)
     header = wire.header(40, 40, "RGB", np.uint8, tile_width=32, tile_height=32)
-    start = upscaler_pb2.UpscaleRequest(start=upscaler_pb2.UpscaleStart(
-        image=header, options=upscaler_pb2.UpscaleOptions(scale=2, model="lanczos")))
-    good_tile = upscaler_pb2.UpscaleRequest(tile=wire.tile(Rect(0, 0, 32, 32), image[:32, :32]))
-    bad_bytes = upscaler_pb2.UpscaleRequest(tile=common_pb2.Tile(x=0, y=0, width=32, height=32, pixels=b"123"))
-    huge = upscaler_pb2.UpscaleRequest(start=upscaler_pb2.UpscaleStart(
-        image=wire.header(100000, 100000, "RGB", np.uint8, tile_width=32, tile_height=32),
-        options=upscaler_pb2.UpscaleOptions(scale=2)))
+    start = start_message(header, pipeline_pb2.UpscaleOptions(scale=2, model="lanczos"))
+    good_tile = pipeline_pb2.StreamRequest(tile=wire.tile(Rect(0, 0, 32, 32), image[:32, :32]))
+    bad_bytes = pipeline_pb2.StreamRequest(tile=common_pb2.Tile(x=0, y=0, width=32, height=32, pixels=b"123"))
+    huge = start_message(wire.header(100000, 100000, "RGB", np.uint8, tile_width=32, tile_height=32),
+                         pipeline_pb2.UpscaleOptions(scale=2))
+    no_steps = pipeline_pb2.StreamRequest(start=pipeline_pb2.StreamStart(image=header))
+    wrong_step = pipeline_pb2.StreamRequest(start=pipeline_pb2.StreamStart(
+        image=header, steps=[pipeline_pb2.Step(effect=pipeline_pb2.EffectOptions(effect="sepia"))]))
     cases = [
         ([good_tile], grpc.StatusCode.INVALID_ARGUMENT, "must begin"),
         ([start, bad_bytes], grpc.StatusCode.INVALID_ARGUMENT, "bytes of pixels"),
         ([start, good_tile], grpc.StatusCode.INVALID_ARGUMENT, "3 input tiles missing"),
         ([start, good_tile, good_tile], grpc.StatusCode.INVALID_ARGUMENT, "sent twice"),
         ([huge], grpc.StatusCode.OUT_OF_RANGE, "limit"),
+        ([no_steps], grpc.StatusCode.INVALID_ARGUMENT, "at least one step"),
+        ([wrong_step], grpc.StatusCode.INVALID_ARGUMENT, "must be an upscale step"),
     ]
     for messages, code, text in cases:
         with pytest.raises(grpc.RpcError) as info:
@@ -210,7 +219,7 @@ def test_concurrency_limit_then_graceful_drain(tmp_path_factory, model_dir):
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
             release.set()
             _, summary, _, out = collect(itertools.chain([first], held))
-            assert summary.tiles_done == 1 and out.shape == (256, 256, 3)
+            assert summary.steps[0].tiles == 1 and out.shape == (256, 256, 3)
         assert service.process.wait(timeout=30) == 0
         assert '"msg": "draining"' in service.logs()
     finally:

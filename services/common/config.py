@@ -105,8 +105,16 @@ COMMON_SETTINGS = [
     Setting("MAX_OUTPUT_PIXELS", int, 67_108_864, "largest output image, in pixels", minimum=1),
 ]
 
+# Where each step's service is: the gateway calls them, and a service forwards
+# a pipeline's remaining steps to the next one.
+ADDRESS_SETTINGS = [
+    Setting("UPSCALER_ADDRESS", str, "127.0.0.1:50051", "host:port of the upscaler gRPC service"),
+    Setting("BGREMOVAL_ADDRESS", str, "127.0.0.1:50052", "host:port of the background-removal gRPC service"),
+    Setting("EFFECTS_ADDRESS", str, "127.0.0.1:50053", "host:port of the effects gRPC service"),
+]
+
 # Settings of every gRPC service.
-SERVICE_SETTINGS = COMMON_SETTINGS + [
+SERVICE_SETTINGS = COMMON_SETTINGS + ADDRESS_SETTINGS + [
     Setting("MAX_CONCURRENT_REQUESTS", int, 2, "requests processed at once per service", minimum=1),
     Setting("MAX_QUEUED_REQUESTS", int, 16, "requests waiting for a slot before RESOURCE_EXHAUSTED", minimum=0),
     Setting("DRAIN_SECONDS", float, 30.0, "grace period for in-flight streams on SIGTERM", minimum=0),

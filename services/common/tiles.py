@@ -146,3 +146,42 @@ class TileBuffer:
         keep = {key for rect in still_needed for key in self._keys(rect)}
         for key in [key for key in self._cells if key not in keep]:
             del self._cells[key]
+
+
+class GridAssembler:
+    """Re-cuts output regions that arrive in any shape into the cells of a
+    regular grid, handing out each cell as soon as it is complete. Holds only
+    partly filled cells (for raster-ordered output: about one band)."""
+
+    def __init__(self, width: int, height: int, channels: int, dtype: np.dtype, cell_width: int, cell_height: int):
+        self.width, self.height, self.channels, self.dtype = width, height, channels, np.dtype(dtype)
+        self.cell_width, self.cell_height = cell_width, cell_height
+        self._partial: dict[tuple[int, int], tuple[np.ndarray, int]] = {}
+
+    @property
+    def held_cells(self) -> int:
+        return len(self._partial)
+
+    def cell_rect(self, column: int, row: int) -> Rect:
+        x, y = column * self.cell_width, row * self.cell_height
+        return Rect(x, y, min(x + self.cell_width, self.width), min(y + self.cell_height, self.height))
+
+    def add(self, rect: Rect, pixels: np.ndarray) -> list[tuple[Rect, np.ndarray]]:
+        done = []
+        for row in range(rect.y0 // self.cell_height, (rect.y1 - 1) // self.cell_height + 1):
+            for column in range(rect.x0 // self.cell_width, (rect.x1 - 1) // self.cell_width + 1):
+                cell = self.cell_rect(column, row)
+                part = Rect(max(cell.x0, rect.x0), max(cell.y0, rect.y0), min(cell.x1, rect.x1), min(cell.y1, rect.y1))
+                if part == cell:  # the common case: no copy needed
+                    done.append((cell, pixels[cell.relative_to(rect)]))
+                    continue
+                array, filled = self._partial.get((column, row)) or (
+                    np.empty((cell.height, cell.width, self.channels), self.dtype), 0)
+                array[part.relative_to(cell)] = pixels[part.relative_to(rect)]
+                filled += part.width * part.height
+                if filled == cell.width * cell.height:
+                    self._partial.pop((column, row), None)
+                    done.append((cell, array))
+                else:
+                    self._partial[(column, row)] = (array, filled)
+        return done

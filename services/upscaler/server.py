@@ -1,26 +1,28 @@
-"""The upscaler's gRPC face: validate, plan, stream tiles in and out."""
+"""The upscaler's gRPC face: validate, plan, and run the shared tile stream."""
 from __future__ import annotations
 
-import asyncio
 import math
-import time
 from concurrent.futures import ThreadPoolExecutor
 
-from imagemesh.v1 import common_pb2, upscaler_pb2, upscaler_pb2_grpc
+import numpy as np
 
-from services.common import metrics, wire
-from services.common.errors import InvalidArgument, LimitExceeded
+from imagemesh.v1 import common_pb2, pipeline_pb2, upscaler_pb2_grpc
+
+from services.common import metrics
+from services.common.errors import InvalidArgument
 from services.common.server import ServiceRuntime, rpc
-from services.common.tiles import TileBuffer, split_for_messages
+from services.common.streaming import Downstreams, StepPlan, serve_stream
+from services.common.tiles import Rect
+from services.common.wire import HeaderInfo
 
-from .engine import MAX_SCALE, MIN_SCALE
+from .engine import MAX_SCALE, MIN_SCALE, Plan, UpscaleEngine
 from .models import ModelRegistry
 
 MAX_TILE_SIZE = 2048
 MAX_HALO = 256
 
 
-def validate_options(options: upscaler_pb2.UpscaleOptions) -> None:
+def validate_options(options: pipeline_pb2.UpscaleOptions) -> None:
     scale = options.scale
     if not math.isfinite(scale) or not MIN_SCALE <= scale <= MAX_SCALE:
         raise InvalidArgument(f"scale must be between {MIN_SCALE:g} and {MAX_SCALE:g}, got {scale:g}", field="scale")
@@ -30,72 +32,66 @@ def validate_options(options: upscaler_pb2.UpscaleOptions) -> None:
         raise InvalidArgument(f"tile_halo must be at most {MAX_HALO}", field="tile_halo")
 
 
+class UpscaleOp:
+    """An upscale plan as a streamed tile operation."""
+    whole_image = False
+
+    def __init__(self, engine: UpscaleEngine, plan: Plan, mode: str, dtype: np.dtype, alpha_through_model: bool):
+        self.engine, self.plan, self.mode, self.alpha_through_model = engine, plan, mode, alpha_through_model
+        self.out_width, self.out_height, self.out_mode, self.out_dtype = plan.out_width, plan.out_height, mode, dtype
+        self.jobs = plan.tiles
+        self.preferred_cell = max(16, int(plan.tile * plan.scale))
+
+    def context_rect(self, job: Rect) -> Rect:
+        return self.plan.context_rect(job)
+
+    def output_rect(self, job: Rect) -> Rect:
+        return self.plan.output_rect(job)
+
+    def prepare(self, whole: np.ndarray) -> None:
+        pass
+
+    def render(self, job: Rect, context: np.ndarray) -> np.ndarray:
+        return self.engine.render(self.plan, job, context, self.mode, self.alpha_through_model)
+
+
 class UpscalerServicer(upscaler_pb2_grpc.UpscalerServicer):
     def __init__(self, runtime: ServiceRuntime, registry: ModelRegistry):
         self.runtime = runtime
         self.registry = registry
         self.executor = ThreadPoolExecutor(max_workers=runtime.config.max_concurrent_requests,
                                            thread_name_prefix="upscale")
+        self.downstreams = Downstreams(runtime.config)
 
     @rpc()
     async def ListModels(self, request, context):
-        return upscaler_pb2.ListModelsResponse(
+        return common_pb2.ListModelsResponse(
             models=[common_pb2.ModelInfo(**model.info()) for model in self.registry.models.values()],
             default_model=self.registry.default_model())
 
+    def plan_step(self, start: pipeline_pb2.StreamStart, info: HeaderInfo) -> StepPlan:
+        if start.steps[0].WhichOneof("op") != "upscale":
+            raise InvalidArgument("the first step sent to the upscaler must be an upscale step", field="steps")
+        options = start.steps[0].upscale
+        validate_options(options)
+        model = self.registry.resolve(options.model)
+        plan = model.engine.plan(info.width, info.height, options.scale, tile=options.tile_size,
+                                 halo=options.tile_halo, concurrency=self.runtime.config.max_concurrent_requests)
+        op = UpscaleOp(model.engine, plan, info.mode, info.dtype, options.alpha_mode == pipeline_pb2.ALPHA_MODE_MODEL)
+        report = pipeline_pb2.StepReport(
+            op="upscale", name=model.name, backend=model.backend, service="upscaler",
+            details={"scale": f"{options.scale:g}", "tile_size": str(plan.tile), "tile_halo": str(plan.halo),
+                     "tiles_total": str(len(plan.tiles)), "model_passes": str(plan.passes)})
+        tiles = metrics.TILES.labels("upscaler", model.name, model.backend)
+        seconds = metrics.INFERENCE_SECONDS.labels("upscaler", model.name, model.backend)
+
+        def observe(elapsed: float) -> None:
+            tiles.inc()
+            seconds.observe(elapsed)
+        return StepPlan(op, report, observe=observe)
+
     @rpc(limited=True)
     async def Upscale(self, request_iterator, context):
-        started = time.perf_counter()
-        first = await anext(aiter(request_iterator), None)
-        if first is None or first.WhichOneof("part") != "start":
-            raise InvalidArgument("the stream must begin with an UpscaleStart message", field="start")
-        options = first.start.options
-        validate_options(options)
-        config = self.runtime.config
-        info = wire.HeaderInfo(first.start.image, config.max_input_pixels)
-        model = self.registry.resolve(options.model)
-        engine = model.engine
-        plan = engine.plan(info.width, info.height, options.scale, tile=options.tile_size, halo=options.tile_halo,
-                           concurrency=config.max_concurrent_requests)
-        if plan.out_width * plan.out_height > config.max_output_pixels:
-            raise LimitExceeded(f"the output would be {plan.out_width}x{plan.out_height} = "
-                                f"{plan.out_width * plan.out_height} pixels; the limit is {config.max_output_pixels}",
-                                reason="output_too_large", field="scale")
-        buffer = TileBuffer(info.width, info.height, info.channels, info.dtype,
-                            info.msg.tile_width, info.msg.tile_height)
-        out_header = wire.header(plan.out_width, plan.out_height, info.mode, info.dtype,
-                                 icc_profile=info.msg.icc_profile, source_format=info.msg.source_format)
-        yield upscaler_pb2.UpscaleResponse(result=upscaler_pb2.UpscaleResult(
-            image=out_header, model=model.name, backend=model.backend, scale=options.scale,
-            tile_size=plan.tile, tile_halo=plan.halo, tiles_total=len(plan.tiles)))
-
-        alpha_through_model = options.alpha_mode == upscaler_pb2.ALPHA_MODE_MODEL
-        bytes_per_pixel = info.channels * info.dtype.itemsize
-        pending = list(plan.tiles)
-        inference_seconds = 0.0
-        loop = asyncio.get_running_loop()
-        tiles_metric = metrics.TILES.labels("upscaler", model.name, model.backend)
-        seconds_metric = metrics.INFERENCE_SECONDS.labels("upscaler", model.name, model.backend)
-        async for message in request_iterator:
-            if message.WhichOneof("part") != "tile":
-                raise InvalidArgument("only tiles may follow the UpscaleStart message", field="tile")
-            buffer.add(*wire.tile_pixels(message.tile, info))
-            for rect in [r for r in pending if buffer.covers(plan.context_rect(r))]:
-                tile_started = time.perf_counter()
-                out = await loop.run_in_executor(
-                    self.executor, engine.render, plan, rect, buffer.read(plan.context_rect(rect)), info.mode,
-                    alpha_through_model)
-                elapsed = time.perf_counter() - tile_started
-                inference_seconds += elapsed
-                seconds_metric.observe(elapsed)
-                tiles_metric.inc()
-                pending.remove(rect)
-                target = plan.output_rect(rect)
-                for part in split_for_messages(target, bytes_per_pixel):
-                    yield upscaler_pb2.UpscaleResponse(tile=wire.tile(part, out[part.relative_to(target)]))
-            buffer.release([plan.context_rect(r) for r in pending])
-        if pending:
-            raise InvalidArgument(f"the stream ended with {buffer.missing} input tiles missing", field="tile")
-        yield upscaler_pb2.UpscaleResponse(summary=upscaler_pb2.UpscaleSummary(
-            tiles_done=len(plan.tiles), inference_ms=inference_seconds * 1000,
-            total_ms=(time.perf_counter() - started) * 1000))
+        async for reply in serve_stream(request_iterator, context, config=self.runtime.config, executor=self.executor,
+                                        downstreams=self.downstreams, plan_step=self.plan_step):
+            yield reply

@@ -1,0 +1,48 @@
+"""python -m services.bgremoval: the background-removal gRPC service."""
+import asyncio
+from pathlib import Path
+
+from imagemesh.v1 import bgremoval_pb2_grpc
+
+from services.common import config as cfg
+from services.common import logs
+from services.common.cache import ResultCache
+from services.common.resources import available_cpus
+from services.common.server import ServiceRuntime, serve
+
+from .models import SegmenterRegistry
+from .server import BackgroundRemovalServicer
+from .store import ChoiceStore
+
+SETTINGS = cfg.SERVICE_SETTINGS + [
+    cfg.Setting("BGREMOVAL_PORT", int, 50052, "gRPC port", minimum=0, maximum=65535),
+    cfg.Setting("BGREMOVAL_METRICS_PORT", int, 9052, "Prometheus /metrics port (0: off)", minimum=0, maximum=65535),
+    cfg.Setting("MODEL_DIR", str, "./models", "folder the model files are loaded from"),
+    cfg.Setting("BGREMOVAL_DB", str, str(Path.home() / ".local/share/imagemesh/bgremoval.sqlite3"),
+                "SQLite file recording candidate runs and users' picks"),
+    cfg.Setting("BGREMOVAL_CACHE_BYTES", int, 256 * 1024 * 1024, "result cache size (0: off)", minimum=0),
+    cfg.Setting("BGREMOVAL_CACHE_TTL_SECONDS", float, 3600.0, "how long a cached cut-out is kept", minimum=1),
+    cfg.Setting("BGREMOVAL_MATTING_MAX_PIXELS", int, 4_000_000, "largest image alpha_matting accepts", minimum=1),
+    cfg.Setting("BGREMOVAL_TILE_SIZE", int, 256, "output tile edge", minimum=16, maximum=4096),
+    cfg.Setting("BGREMOVAL_THREADS", int, 0, "inference threads (0: the CPUs the container may use)", minimum=0),
+]
+
+
+async def main() -> None:
+    config = cfg.load_or_exit(SETTINGS)
+    logs.setup("bgremoval", config.log_level)
+    runtime = ServiceRuntime("bgremoval", "imagemesh.v1.BackgroundRemoval", config, config.bgremoval_port,
+                             config.bgremoval_metrics_port)
+    registry = SegmenterRegistry(Path(config.model_dir), threads=config.bgremoval_threads or available_cpus())
+    store = ChoiceStore(Path(config.bgremoval_db))
+    cache = ResultCache(config.bgremoval_cache_bytes, config.bgremoval_cache_ttl_seconds, lambda c: c.nbytes)
+    servicer = BackgroundRemovalServicer(runtime, registry, store, cache)
+    try:
+        await serve(runtime, lambda server: bgremoval_pb2_grpc.add_BackgroundRemovalServicer_to_server(
+            servicer, server), lambda: asyncio.get_running_loop().run_in_executor(None, registry.load_all))
+    finally:
+        store.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

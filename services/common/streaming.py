@@ -1,0 +1,263 @@
+"""The stream every processing service speaks (pipeline.proto): tiles in on
+the sender's grid, an operation rendered region by region, tiles out on the
+output grid, and, when the request has further steps, those tiles forwarded
+to the next step's service while its answer is relayed back to the caller.
+
+Memory stays bounded by tiles in flight: the input buffer keeps only what
+pending regions need, the output assembler only partly filled cells, and
+every queue between tasks is bounded."""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Awaitable, Callable, Protocol, Sequence
+
+import grpc
+import numpy as np
+
+from imagemesh.v1 import common_pb2, pipeline_pb2
+
+from . import logs, wire
+from .errors import InvalidArgument, LimitExceeded, ServiceError
+from .tiles import GridAssembler, Rect, TileBuffer, wire_tile_size
+
+MAX_STEPS = 16
+QUEUE_MESSAGES = 8
+_END = object()
+
+# The service and method that handles each kind of step.
+STEP_METHODS = {
+    "upscale": "/imagemesh.v1.Upscaler/Upscale",
+    "remove_background": "/imagemesh.v1.BackgroundRemoval/RemoveBackground",
+    "effect": "/imagemesh.v1.Effects/ApplyEffects",
+}
+STEP_ADDRESS_SETTINGS = {"upscale": "upscaler_address", "remove_background": "bgremoval_address",
+                         "effect": "effects_address"}
+
+
+class TileOp(Protocol):
+    """One service's operation on a streamed image."""
+    out_width: int
+    out_height: int
+    out_mode: str
+    out_dtype: np.dtype
+    jobs: Sequence[Rect]  # input regions to render, in order
+    whole_image: bool     # True: prepare() sees the whole input before any render()
+    # Optional attribute preferred_cell: the output grid's edge in pixels, at most.
+
+    def context_rect(self, job: Rect) -> Rect: ...
+
+    def output_rect(self, job: Rect) -> Rect: ...
+
+    def prepare(self, whole: np.ndarray) -> None: ...
+
+    def render(self, job: Rect, context: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass
+class StepPlan:
+    op: TileOp
+    report: pipeline_pb2.StepReport
+    steps_used: int = 1  # how many leading steps this service applies
+    observe: Callable[[float], None] = field(default=lambda seconds: None)
+
+
+class RelayedError(ServiceError):
+    """A downstream service's error, passed on with its own status and reason."""
+
+    def __init__(self, exc: grpc.aio.AioRpcError, method: str):
+        detail = common_pb2.ErrorDetail()
+        for key, value in exc.trailing_metadata() or ():
+            if key == "imagemesh-error-bin":
+                detail.ParseFromString(value)
+        self.code = exc.code()
+        super().__init__(exc.details() or self.code.name, reason=detail.reason or self.code.name.lower(),
+                         field=detail.field)
+        if self.code == grpc.StatusCode.UNAVAILABLE:
+            self.message = f"{method.split('/')[1]} is unavailable: {self.message}"
+
+
+def step_kind(step: pipeline_pb2.Step) -> str:
+    kind = step.WhichOneof("op")
+    if kind is None:
+        raise InvalidArgument("every step needs an op (upscale, remove_background or effect)", field="steps")
+    return kind
+
+
+def output_header(op: TileOp, info: wire.HeaderInfo) -> common_pb2.ImageHeader:
+    # Cells no bigger than one job's output, so a finished job's tiles leave at once.
+    cell = min(wire_tile_size(op.out_width, wire.MODE_CHANNELS[op.out_mode] * np.dtype(op.out_dtype).itemsize),
+               getattr(op, "preferred_cell", 1 << 30))
+    return wire.header(op.out_width, op.out_height, op.out_mode, op.out_dtype, icc_profile=info.msg.icc_profile,
+                       source_format=info.msg.source_format, tile_width=cell, tile_height=cell)
+
+
+async def render_stream(plan: StepPlan, info: wire.HeaderInfo, requests: AsyncIterator, executor,
+                        emit: Callable[[common_pb2.Tile], Awaitable[None]]) -> None:
+    """Consume input tiles, render the op, emit output tiles on the output grid;
+    fills the plan's report with tile count and timings."""
+    op, report = plan.op, plan.report
+    started = time.perf_counter()
+    loop = asyncio.get_running_loop()
+    out_header = output_header(op, info)
+    buffer = TileBuffer(info.width, info.height, info.channels, info.dtype, info.msg.tile_width, info.msg.tile_height)
+    assembler = GridAssembler(op.out_width, op.out_height, wire.MODE_CHANNELS[op.out_mode], op.out_dtype,
+                              out_header.tile_width, out_header.tile_height)
+    pending = list(op.jobs)
+    compute = 0.0
+
+    async def run(fn, *args):
+        nonlocal compute
+        t = time.perf_counter()
+        result = await loop.run_in_executor(executor, fn, *args)
+        elapsed = time.perf_counter() - t
+        compute += elapsed
+        return result, elapsed
+
+    async def render(job: Rect, context: np.ndarray) -> None:
+        out, elapsed = await run(op.render, job, context)
+        plan.observe(elapsed)
+        report.tiles += 1
+        for cell, pixels in assembler.add(op.output_rect(job), out):
+            await emit(wire.tile(cell, pixels))
+
+    async for message in requests:
+        if message.WhichOneof("part") != "tile":
+            raise InvalidArgument("only tiles may follow the start message", field="tile")
+        buffer.add(*wire.tile_pixels(message.tile, info))
+        if op.whole_image:
+            if buffer.complete:
+                whole = buffer.read(Rect(0, 0, info.width, info.height))
+                buffer.release([])
+                await run(op.prepare, whole)
+                for job in pending:
+                    await render(job, whole)
+                pending = []
+            continue
+        for job in [j for j in pending if buffer.covers(op.context_rect(j))]:
+            await render(job, buffer.read(op.context_rect(job)))
+            pending.remove(job)
+        buffer.release([op.context_rect(j) for j in pending])
+    if pending or not buffer.complete:
+        raise InvalidArgument(f"the stream ended with {buffer.missing} input tiles missing", field="tile")
+    report.compute_ms = compute * 1000
+    report.total_ms = (time.perf_counter() - started) * 1000
+
+
+class Downstreams:
+    """gRPC channels to the next steps' services, made in the serving loop."""
+
+    def __init__(self, config):
+        self.config = config
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def call(self, kind: str, requests, timeout: float | None):
+        address = getattr(self.config, STEP_ADDRESS_SETTINGS[kind])
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = grpc.aio.insecure_channel(address)
+        method = channel.stream_stream(STEP_METHODS[kind], request_serializer=pipeline_pb2.StreamRequest.SerializeToString,
+                                       response_deserializer=pipeline_pb2.StreamResponse.FromString)
+        metadata = ((logs.REQUEST_ID_HEADER, logs.request_id_var.get()),)
+        return method(requests, timeout=timeout, metadata=metadata)
+
+
+async def serve_stream(request_iterator, context: grpc.aio.ServicerContext, *, config, executor,
+                       downstreams: Downstreams, plan_step: Callable[[pipeline_pb2.StreamStart, wire.HeaderInfo], StepPlan]):
+    """The body of a service's streaming RPC (an async generator of StreamResponse)."""
+    started = time.perf_counter()
+    requests = aiter(request_iterator)
+    first = await anext(requests, None)
+    if first is None or first.WhichOneof("part") != "start":
+        raise InvalidArgument("the stream must begin with a StreamStart message", field="start")
+    start = first.start
+    if not start.steps:
+        raise InvalidArgument("steps must hold at least one step", field="steps")
+    if len(start.steps) > MAX_STEPS:
+        raise InvalidArgument(f"at most {MAX_STEPS} steps, got {len(start.steps)}", field="steps")
+    for step in start.steps:
+        step_kind(step)
+    info = wire.HeaderInfo(start.image, config.max_input_pixels)
+    plan = plan_step(start, info)
+    op = plan.op
+    if op.out_width * op.out_height > config.max_output_pixels:
+        raise LimitExceeded(f"the output would be {op.out_width}x{op.out_height} = {op.out_width * op.out_height} "
+                            f"pixels; the limit is {config.max_output_pixels}", reason="output_too_large")
+    rest = list(start.steps[plan.steps_used:])
+    out: asyncio.Queue = asyncio.Queue(QUEUE_MESSAGES)
+
+    async def emit_local(tile: common_pb2.Tile) -> None:
+        await out.put(pipeline_pb2.StreamResponse(tile=tile))
+
+    async def local() -> None:
+        await out.put(pipeline_pb2.StreamResponse(result=pipeline_pb2.StreamResult(
+            image=output_header(op, info), steps=[plan.report])))
+        await render_stream(plan, info, requests, executor, emit_local)
+        await out.put(pipeline_pb2.StreamResponse(summary=pipeline_pb2.StreamSummary(
+            steps=[plan.report], total_ms=(time.perf_counter() - started) * 1000)))
+
+    async def forwarded() -> None:
+        kind = step_kind(rest[0])
+        to_next: asyncio.Queue = asyncio.Queue(QUEUE_MESSAGES)
+
+        async def next_requests():
+            yield pipeline_pb2.StreamRequest(start=pipeline_pb2.StreamStart(image=output_header(op, info), steps=rest))
+            while (item := await to_next.get()) is not _END:
+                yield item
+
+        async def emit_next(tile: common_pb2.Tile) -> None:
+            await to_next.put(pipeline_pb2.StreamRequest(tile=tile))
+
+        call = downstreams.call(kind, next_requests(), context.time_remaining())
+
+        async def feed() -> None:
+            await render_stream(plan, info, requests, executor, emit_next)
+            await to_next.put(_END)
+
+        feeding = asyncio.create_task(feed())
+        feeding.add_done_callback(lambda task: task.cancelled() or task.exception() and call.cancel())
+        try:
+            async for reply in call:
+                part = reply.WhichOneof("part")
+                if part == "result":
+                    reply.result.steps.insert(0, plan.report)
+                elif part == "summary":
+                    await feeding  # our own report is complete once our last tile left
+                    reply.summary.steps.insert(0, plan.report)
+                    reply.summary.total_ms = (time.perf_counter() - started) * 1000
+                await out.put(reply)
+        except grpc.aio.AioRpcError as exc:
+            if feeding.done() and not feeding.cancelled() and feeding.exception():
+                raise feeding.exception() from None
+            raise RelayedError(exc, STEP_METHODS[kind]) from None
+        except asyncio.CancelledError:
+            if feeding.done() and not feeding.cancelled() and feeding.exception():
+                raise feeding.exception() from None
+            raise
+        finally:
+            call.cancel()
+            feeding.cancel()
+        await feeding
+
+    async def produce() -> None:
+        try:
+            await (forwarded() if rest else local())
+            await out.put(_END)
+        except BaseException as exc:  # handed to the RPC task, which raises it
+            await out.put(exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+
+    producer = asyncio.create_task(produce())
+    try:
+        while (item := await out.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        producer.cancel()
+        try:
+            await producer
+        except BaseException:
+            pass

@@ -1,0 +1,413 @@
+"""Effects as pure computation on float32 RGB planes in [0, 1].
+
+Each effect declares its parameters (with ranges), its named choices, how
+many context pixels it needs (halo) or that it needs the whole image, and
+whether its output is grey, colour or the same as its input. Tileable
+effects give tiled output equal to untiled output bit for bit: convolutions
+here are sums of shifted slices in a fixed order (their result for a pixel
+does not depend on the array around it), image borders are mirrored, and
+noise is a hash of the pixel's position, not a random stream."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+from services.common.errors import InvalidArgument
+
+BT709 = np.array([0.2126, 0.7152, 0.0722], np.float32)
+# Kodak Tri-X is panchromatic: a little less red and more blue than the eye.
+TRI_X = np.array([0.25, 0.62, 0.13], np.float32)
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    default: float
+    minimum: float
+    maximum: float
+    description: str
+    integer: bool = False
+
+
+@dataclass(frozen=True)
+class Choice:
+    name: str
+    default: str
+    values: tuple[str, ...]
+    description: str
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where an array sits in the image, for position-dependent effects."""
+    x: int
+    y: int
+    width: int   # of the whole image
+    height: int
+
+
+Apply = Callable[[np.ndarray, Origin, dict, dict], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Effect:
+    name: str
+    description: str
+    apply: Apply
+    params: tuple[Param, ...] = ()
+    choices: tuple[Choice, ...] = ()
+    output: str | Callable[[dict], str] = "same"  # "grey", "colour" or "same" (or a function of the options)
+    halo: Callable[[dict, dict], int] = field(default=lambda p, o: 0)
+    whole_image: Callable[[dict, dict], bool] = field(default=lambda p, o: False)
+    scale: Callable[[dict, dict], int] = field(default=lambda p, o: 1)  # output size multiple (pop-art grid)
+    eight_bit: bool = False  # output is palette values, stored as 8-bit
+
+    def output_kind(self, options: dict) -> str:
+        return self.output(options) if callable(self.output) else self.output
+
+    def resolve(self, params: dict[str, float], options: dict[str, str]) -> tuple[dict, dict]:
+        """Defaults filled in, names and ranges checked."""
+        known = {p.name: p for p in self.params}
+        unknown = sorted(set(params) - set(known))
+        if unknown:
+            valid = ", ".join(known) or "none"
+            raise InvalidArgument(f"{self.name} has no parameter {', '.join(unknown)}; valid parameters: {valid}",
+                                  field="params")
+        resolved = {}
+        for p in self.params:
+            value = float(params.get(p.name, p.default))
+            if not math.isfinite(value) or not p.minimum <= value <= p.maximum:
+                raise InvalidArgument(f"{self.name}.{p.name} must be between {p.minimum:g} and {p.maximum:g}, "
+                                      f"got {value:g}", field=f"params.{p.name}")
+            if p.integer and not value.is_integer():
+                raise InvalidArgument(f"{self.name}.{p.name} must be a whole number, got {value:g}",
+                                      field=f"params.{p.name}")
+            resolved[p.name] = value
+        choices = {c.name: c for c in self.choices}
+        unknown = sorted(set(options) - set(choices))
+        if unknown:
+            raise InvalidArgument(f"{self.name} has no option {', '.join(unknown)}; valid options: "
+                                  f"{', '.join(choices) or 'none'}", field="options")
+        chosen = {}
+        for c in self.choices:
+            value = options.get(c.name, c.default).lower()
+            if value not in c.values:
+                raise InvalidArgument(f"{self.name}.{c.name} must be one of {', '.join(c.values)}, got {value!r}",
+                                      field=f"options.{c.name}")
+            chosen[c.name] = value
+        return resolved, chosen
+
+
+# --- building blocks ------------------------------------------------------
+
+def gaussian_kernel(sigma: float) -> np.ndarray:
+    radius = max(1, math.ceil(3 * sigma))
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    kernel = np.exp(-0.5 * (x / sigma) ** 2)
+    return (kernel / kernel.sum()).astype(np.float32)
+
+
+def kernel_radius(sigma: float) -> int:
+    return max(1, math.ceil(3 * sigma))
+
+
+def convolve_separable(planes: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """Mirror-padded separable convolution as shifted-slice sums in a fixed
+    order: a pixel's result depends only on its neighbourhood."""
+    radius = len(kernel) // 2
+    height, width = planes.shape[:2]
+    padded = np.pad(planes, ((radius, radius), (0, 0), (0, 0)), mode="symmetric")
+    rows = np.zeros_like(planes)
+    for i, weight in enumerate(kernel):
+        rows += weight * padded[i:i + height]
+    padded = np.pad(rows, ((0, 0), (radius, radius), (0, 0)), mode="symmetric")
+    out = np.zeros_like(planes)
+    for i, weight in enumerate(kernel):
+        out += weight * padded[:, i:i + width]
+    return out
+
+
+def gaussian_blur(planes: np.ndarray, sigma: float) -> np.ndarray:
+    return convolve_separable(planes, gaussian_kernel(sigma))
+
+
+def position_noise(origin: Origin, height: int, width: int, seed: int) -> np.ndarray:
+    """Triangular noise in [-1, 1] from a hash of each pixel's image position."""
+    ys = np.arange(origin.y, origin.y + height, dtype=np.uint32)[:, None]
+    xs = np.arange(origin.x, origin.x + width, dtype=np.uint32)[None, :]
+    with np.errstate(over="ignore"):
+        v = (xs * np.uint32(0x9E3779B1)) ^ (ys * np.uint32(0x85EBCA77)) ^ np.uint32((seed * 0xC2B2AE3D) & 0xFFFFFFFF)
+        v ^= v >> np.uint32(16)
+        v *= np.uint32(0x85EBCA6B)
+        v ^= v >> np.uint32(13)
+        v *= np.uint32(0xC2B2AE35)
+        v ^= v >> np.uint32(16)
+    low = (v & np.uint32(0xFFFF)).astype(np.float32) / 65535.0
+    high = (v >> np.uint32(16)).astype(np.float32) / 65535.0
+    return (low + high - 1.0)[:, :, None]
+
+
+def luminance(rgb: np.ndarray, weights: np.ndarray = BT709) -> np.ndarray:
+    return (rgb * weights).sum(axis=2, keepdims=True, dtype=np.float32)
+
+
+def grey3(value: np.ndarray) -> np.ndarray:
+    return np.repeat(np.clip(value, 0.0, 1.0), 3, axis=2)
+
+
+def hex_palette(*colours: str) -> np.ndarray:
+    return np.array([[int(c[i:i + 2], 16) for i in (1, 3, 5)] for c in colours], np.float32) / 255.0
+
+
+def nearest_colour(rgb: np.ndarray, palette: np.ndarray) -> np.ndarray:
+    distances = ((rgb[:, :, None, :] - palette[None, None]) ** 2).sum(axis=3)
+    return palette[distances.argmin(axis=2)]
+
+
+# --- effects --------------------------------------------------------------
+
+def _blackwhite(x, origin, p, o):
+    lum = luminance(x, TRI_X) ** (1.0 / p["gamma_correction"])
+    lum = 0.5 + (lum - 0.5) * p["contrast_boost"]
+    lum = lum + p["edge_strength"] * (lum - gaussian_blur(lum, 1.0))
+    highlights = np.clip((lum - 0.75) / 0.25, 0.0, 1.0)
+    lum = lum + p["halation_strength"] * gaussian_blur(highlights, p["halation_radius"] / 3.0)
+    lum = np.clip(lum, 0.0, 1.0)
+    midtones = 1.0 - np.abs(2.0 * lum - 1.0) * 0.5  # grain shows most in the midtones
+    noise = position_noise(origin, *lum.shape[:2], int(p["grain_seed"]))
+    return grey3(lum + p["grain_strength"] * 0.5 * midtones * noise)
+
+
+def _sepia(x, origin, p, o):
+    matrix = np.array([[0.393, 0.769, 0.189], [0.349, 0.686, 0.168], [0.272, 0.534, 0.131]], np.float32)
+    toned = np.clip(x @ matrix.T, 0.0, 1.0)
+    return x + p["strength"] * (toned - x)
+
+
+def _grayscale(x, origin, p, o):
+    return grey3(luminance(x))
+
+
+def _invert(x, origin, p, o):
+    return 1.0 - x
+
+
+def _posterize(x, origin, p, o):
+    levels = p["levels"] - 1
+    return np.rint(x * levels) / levels
+
+
+def _adjust(x, origin, p, o):
+    out = x + p["brightness"]
+    out = 0.5 + (out - 0.5) * p["contrast"]
+    grey = luminance(out)
+    out = grey + (out - grey) * p["saturation"]
+    return np.clip(out, 0.0, 1.0) ** (1.0 / p["gamma"])
+
+
+def _blur(x, origin, p, o):
+    return gaussian_blur(x, p["radius"])
+
+
+def _sharpen(x, origin, p, o):
+    return x + p["amount"] * (x - gaussian_blur(x, p["radius"]))
+
+
+def _vignette(x, origin, p, o):
+    height, width = x.shape[:2]
+    ys = (np.arange(origin.y, origin.y + height, dtype=np.float32) + 0.5 - origin.height / 2)[:, None]
+    xs = (np.arange(origin.x, origin.x + width, dtype=np.float32) + 0.5 - origin.width / 2)[None, :]
+    half_diagonal = math.hypot(origin.width, origin.height) / 2
+    distance = np.sqrt(xs * xs + ys * ys) / (half_diagonal * p["radius"])
+    falloff = np.clip((distance - 0.5) / 0.5, 0.0, 1.0)
+    return x * (1.0 - p["strength"] * falloff * falloff)[:, :, None]
+
+
+def _block_means(x: np.ndarray, origin: Origin, block: int) -> np.ndarray:
+    """Each pixel takes the mean of its block on the image-wide block grid
+    (blocks at the array's edge use what the array holds; the halo keeps
+    those out of the tile's core)."""
+    height, width = x.shape[:2]
+    start_y, start_x = (origin.y // block) * block, (origin.x // block) * block
+    rows = np.arange(origin.y, origin.y + height) // block - start_y // block
+    cols = np.arange(origin.x, origin.x + width) // block - start_x // block
+    n_rows, n_cols = rows[-1] + 1, cols[-1] + 1
+    sums = np.zeros((n_rows, n_cols, x.shape[2]), np.float64)
+    counts = np.zeros((n_rows, n_cols, 1), np.float64)
+    np.add.at(sums, (rows[:, None], cols[None, :]), x.astype(np.float64))
+    np.add.at(counts, (rows[:, None], cols[None, :]), 1.0)
+    return (sums / counts).astype(np.float32)[rows[:, None], cols[None, :]]
+
+
+def _pixelate(x, origin, p, o):
+    return _block_means(x, origin, int(p["block"]))
+
+
+PIXEL_PALETTES = {
+    "pico8": hex_palette("#000000", "#1d2b53", "#7e2553", "#008751", "#ab5236", "#5f574f", "#c2c3c7", "#fff1e8",
+                         "#ff004d", "#ffa300", "#ffec27", "#00e436", "#29adff", "#83769c", "#ff77a8", "#ffccaa"),
+    "gameboy": hex_palette("#0f380f", "#306230", "#8bac0f", "#9bbc0f"),
+    "c64": hex_palette("#000000", "#ffffff", "#880000", "#aaffee", "#cc44cc", "#00cc55", "#0000aa", "#eeee77",
+                       "#dd8855", "#664400", "#ff7777", "#333333", "#777777", "#aaff66", "#0088ff", "#bbbbbb"),
+    "cga": hex_palette("#000000", "#55ffff", "#ff55ff", "#ffffff"),
+}
+
+
+def _pixel8bit(x, origin, p, o):
+    return nearest_colour(_block_means(x, origin, int(p["block"])), PIXEL_PALETTES[o["palette"]])
+
+
+POP_PALETTES = (
+    hex_palette("#1b1464", "#ed1e79", "#fbb03b", "#fcee21", "#ffffff", "#ffffff"),
+    hex_palette("#0b3d2e", "#00a99d", "#f7931e", "#ffde17", "#fff8e7", "#fff8e7"),
+    hex_palette("#2e1a47", "#662d91", "#29abe2", "#8cc63f", "#f2f2f2", "#f2f2f2"),
+    hex_palette("#3b0d0d", "#c1272d", "#f15a24", "#f9ed32", "#fefefe", "#fefefe"),
+)
+
+
+def _pop_single(x: np.ndarray, levels: int, palette: np.ndarray) -> np.ndarray:
+    band = np.clip((luminance(x) * levels).astype(np.int32), 0, levels - 1)[:, :, 0]
+    return palette[band]
+
+
+def _popart(x, origin, p, o):
+    levels = int(p["levels"])
+    if o["grid"] == "off":
+        return _pop_single(x, levels, POP_PALETTES[0])
+    quadrants = [_pop_single(x, levels, palette) for palette in POP_PALETTES]
+    return np.concatenate([np.concatenate(quadrants[:2], axis=1), np.concatenate(quadrants[2:], axis=1)], axis=0)
+
+
+def _dither(x, origin, p, o):
+    spacing = int(p["dot_spacing"])
+    levels = int(p["levels"])
+    image = Image.fromarray(np.rint(np.clip(x, 0, 1) * 255).astype(np.uint8), "RGB")
+    small = image.reduce(spacing) if spacing > 1 else image
+    palette_mode = o["palette"]
+    if palette_mode == "rgb":
+        steps = np.rint(np.linspace(0, 255, levels)).astype(np.uint8)
+        colours = np.array([(r, g, b) for r in steps for g in steps for b in steps], np.uint8)
+        source = small
+    else:
+        colours = np.repeat(np.rint(np.linspace(0, 255, 2 if palette_mode == "bw" else levels))
+                            .astype(np.uint8)[:, None], 3, axis=1)
+        source = small.convert("L").convert("RGB")
+    palette_image = Image.new("P", (1, 1))
+    padded = np.zeros((256, 3), np.uint8)
+    padded[:len(colours)] = colours
+    padded[len(colours):] = colours[-1]
+    palette_image.putpalette(padded.flatten().tolist())
+    dithered = source.quantize(palette=palette_image, dither=Image.Dither.FLOYDSTEINBERG).convert("RGB")
+    if spacing > 1:
+        dithered = dithered.resize((spacing * small.width, spacing * small.height), Image.NEAREST).crop(
+            (0, 0, image.width, image.height))
+        if dithered.size != image.size:  # reduce() rounds up; the last partial block repeats
+            dithered = dithered.resize(image.size, Image.NEAREST)
+    return np.asarray(dithered, np.float32) / 255.0
+
+
+EFFECTS: dict[str, Effect] = {e.name: e for e in (
+    Effect("blackwhite", "film black and white: Tri-X response, gamma, contrast, edges, halation and grain",
+           _blackwhite, (
+               Param("gamma_correction", 1.02, 0.2, 5.0, "gamma applied to the film response"),
+               Param("contrast_boost", 1.12, 0.0, 3.0, "contrast around mid grey"),
+               Param("edge_strength", 0.9, 0.0, 3.0, "local edge enhancement"),
+               Param("halation_strength", 0.12, 0.0, 1.0, "glow around highlights"),
+               Param("halation_radius", 8, 1, 48, "glow radius in pixels", integer=True),
+               Param("grain_strength", 0.08, 0.0, 1.0, "film grain amount"),
+               Param("grain_seed", 0, 0, 2**31 - 1, "grain pattern", integer=True),
+           ), output="grey", halo=lambda p, o: kernel_radius(1.0) + kernel_radius(p["halation_radius"] / 3.0)),
+    Effect("dither", "Floyd-Steinberg error diffusion onto a small palette", _dither, (
+               Param("levels", 2, 2, 6, "levels per channel (grey or rgb palettes)", integer=True),
+               Param("dot_spacing", 1, 1, 16, "dither on a grid of this many pixels (bigger dots)", integer=True),
+           ), (Choice("palette", "bw", ("bw", "grey", "rgb"), "black and white, grey levels, or RGB levels"),),
+           output=lambda o: "colour" if o["palette"] == "rgb" else "grey", whole_image=lambda p, o: True,
+           eight_bit=True),
+    Effect("popart", "pop art: BT.709 luminance posterised into bold colour blocks", _popart, (
+               Param("levels", 4, 2, 6, "colour blocks per picture", integer=True),
+           ), (Choice("grid", "off", ("off", "2x2"), "a 2x2 grid in four palettes (doubles the size)"),),
+           output="colour", whole_image=lambda p, o: o["grid"] == "2x2",
+           scale=lambda p, o: 2 if o["grid"] == "2x2" else 1, eight_bit=True),
+    Effect("pixel8bit", "8-bit look: pixel blocks mapped to a retro palette", _pixel8bit, (
+               Param("block", 8, 2, 64, "pixel block size", integer=True),
+           ), (Choice("palette", "pico8", tuple(PIXEL_PALETTES), "retro palette"),),
+           output="colour", halo=lambda p, o: int(p["block"]) - 1, eight_bit=True),
+    Effect("pixelate", "pixel blocks in their mean colour", _pixelate,
+           (Param("block", 8, 2, 128, "pixel block size", integer=True),), halo=lambda p, o: int(p["block"]) - 1),
+    Effect("sepia", "warm sepia toning", _sepia, (Param("strength", 1.0, 0.0, 1.0, "mix with the original"),),
+           output="colour"),
+    Effect("posterize", "fewer levels per channel", _posterize,
+           (Param("levels", 4, 2, 64, "levels per channel", integer=True),)),
+    Effect("grayscale", "BT.709 luminance", _grayscale, output="grey"),
+    Effect("invert", "negative", _invert),
+    Effect("adjust", "brightness, contrast, saturation and gamma", _adjust, (
+               Param("brightness", 0.0, -1.0, 1.0, "added to every channel"),
+               Param("contrast", 1.0, 0.0, 3.0, "around mid grey"),
+               Param("saturation", 1.0, 0.0, 3.0, "0 is grey"),
+               Param("gamma", 1.0, 0.2, 5.0, "above 1 brightens the midtones"),
+           )),
+    Effect("blur", "Gaussian blur", _blur, (Param("radius", 2.0, 0.3, 25.0, "sigma in pixels"),),
+           halo=lambda p, o: kernel_radius(p["radius"])),
+    Effect("sharpen", "unsharp mask", _sharpen, (
+               Param("amount", 1.0, 0.0, 5.0, "strength"),
+               Param("radius", 1.0, 0.3, 10.0, "sigma in pixels"),
+           ), halo=lambda p, o: kernel_radius(p["radius"])),
+    Effect("vignette", "darkened corners", _vignette, (
+               Param("strength", 0.5, 0.0, 1.0, "darkening at the corners"),
+               Param("radius", 1.0, 0.2, 3.0, "where darkening starts, relative to the half diagonal"),
+           )),
+)}
+
+
+def get(name: str) -> Effect:
+    effect = EFFECTS.get(name)
+    if effect is None:
+        raise InvalidArgument(f"unknown effect {name!r}; valid effects: {', '.join(EFFECTS)}", field="effect")
+    return effect
+
+
+@dataclass(frozen=True)
+class ChainStep:
+    effect: Effect
+    params: dict
+    options: dict
+
+
+class Chain:
+    """Consecutive effects applied in one pass over each tile."""
+
+    def __init__(self, steps: list[ChainStep], width: int, height: int, mode: str, dtype: np.dtype):
+        self.steps = steps
+        self.width, self.height = width, height
+        self.in_mode, self.in_dtype = mode, np.dtype(dtype)
+        self.halo = sum(s.effect.halo(s.params, s.options) for s in steps)
+        self.whole_image = any(s.effect.whole_image(s.params, s.options) for s in steps)
+        self.scale = math.prod(s.effect.scale(s.params, s.options) for s in steps)
+        grey = mode in ("L", "LA")
+        for s in steps:
+            grey = {"grey": True, "colour": False}.get(s.effect.output_kind(s.options), grey)
+        self.has_alpha = mode in ("LA", "RGBA")
+        self.out_mode = ("L" if grey else "RGB") + ("A" if self.has_alpha else "")
+        self.out_dtype = np.dtype(np.uint8) if any(s.effect.eight_bit for s in steps) else self.in_dtype
+
+    def apply(self, pixels: np.ndarray, origin: Origin) -> np.ndarray:
+        """Effects on an array (a tile's context, or the whole image)."""
+        maximum = float(np.iinfo(pixels.dtype).max)
+        x = pixels.astype(np.float32) / maximum
+        colour = x[:, :, :-1] if self.has_alpha else x
+        rgb = np.repeat(colour, 3, axis=2) if colour.shape[2] == 1 else colour
+        alpha = x[:, :, -1:] if self.has_alpha else None
+        for s in self.steps:
+            factor = s.effect.scale(s.params, s.options)
+            rgb = s.effect.apply(rgb, origin, s.params, s.options)
+            if alpha is not None and factor > 1:
+                alpha = np.tile(alpha, (factor, factor, 1))
+        out = rgb[:, :, :1] if self.out_mode in ("L", "LA") else rgb
+        if alpha is not None:
+            out = np.concatenate([out, alpha], axis=2)
+        out_max = float(np.iinfo(self.out_dtype).max)
+        return np.rint(np.clip(out, 0.0, 1.0) * out_max).astype(self.out_dtype)
