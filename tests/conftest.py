@@ -90,29 +90,68 @@ def wait_for_grpc_serving(address: str, service: Service, timeout: float = 120) 
     raise RuntimeError(f"{address} not serving after {timeout}s:\n{service.logs()[-3000:]}")
 
 
-def start_upscaler(tmp_path_factory, model_dir: Path, **env) -> Service:
-    port, metrics_port = free_port(), free_port()
-    service = Service("services.upscaler", {
-        "MODEL_DIR": str(model_dir), "UPSCALER_PORT": str(port), "UPSCALER_METRICS_PORT": str(metrics_port),
-        "ONNX_CACHE_DIR": str(tmp_path_factory.mktemp("onnx")), **env},
-        tmp_path_factory.mktemp("logs") / "upscaler.log")
+SERVICE_MODULES = {"upscaler": "services.upscaler", "bgremoval": "services.bgremoval", "effects": "services.effects"}
+
+
+@pytest.fixture(scope="session")
+def mesh_ports() -> dict[str, int]:
+    """Ports chosen up front so that each service knows where the others are."""
+    return {name: free_port() for name in SERVICE_MODULES}
+
+
+def mesh_addresses(ports: dict[str, int]) -> dict[str, str]:
+    return {f"{name.upper()}_ADDRESS": f"127.0.0.1:{port}" for name, port in ports.items()}
+
+
+def start_service(name: str, tmp_path_factory, model_dir: Path, port: int | None = None,
+                  addresses: dict | None = None, **env) -> Service:
+    port, metrics_port = port or free_port(), free_port()
+    upper = name.upper()
+    service = Service(SERVICE_MODULES[name], {
+        "MODEL_DIR": str(model_dir), f"{upper}_PORT": str(port), f"{upper}_METRICS_PORT": str(metrics_port),
+        "ONNX_CACHE_DIR": str(tmp_path_factory.mktemp("onnx")),
+        "BGREMOVAL_DB": str(tmp_path_factory.mktemp("db") / "bgremoval.sqlite3"), **(addresses or {}), **env},
+        tmp_path_factory.mktemp("logs") / f"{name}.log")
     service.address = f"127.0.0.1:{port}"
     service.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     wait_for_grpc_serving(service.address, service)
     return service
 
 
-@pytest.fixture(scope="session")
-def upscaler(tmp_path_factory, model_dir):
-    service = start_upscaler(tmp_path_factory, model_dir)
+def start_upscaler(tmp_path_factory, model_dir: Path, **env) -> Service:
+    return start_service("upscaler", tmp_path_factory, model_dir, **env)
+
+
+def _mesh_service(name, tmp_path_factory, model_dir, mesh_ports):
+    service = start_service(name, tmp_path_factory, model_dir, mesh_ports[name], mesh_addresses(mesh_ports))
     yield service
     service.stop()
 
 
 @pytest.fixture(scope="session")
-def gateway(tmp_path_factory, upscaler):
+def upscaler(tmp_path_factory, model_dir, mesh_ports):
+    yield from _mesh_service("upscaler", tmp_path_factory, model_dir, mesh_ports)
+
+
+@pytest.fixture(scope="session")
+def bgremoval(tmp_path_factory, model_dir, mesh_ports):
+    yield from _mesh_service("bgremoval", tmp_path_factory, model_dir, mesh_ports)
+
+
+@pytest.fixture(scope="session")
+def effects(tmp_path_factory, model_dir, mesh_ports):
+    yield from _mesh_service("effects", tmp_path_factory, model_dir, mesh_ports)
+
+
+@pytest.fixture(scope="session")
+def mesh(upscaler, bgremoval, effects):
+    return {"upscaler": upscaler, "bgremoval": bgremoval, "effects": effects}
+
+
+@pytest.fixture(scope="session")
+def gateway(tmp_path_factory, mesh, mesh_ports):
     port = free_port()
-    service = Service("services.gateway", {"GATEWAY_PORT": str(port), "UPSCALER_ADDRESS": upscaler.address},
+    service = Service("services.gateway", {"GATEWAY_PORT": str(port), **mesh_addresses(mesh_ports)},
                       tmp_path_factory.mktemp("logs") / "gateway.log")
     base_url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60

@@ -51,7 +51,8 @@ def test_json_in_json_out(http, photo):
     body = reply.json()
     assert (body["width"], body["height"], body["format"], body["model"], body["backend"], body["scale"]) == \
         (256, 192, "png", "lanczos", "lanczos", 2.0)
-    assert {"decode", "upscale", "inference", "encode", "total"} <= set(body["timings_ms"])
+    assert {"decode", "mesh", "first_tile", "encode", "total"} <= set(body["timings_ms"])
+    assert body["steps"][0]["op"] == "upscale" and body["steps"][0]["compute_ms"] > 0
     assert Image.open(io.BytesIO(base64.b64decode(body["image_base64"]))).size == (256, 192)
 
 
@@ -145,12 +146,13 @@ def test_bad_input_gets_a_clear_4xx_and_the_mesh_keeps_serving(http, photo, case
 
 def test_models_health_docs_and_unknown_routes(http):
     models = http.get("/v1/models").json()
-    assert models["defaults"]["upscaler"] == "realesr-general-x4v3"
+    assert models["defaults"] == {"upscaler": "realesr-general-x4v3", "bgremoval": "keyer"}
     by_name = {m["name"]: m for m in models["models"]}
     assert by_name["realesr-animevideov3"]["ready"] and by_name["realesr-animevideov3"]["sha256_matches"]
     assert "make models" in by_name["RealESRGAN_x2plus"]["not_ready_reason"]
     assert http.get("/healthz").json() == {"status": "ok"}
-    assert http.get("/readyz").json()["upstreams"] == {"upscaler": "SERVING"}
+    assert http.get("/readyz").json()["upstreams"] == {"upscaler": "SERVING", "bgremoval": "SERVING",
+                                                       "effects": "SERVING"}
     spec = http.get("/openapi.json").json()
     body = spec["paths"]["/v1/upscale"]["post"]["requestBody"]["content"]
     assert {"multipart/form-data", "application/json"} <= set(body)

@@ -6,9 +6,8 @@ from services.common import logs
 
 from .app import create_app
 
-SETTINGS = cfg.COMMON_SETTINGS + [
+SETTINGS = cfg.COMMON_SETTINGS + cfg.ADDRESS_SETTINGS + [
     cfg.Setting("GATEWAY_PORT", int, 8080, "HTTP port", minimum=0, maximum=65535),
-    cfg.Setting("UPSCALER_ADDRESS", str, "127.0.0.1:50051", "host:port of the upscaler gRPC service"),
     cfg.Setting("MAX_UPLOAD_BYTES", int, 50 * 1024 * 1024, "largest accepted image file, in bytes", minimum=1),
     cfg.Setting("UPSTREAM_TIMEOUT_SECONDS", float, 600.0, "deadline of a call to a service", minimum=1),
 ]
