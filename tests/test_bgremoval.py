@@ -1,0 +1,191 @@
+import io
+import os
+import sqlite3
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from PIL import Image, ImageDraw
+
+from services.bgremoval import engine
+from services.bgremoval.models import SegmenterRegistry
+from services.bgremoval.store import ChoiceStore
+from services.common import imageio
+from services.common.cache import ResultCache
+from services.common.errors import InvalidArgument, ModelNotReady
+
+
+def red_channel_model(size: int, outputs: int) -> bytes:
+    """A model of rembg's shape whose every output is the normalised red channel."""
+    weight = np.zeros((1, 3, 3, 3), np.float32)
+    weight[0, 0, 1, 1] = 1.0
+    nodes = [helper.make_node("Conv", ["input", "w"], [f"d{i}"], pads=[1, 1, 1, 1]) for i in range(outputs)]
+    graph = helper.make_graph(
+        nodes, "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, size, size])],
+        [helper.make_tensor_value_info(f"d{i}", TensorProto.FLOAT, [1, 1, size, size]) for i in range(outputs)],
+        [numpy_helper.from_array(weight, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+SHAPES = {  # rembg file name: (input size, outputs)
+    "u2net.onnx": (320, 7),
+    "isnet-general-use.onnx": (1024, 6),
+    "BiRefNet-general-epoch_244.onnx": (1024, 1),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_registry(tmp_path_factory, model_dir):
+    directory = tmp_path_factory.mktemp("bgmodels")
+    for name, (size, outputs) in SHAPES.items():
+        (directory / name).write_bytes(red_channel_model(size, outputs))
+    os.symlink(model_dir / "mediapipe_selfie_segmentation_256.onnx", directory / "mediapipe_selfie_segmentation_256.onnx")
+    (directory / "silueta.onnx").write_bytes(b"broken")
+    registry = SegmenterRegistry(directory, threads=2)
+    registry.load_all()
+    return registry
+
+
+@pytest.mark.parametrize("name", ["u2net", "isnet-general-use", "birefnet-general"])
+def test_rembg_shaped_models_are_fed_and_read_right(tiny_registry, photo, name):
+    segmenter = tiny_registry.resolve(name)
+    assert segmenter.backend == "onnxruntime" and not segmenter.checksum_matches  # random weights
+    mask = engine.predict_mask(segmenter, photo)
+    assert mask.shape == photo.shape[:2] and 0 <= mask.min() and mask.max() <= 1
+    red = photo[:, :, 0].astype(np.float64)
+    assert np.corrcoef(mask.ravel(), red.ravel())[0, 1] > 0.95  # NCHW, normalisation and resize are right
+    if name == "birefnet-general":
+        assert mask.min() > 0.05  # a sigmoid of the logits, not rescaled
+    else:
+        assert mask.min() < 0.01 and mask.max() > 0.95  # min-max rescaled at model size, as rembg does
+
+
+def test_registry_readiness_order_and_checksums(tiny_registry):
+    models = tiny_registry.models
+    assert models["mediapipe-selfie"].checksum_matches  # the shared file is the published one
+    assert "could not be loaded" in models["silueta"].reason
+    assert "expected bria-rmbg-2.0.onnx" in models["bria-rmbg"].reason
+    with pytest.raises(ModelNotReady):
+        tiny_registry.resolve("silueta")
+    assert tiny_registry.default_model() == "birefnet-general"  # best ready general model
+    assert all(m.info()["license"] for m in models.values())
+
+
+def test_auto_never_picks_a_portrait_only_model(model_dir):
+    registry = SegmenterRegistry(model_dir)
+    registry.load_all()
+    assert registry.models["mediapipe-selfie"].ready
+    assert registry.resolve("auto").name == "keyer"
+
+
+def test_portrait_model_on_a_real_portrait(model_dir, portrait):
+    import skimage.data
+    registry = SegmenterRegistry(model_dir, threads=2)
+    registry.load_all()
+    astronaut = skimage.data.astronaut()
+    mask = engine.predict_mask(registry.resolve("mediapipe-selfie"), astronaut)
+    assert mask[80:140, 190:250].mean() > 0.95   # her face
+    assert mask[200:320, 180:300].mean() > 0.9   # her suit
+    assert mask[:60, :40].mean() < 0.1           # the flag behind her
+    assert mask[10:120, 420:500].mean() < 0.1    # the sky by the shuttle
+
+
+def logo_on_white() -> np.ndarray:
+    """Drawn at 4x and reduced, so its edges are anti-aliased like a real logo's."""
+    image = Image.new("RGB", (960, 560), "white")
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((80, 80, 440, 440), fill=(200, 30, 30))
+    draw.rectangle((520, 120, 880, 440), fill=(20, 40, 160))
+    draw.rectangle((640, 220, 760, 340), fill="white")  # an enclosed counter, like the inside of an O
+    return np.asarray(image.resize((240, 140), Image.LANCZOS))
+
+
+def test_keyer_gives_a_logo_on_white_a_clean_alpha():
+    logo = logo_on_white()
+    cutout = engine.keyer(logo)
+    alpha = cutout.mask
+    assert alpha[:10].max() == 0 and alpha[:, :10].max() == 0  # background gone
+    assert alpha[60:70, 60:70].min() == 1 and alpha[40:50, 140:150].min() == 1  # shapes kept whole
+    assert alpha[70, 175] == 1  # connected mode keeps the enclosed counter
+    edge = alpha[16:24, 60:70]
+    assert ((edge > 0) & (edge < 1)).any()  # a soft, anti-aliased edge
+    assert engine.keyer(logo, connected=False).mask[70, 175] == 0
+    rgba = engine.cut_out(logo, "RGB", cutout.mask, cutout.foreground, engine.RemovalOptions())
+    jpeg = np.asarray(Image.open(io.BytesIO(imageio.encode(rgba, "RGBA", "jpeg", quality=95))))
+    assert jpeg[:10].min() > 245  # JPEG output is composited on white
+
+
+def test_post_process_removes_specks_and_fills_holes():
+    mask = np.zeros((200, 200), np.float32)
+    mask[50:150, 50:150] = 1.0
+    mask[95:100, 95:100] = 0.0   # a small hole
+    mask[10:12, 10:12] = 1.0     # a speck
+    cleaned = engine.clean_mask(mask)
+    assert cleaned[11, 11] < 0.05 and cleaned[97, 97] > 0.95 and cleaned[100, 100] > 0.99
+
+
+def test_refine_keeps_a_soft_alpha_along_the_image_edges(photo):
+    hard = (photo[:, :, 0] > 128).astype(np.float32)
+    refined = engine.guided_refine(hard, photo)
+    assert ((refined > 0.05) & (refined < 0.95)).mean() > ((hard > 0.05) & (hard < 0.95)).mean()
+    assert np.abs(refined - hard).mean() < 0.2
+
+
+def test_alpha_matting_produces_a_matte_and_clean_colours():
+    logo = logo_on_white()
+    rough = (engine.keyer(logo).mask > 0.5).astype(np.float32)
+    matted = engine.alpha_matting(rough, logo, erode_size=3)
+    assert matted.mask.shape == rough.shape and matted.foreground.shape == logo.shape
+    assert matted.mask[60:70, 60:70].min() > 0.95 and matted.mask[:5].max() < 0.05
+
+
+def test_outputs_only_mask_and_bgcolor():
+    region = np.full((4, 4, 3), 200, np.uint8)
+    mask = np.full((4, 4), 0.5, np.float32)
+    only = engine.cut_out(region, "RGB", mask, None, engine.RemovalOptions(only_mask=True))
+    assert only.shape == (4, 4, 1) and (only == 128).all()
+    green = engine.cut_out(region, "RGB", mask, None, engine.RemovalOptions(bgcolor=engine.parse_colour("#00ff00")))
+    assert green.shape == (4, 4, 3) and tuple(green[0, 0]) == (100, 228, 100)
+    assert engine.output_mode("L", engine.RemovalOptions()) == "LA"
+    assert engine.parse_colour("10, 20, 30") == (10, 20, 30) and engine.parse_colour("white") == (255, 255, 255)
+    with pytest.raises(InvalidArgument):
+        engine.parse_colour("not-a-colour")
+
+
+def test_result_cache_is_bounded_in_bytes_and_expires():
+    now = [0.0]
+    cache = ResultCache(100, ttl_seconds=10, size_of=len, clock=lambda: now[0])
+    cache.put("a", b"x" * 60)
+    cache.put("b", b"x" * 30)
+    assert cache.get("a") is not None  # a is now the most recent
+    cache.put("c", b"x" * 30)          # over 100 bytes: b, the least recent, goes
+    assert cache.get("b") is None and cache.get("c") is not None and cache.bytes == 90
+    cache.put("huge", b"x" * 101)
+    assert cache.get("huge") is None
+    now[0] = 11
+    assert cache.get("a") is None and cache.bytes == 30
+    assert (cache.hits, cache.misses) == (2, 3)
+
+
+def test_choices_are_durable_and_stats_add_up(tmp_path):
+    store = ChoiceStore(tmp_path / "db" / "choices.sqlite3")
+    for request_id, picked in (("r1", "keyer"), ("r2", "u2net"), ("r3", "keyer")):
+        store.record_run(request_id, "keyer", 10.0, candidate=True)
+        store.record_run(request_id, "u2net", 30.0, candidate=True)
+        store.record_choice(request_id, picked)
+    store.record_choice("r3", "u2net")  # the latest pick wins
+    store.record_run("single", "keyer", 40.0, candidate=False)
+    store.close()
+    reopened = ChoiceStore(tmp_path / "db" / "choices.sqlite3")
+    stats = reopened.stats()
+    by_model = {m["model"]: m for m in stats["models"]}
+    assert stats["choices"] == 3 and stats["requests"] == 3
+    assert by_model["u2net"]["picks"] == 2 and by_model["u2net"]["share"] == pytest.approx(2 / 3)
+    assert by_model["keyer"]["pick_rate"] == pytest.approx(1 / 3)
+    assert by_model["keyer"]["mean_ms"] == pytest.approx(17.5) and by_model["keyer"]["runs"] == 4
+    assert reopened.candidates("r1") == ["keyer", "u2net"] or sorted(reopened.candidates("r1")) == ["keyer", "u2net"]
+    with sqlite3.connect(tmp_path / "db" / "choices.sqlite3") as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
