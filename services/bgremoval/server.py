@@ -137,6 +137,7 @@ class BackgroundRemovalServicer(bgremoval_pb2_grpc.BackgroundRemovalServicer):
             raise InvalidArgument(f"models must name 1 to {MAX_CANDIDATES} different models", field="models")
         info = wire.HeaderInfo(first.start.image, self.runtime.config.max_input_pixels)
         ops = [self.make_op(self.registry.resolve(name), info, o) for name in names]
+        yield bgremoval_pb2.CandidateResponse(accepted=bgremoval_pb2.CandidatesAccepted(models=names))
         buffer = TileBuffer(info.width, info.height, info.channels, info.dtype,
                             info.msg.tile_width, info.msg.tile_height)
         async for message in requests:

@@ -25,6 +25,11 @@ from .tiles import GridAssembler, Rect, TileBuffer, wire_tile_size
 MAX_STEPS = 16
 QUEUE_MESSAGES = 8
 _END = object()
+# ACCEPT_BEFORE_TILES: a sender waits for the StreamResult header before it
+# sends tiles. The service checks the start message (and hears from the next
+# steps' services) before that header, so a refusal arrives while nothing is
+# being written; grpc-python's aio client reports INTERNAL instead of the
+# server's status when the stream ends under a pending write (grpc/grpc#36066).
 
 # The service and method that handles each kind of step.
 STEP_METHODS = {
@@ -200,9 +205,11 @@ async def serve_stream(request_iterator, context: grpc.aio.ServicerContext, *, c
     async def forwarded() -> None:
         kind = step_kind(rest[0])
         to_next: asyncio.Queue = asyncio.Queue(QUEUE_MESSAGES)
+        accepted = asyncio.Event()
 
         async def next_requests():
             yield pipeline_pb2.StreamRequest(start=pipeline_pb2.StreamStart(image=output_header(op, info), steps=rest))
+            await accepted.wait()  # see ACCEPT_BEFORE_TILES
             while (item := await to_next.get()) is not _END:
                 yield item
 
@@ -221,6 +228,7 @@ async def serve_stream(request_iterator, context: grpc.aio.ServicerContext, *, c
             async for reply in call:
                 part = reply.WhichOneof("part")
                 if part == "result":
+                    accepted.set()
                     reply.result.steps.insert(0, plan.report)
                 elif part == "summary":
                     await feeding  # our own report is complete once our last tile left

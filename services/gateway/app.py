@@ -279,10 +279,15 @@ def create_app(config: Config) -> FastAPI:
 
     @app.get("/v1/remove-background/stats", tags=["v1"], summary="Picks, share and mean latency per model")
     async def removal_stats():
-        stats = _to_dict(await mesh["client"].stats())
-        lookups = int(stats["cache_hits"]) + int(stats["cache_misses"])
-        stats["cache_hit_rate"] = int(stats["cache_hits"]) / lookups if lookups else 0.0
-        return stats
+        reply = await mesh["client"].stats()
+        lookups = reply.cache_hits + reply.cache_misses
+        return {
+            "models": [{"model": m.model, "runs": m.runs, "offered": m.offered, "picks": m.picks,
+                        "share": m.share, "pick_rate": m.pick_rate, "mean_ms": round(m.mean_ms, 1)}
+                       for m in reply.models],
+            "choices": reply.choices, "requests": reply.requests, "cache_hits": reply.cache_hits,
+            "cache_misses": reply.cache_misses, "cache_hit_rate": reply.cache_hits / lookups if lookups else 0.0,
+            "cache_bytes": reply.cache_bytes, "cache_entries": reply.cache_entries}
 
     @app.post("/v1/effects", tags=["v1"], summary="Apply an effect",
               openapi_extra={"requestBody": _image_body(EFFECT_FIELDS, ("effect",))}, responses=IMAGE_RESPONSES)

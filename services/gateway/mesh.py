@@ -2,6 +2,7 @@
 the first step's service and assembles the tiles that come back."""
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 
@@ -60,7 +61,9 @@ class ImageAssembler:
         return self.received == self.info.width * self.info.height
 
 
-def _input_stream(image: DecodedImage, steps: list[pipeline_pb2.Step]):
+def _input_stream(image: DecodedImage, steps: list[pipeline_pb2.Step], accepted: asyncio.Event):
+    """The start message, then (once the service has accepted it, see
+    streaming.ACCEPT_BEFORE_TILES) the image's tiles."""
     pixels = image.pixels
     edge = wire_tile_size(image.width, pixels.shape[2] * pixels.dtype.itemsize)
     header = wire.header(image.width, image.height, image.mode, pixels.dtype, icc_profile=image.icc_profile,
@@ -69,6 +72,7 @@ def _input_stream(image: DecodedImage, steps: list[pipeline_pb2.Step]):
 
     async def requests():
         yield pipeline_pb2.StreamRequest(start=pipeline_pb2.StreamStart(image=header, steps=steps))
+        await accepted.wait()
         for rect in grid(image.width, image.height, edge, edge):
             yield pipeline_pb2.StreamRequest(tile=wire.tile(rect, pixels[rect.relative_to(whole)]))
     return requests()
@@ -129,10 +133,13 @@ class MeshClient:
             response_deserializer=pipeline_pb2.StreamResponse.FromString)
         result = summary = assembler = None
         first_tile_ms = 0.0
+        accepted = asyncio.Event()
         try:
-            async for reply in method(_input_stream(image, steps), timeout=self.timeout, metadata=_metadata()):
+            async for reply in method(_input_stream(image, steps, accepted), timeout=self.timeout,
+                                      metadata=_metadata()):
                 part = reply.WhichOneof("part")
                 if part == "result":
+                    accepted.set()
                     result = reply.result
                     assembler = ImageAssembler(result.image)
                 elif part == "tile":
@@ -155,11 +162,14 @@ class MeshClient:
         assemblers: dict[int, ImageAssembler] = {}
         done: dict[int, dict] = {}
         request_id = ""
+        accepted = asyncio.Event()
         try:
             async for reply in self.bgremoval.RemoveBackgroundCandidates(
-                    _input_stream(image, steps), timeout=self.timeout, metadata=_metadata()):
+                    _input_stream(image, steps, accepted), timeout=self.timeout, metadata=_metadata()):
                 part = reply.WhichOneof("part")
-                if part == "start":
+                if part == "accepted":
+                    accepted.set()
+                elif part == "start":
                     assemblers[reply.start.candidate] = ImageAssembler(reply.start.image)
                 elif part == "tile":
                     assemblers[reply.tile.candidate].add(reply.tile.tile)
