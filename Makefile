@@ -35,7 +35,7 @@ test: setup
 	$(PY) -m pytest -q
 
 models: setup
-	$(PY) -m services.upscaler.fetch --dir "$(MODEL_DIR)"
+	$(PY) -m services.fetch_models --dir "$(MODEL_DIR)"
 
 clean:
 	rm -rf gen $(VENV) .pytest_cache

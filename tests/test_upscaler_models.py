@@ -1,3 +1,4 @@
+import hashlib
 import os
 import shutil
 
@@ -6,7 +7,10 @@ import pytest
 import torch
 
 from services.common.errors import ModelNotFound, ModelNotReady
-from services.upscaler import fetch
+from services import fetch_models
+from services.bgremoval.models import downloads as bgremoval_downloads
+from services.common.fetch import Download, FetchError, fetch
+from services.upscaler import fetch as upscaler_fetch
 from services.upscaler.arch import RRDBNet
 from services.upscaler.models import SPECS, SPECS_BY_NAME, ModelRegistry, sha256_of
 
@@ -110,29 +114,42 @@ def test_auto_picks_the_general_model(model_dir, tmp_path):
 
 
 def test_fetch_verifies_checksums(model_dir, tmp_path):
-    spec = SPECS_BY_NAME["realesr-animevideov3"]
-    target = fetch.fetch(spec, tmp_path / "ok", mirror=str(model_dir))
-    assert sha256_of(target) == spec.sha256
+    by_model = {d.model: d for d in upscaler_fetch.downloads()}
+    item = by_model["realesr-animevideov3"]
+    target = fetch(item, tmp_path / "ok", mirror=str(model_dir))
+    assert sha256_of(target) == item.sha256
     tampered = tmp_path / "tampered"
     tampered.mkdir()
-    data = bytearray((model_dir / spec.official_file).read_bytes())
+    data = bytearray((model_dir / item.file).read_bytes())
     data[1000] ^= 0xFF
-    (tampered / spec.official_file).write_bytes(bytes(data))
-    with pytest.raises(fetch.FetchError, match="sha256 mismatch"):
-        fetch.fetch(spec, tmp_path / "bad", mirror=str(tampered))
+    (tampered / item.file).write_bytes(bytes(data))
+    with pytest.raises(FetchError, match="sha256 mismatch"):
+        fetch(item, tmp_path / "bad", mirror=str(tampered))
     assert list((tmp_path / "bad").iterdir()) == []  # nothing half-verified is left behind
-    with pytest.raises(fetch.FetchError, match="no published sha256"):
-        fetch.fetch(SPECS_BY_NAME["realesr-general-x4v3"], tmp_path / "x", mirror=str(tampered),
-                    require_checksum=True)
+    with pytest.raises(FetchError, match="no published checksum"):
+        fetch(by_model["realesr-general-x4v3"], tmp_path / "x", mirror=str(tampered), require_checksum=True)
 
 
-def test_fetch_command_exports_to_the_cache_the_registry_uses(model_dir, tmp_path, monkeypatch):
+def test_fetch_verifies_rembg_md5(tmp_path):
+    (tmp_path / "mirror").mkdir()
+    (tmp_path / "mirror" / "u2netp.onnx").write_bytes(b"not the real u2netp")
+    published = {d.model: d for d in bgremoval_downloads()}["u2netp"]
+    assert published.md5 == "8e83ca70e441ab06c318d82300c84806" and published.default
+    with pytest.raises(FetchError, match="md5 mismatch"):
+        fetch(published, tmp_path / "m", mirror=str(tmp_path / "mirror"))
+    matching = Download("u2netp", "u2netp.onnx", "", md5=hashlib.md5(b"not the real u2netp").hexdigest())
+    assert fetch(matching, tmp_path / "m", mirror=str(tmp_path / "mirror")).read_bytes() == b"not the real u2netp"
+    assert not {d.model: d for d in bgremoval_downloads()}["birefnet-general"].default  # 1 GB: opt-in
+
+
+def test_make_models_command_exports_to_the_cache_the_registry_uses(model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("ONNX_CACHE_DIR", str(tmp_path / "onnx"))
-    assert fetch.main(["--dir", str(tmp_path / "m"), "--model", "realesr-animevideov3",
-                       "--mirror", str(model_dir), "--export-onnx"]) == 0
+    assert fetch_models.main(["--dir", str(tmp_path / "m"), "--model", "realesr-animevideov3",
+                              "--mirror", str(model_dir), "--export-onnx"]) == 0
     exported = list((tmp_path / "onnx").glob("*.onnx"))
     assert len(exported) == 1
     registry = registry_for(tmp_path / "m", tmp_path, "onnxruntime")
     assert registry.resolve("realesr-animevideov3").backend == "onnxruntime"
     assert list((tmp_path / "onnx").glob("*.onnx")) == exported  # reused, not exported again
+    assert fetch_models.main(["--dir", str(tmp_path / "m"), "--model", "u2net", "--mirror", str(model_dir)]) == 1
     shutil.rmtree(tmp_path / "m")

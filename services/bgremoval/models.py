@@ -4,7 +4,6 @@ read, plus the model-free keyer. Files come from MODEL_DIR; a missing file
 makes its model not ready, with the reason."""
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +12,7 @@ import onnxruntime as ort
 
 from services.common import logs, metrics
 from services.common.errors import ModelNotFound, ModelNotReady
+from services.common.fetch import Download, file_digest
 
 logger = logging.getLogger("imagemesh.bgremoval.models")
 
@@ -75,12 +75,16 @@ SPECS_BY_NAME = {spec.name: spec for spec in SPECS}
 AUTO_ORDER = tuple(spec.name for spec in SPECS if spec.kind == "general")
 
 
-def digest(path: Path, algorithm: str) -> str:
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+# Files of 300 MB and more are fetched only when asked for by name (or with --all).
+LARGE = {"birefnet-general", "bria-rmbg", "birefnet-general-lite", "birefnet-portrait"}
+
+
+def downloads() -> list[Download]:
+    """rembg's release files; the MediaPipe model is published as TFLite and
+    converted, so it has no download here."""
+    return [Download(spec.name, spec.file, spec.source_url, sha256=spec.sha256, md5=spec.md5,
+                     default=spec.name not in LARGE)
+            for spec in SPECS if spec.source_url.endswith(".onnx")]
 
 
 @dataclass
@@ -129,9 +133,9 @@ class SegmenterRegistry:
             return model
         try:
             if spec.sha256:
-                model.checksum_matches = digest(path, "sha256") == spec.sha256
+                model.checksum_matches = file_digest(path, "sha256") == spec.sha256
             elif spec.md5:
-                model.checksum_matches = digest(path, "md5") == spec.md5
+                model.checksum_matches = file_digest(path, "md5") == spec.md5
             options = ort.SessionOptions()
             options.intra_op_num_threads = self.threads
             options.log_severity_level = 3

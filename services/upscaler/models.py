@@ -4,7 +4,6 @@ missing or broken is listed as not ready with the reason; nothing is ever
 downloaded while serving (see fetch.py for `make models`)."""
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +12,7 @@ import torch
 
 from services.common import logs, metrics
 from services.common.errors import ModelNotFound, ModelNotReady
+from services.common.fetch import file_digest
 
 from .arch import ARCHITECTURES
 from .backends import OnnxBackend, TorchBackend, export_onnx
@@ -77,11 +77,7 @@ AUTO_ORDER = ("realesr-general-x4v3", "RealESRGAN_x4plus", "RealESRGAN_x2plus",
 
 
 def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_digest(path, "sha256")
 
 
 def load_state_dict(path: Path) -> dict:

@@ -1,0 +1,56 @@
+"""`make models`: fetch the official model files of every service into
+MODEL_DIR, verifying the published sha256 (or rembg's md5) where there is one.
+
+    python -m services.fetch_models [--dir DIR] [--model NAME ...] [--all]
+        [--mirror DIR_OR_URL] [--require-checksums] [--export-onnx]
+
+Without --model it fetches every upscaler model and the smaller background-
+removal models; --all adds the large ones (BiRefNet, BRIA, about 1 GB each).
+--mirror takes files from a local folder (or another base URL) instead of the
+official addresses, verified all the same. --export-onnx also converts the
+upscaler's .pth files to ONNX in the ONNX cache (UPSCALER_BACKEND=onnxruntime).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from services.bgremoval.models import downloads as bgremoval_downloads
+from services.common.fetch import FetchError, fetch
+from services.upscaler import fetch as upscaler_fetch
+from services.upscaler.models import SPECS_BY_NAME as UPSCALER_SPECS
+
+
+def main(argv: list[str] | None = None) -> int:
+    available = upscaler_fetch.downloads() + bgremoval_downloads()
+    by_name = {item.model: item for item in available}
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dir", type=Path, default=Path(os.environ.get("MODEL_DIR", "models")))
+    parser.add_argument("--model", action="append", choices=sorted(by_name), help="only these (repeatable)")
+    parser.add_argument("--all", action="store_true", help="include the large background-removal models")
+    parser.add_argument("--mirror", help="local folder or base URL to fetch from instead of the official releases")
+    parser.add_argument("--require-checksums", action="store_true", help="refuse files without a published checksum")
+    parser.add_argument("--export-onnx", action="store_true", help="also export upscaler models to the ONNX cache")
+    args = parser.parse_args(argv)
+    chosen = [by_name[name] for name in args.model] if args.model else \
+        [item for item in available if item.default or args.all]
+    failures = 0
+    for item in chosen:
+        try:
+            path = fetch(item, args.dir, mirror=args.mirror, require_checksum=args.require_checksums)
+            algorithm, expected = item.expected()
+            print(f"{item.model}: {path} ({f'{algorithm} verified' if expected else 'no published checksum'})")
+            if args.export_onnx and item.model in UPSCALER_SPECS:
+                cached = upscaler_fetch.export_to_cache(UPSCALER_SPECS[item.model], path,
+                                                        upscaler_fetch.default_onnx_cache())
+                print(f"{item.model}: exported to {cached}")
+        except FetchError as exc:
+            failures += 1
+            print(f"error: {exc}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
