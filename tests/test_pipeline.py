@@ -15,6 +15,7 @@ from services.common.tiles import grid
 
 from conftest import mesh_addresses, start_service
 from test_bgremoval import logo_on_white
+from test_upscaler_grpc import collect
 
 
 def png(array, mode=None) -> bytes:
@@ -37,23 +38,19 @@ def stream_steps(address: str, image: np.ndarray, mode: str, steps, edge=64):
     method = {"upscale": "/imagemesh.v1.Upscaler/Upscale", "effect": "/imagemesh.v1.Effects/ApplyEffects",
               "remove_background": "/imagemesh.v1.BackgroundRemoval/RemoveBackground"}[kind]
     started = time.perf_counter()
-    first_tile = None
+    first_tile = []
+
+    def timed(replies):
+        for reply in replies:
+            if reply.WhichOneof("part") == "tile" and not first_tile:
+                first_tile.append(time.perf_counter() - started)
+            yield reply
+
     with grpc.insecure_channel(address) as channel:
         call = channel.stream_stream(method, request_serializer=pipeline_pb2.StreamRequest.SerializeToString,
                                      response_deserializer=pipeline_pb2.StreamResponse.FromString)
-        for reply in call(requests(), timeout=300):
-            part = reply.WhichOneof("part")
-            if part == "result":
-                result = reply.result
-                info = wire.HeaderInfo(result.image, 1 << 40)
-                out = np.zeros((info.height, info.width, info.channels), info.dtype)
-            elif part == "tile":
-                first_tile = first_tile or time.perf_counter() - started
-                rect, pixels = wire.tile_pixels(reply.tile, info)
-                out[rect.y0:rect.y1, rect.x0:rect.x1] = pixels
-            else:
-                summary = reply.summary
-    return result, summary, out, first_tile
+        result, summary, _, out = collect(timed(call(requests(), timeout=300)))
+    return result, summary, out, first_tile[0]
 
 
 def upscale(scale, model="lanczos", tile=0):

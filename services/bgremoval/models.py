@@ -11,7 +11,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from services.common import logs, metrics
-from services.common.errors import ModelNotFound, ModelNotReady
+from services.common.registry import Registry
 from services.common.fetch import Download, file_digest
 
 logger = logging.getLogger("imagemesh.bgremoval.models")
@@ -20,7 +20,6 @@ REMBG = "https://github.com/danielgatis/rembg/releases/download/v0.0.0"
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 HALF = ((0.5, 0.5, 0.5), (1.0, 1.0, 1.0))
 KEYER = "keyer"
-AUTO = "auto"
 
 
 @dataclass(frozen=True)
@@ -112,11 +111,14 @@ class Segmenter:
         }
 
 
-class SegmenterRegistry:
+class SegmenterRegistry(Registry):
+    auto_order = AUTO_ORDER
+    fallback = KEYER
+
     def __init__(self, model_dir: Path, threads: int = 1):
+        super().__init__()
         self.model_dir = Path(model_dir)
         self.threads = threads
-        self.models: dict[str, Segmenter] = {}
 
     def load_all(self) -> None:
         for spec in SPECS:
@@ -145,18 +147,4 @@ class SegmenterRegistry:
         except Exception as exc:  # a broken file makes the model not ready, never the service
             model.reason = f"{spec.file} could not be loaded: {exc}"[:500]
             logs.log(logger, logging.WARNING, "model failed to load", model=spec.name, reason=model.reason)
-        return model
-
-    def default_model(self) -> str:
-        return next((name for name in AUTO_ORDER if self.models[name].ready), KEYER)
-
-    def resolve(self, name: str) -> Segmenter:
-        name = name.strip() or AUTO
-        if name == AUTO:
-            name = self.default_model()
-        model = self.models.get(name)
-        if model is None:
-            raise ModelNotFound(f"unknown model {name!r}; known: auto, {', '.join(self.models)}", field="model")
-        if not model.ready:
-            raise ModelNotReady(f"model {name!r} is not ready: {model.reason}", field="model")
         return model

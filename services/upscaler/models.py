@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from services.common import logs, metrics
-from services.common.errors import ModelNotFound, ModelNotReady
+from services.common.registry import Registry
 from services.common.fetch import file_digest
 
 from .arch import ARCHITECTURES
@@ -23,7 +23,6 @@ logger = logging.getLogger("imagemesh.upscaler.models")
 RELEASES = "https://github.com/xinntao/Real-ESRGAN/releases/download"
 BSD3 = "BSD-3-Clause (xinntao/Real-ESRGAN)"
 LANCZOS = "lanczos"
-AUTO = "auto"
 
 
 @dataclass(frozen=True)
@@ -128,15 +127,18 @@ class LoadedModel:
         }
 
 
-class ModelRegistry:
+class ModelRegistry(Registry):
+    auto_order = AUTO_ORDER
+    fallback = LANCZOS
+
     def __init__(self, model_dir: Path, *, backend: str = "auto", onnx_cache_dir: Path | None = None,
                  threads: int = 1, halo: int = 16):
+        super().__init__()
         self.model_dir = Path(model_dir)
         self.backend = backend
         self.onnx_cache_dir = onnx_cache_dir or Path.home() / ".cache" / "imagemesh" / "onnx"
         self.threads = threads
         self.halo = halo
-        self.models: dict[str, LoadedModel] = {}
 
     def load_all(self) -> None:
         torch.set_num_threads(self.threads)
@@ -189,17 +191,3 @@ class ModelRegistry:
                 export_onnx(module, cached)
             return OnnxBackend(cached, self.threads)
         return TorchBackend(module)
-
-    def default_model(self) -> str:
-        return next((name for name in AUTO_ORDER if self.models[name].ready), LANCZOS)
-
-    def resolve(self, name: str) -> LoadedModel:
-        name = name.strip() or AUTO
-        if name == AUTO:
-            name = self.default_model()
-        model = self.models.get(name)
-        if model is None:
-            raise ModelNotFound(f"unknown model {name!r}; known: auto, {', '.join(self.models)}", field="model")
-        if not model.ready:
-            raise ModelNotReady(f"model {name!r} is not ready: {model.reason}", field="model")
-        return model
