@@ -9,13 +9,15 @@ GENERATED := gen/.generated
 
 export MODEL_DIR
 
-.PHONY: setup protos run test models clean
+.PHONY: setup protos run test test-deps models clean
 
 setup: $(INSTALLED) $(GENERATED)
 
-$(INSTALLED): requirements.txt
+$(INSTALLED): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
+	# The project itself, editable: the `imagemesh` command and the client library.
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	# Make the repository and the generated code importable from the venv.
 	echo "$(CURDIR)" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/imagemesh.pth"
 	echo "$(CURDIR)/gen" >> "$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/imagemesh.pth"
@@ -31,8 +33,14 @@ $(GENERATED): $(PROTOS) $(INSTALLED)
 run: setup
 	exec $(PY) -m services.run
 
-test: setup
+test: setup test-deps
 	$(PY) -m pytest -q
+
+# System packages the tests use: Debian's Chromium for the web page test.
+test-deps:
+	@command -v chromium >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; }
 
 models: setup
 	$(PY) -m services.fetch_models --dir "$(MODEL_DIR)"

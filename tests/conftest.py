@@ -150,23 +150,28 @@ def mesh(upscaler, bgremoval, effects):
 
 @pytest.fixture(scope="session")
 def gateway(tmp_path_factory, mesh, mesh_ports):
+    service = start_gateway(tmp_path_factory, mesh_ports, RATE_LIMIT_PER_MINUTE="0")
+    yield service
+    service.stop()
+
+
+def start_gateway(tmp_path_factory, ports: dict[str, int], **env) -> Service:
+    """A gateway on a free port; waits until it answers (not until the services are ready)."""
     port = free_port()
-    service = Service("services.gateway", {"GATEWAY_PORT": str(port), **mesh_addresses(mesh_ports)},
-                      tmp_path_factory.mktemp("logs") / "gateway.log")
-    base_url = f"http://127.0.0.1:{port}"
+    service = Service("services.gateway", {
+        "GATEWAY_PORT": str(port), "RESULT_DIR": str(tmp_path_factory.mktemp("results")),
+        **mesh_addresses(ports), **env}, tmp_path_factory.mktemp("logs") / "gateway.log")
+    service.url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:
         try:
-            if httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200:
-                break
+            httpx.get(f"{service.url}/healthz", timeout=2)
+            return service
         except httpx.HTTPError:
             pass
         if time.monotonic() > deadline or service.process.poll() is not None:
-            raise RuntimeError(f"gateway not ready:\n{service.logs()[-3000:]}")
-        time.sleep(0.2)
-    service.url = base_url
-    yield service
-    service.stop()
+            raise RuntimeError(f"gateway did not start:\n{service.logs()[-3000:]}")
+        time.sleep(0.1)
 
 
 @pytest.fixture(scope="session")

@@ -163,8 +163,9 @@ def test_remove_background_single_model_png_and_jpeg(http):
 
 def test_candidates_choice_and_stats_survive_a_restart(tmp_path_factory, model_dir, portrait):
     """Several models in one request; the pick is recorded durably."""
-    from conftest import Service, free_port
     import httpx
+
+    from conftest import free_port, start_gateway
     db = tmp_path_factory.mktemp("choices") / "bg.sqlite3"
     ports = {"upscaler": free_port(), "bgremoval": free_port(), "effects": free_port()}
 
@@ -172,21 +173,9 @@ def test_candidates_choice_and_stats_survive_a_restart(tmp_path_factory, model_d
         return start_service("bgremoval", tmp_path_factory, model_dir, ports["bgremoval"], mesh_addresses(ports),
                              BGREMOVAL_DB=str(db))
 
-    def start_gateway():
-        port = free_port()
-        gateway = Service("services.gateway", {"GATEWAY_PORT": str(port), **mesh_addresses(ports)},
-                          tmp_path_factory.mktemp("logs") / "gateway.log")
-        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
-        for _ in range(200):
-            try:
-                client.get("/healthz")
-                break
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        return gateway, client
-
     bgremoval = start_bgremoval()
-    gateway, client = start_gateway()
+    gateway = start_gateway(tmp_path_factory, ports)
+    client = httpx.Client(base_url=gateway.url, timeout=60)
     try:
         reply = client.post("/v1/remove-background", files={"file": ("p.png", png(portrait))},
                             data={"models": "keyer,mediapipe-selfie"})

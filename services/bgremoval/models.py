@@ -12,7 +12,7 @@ import onnxruntime as ort
 
 from services.common import logs, metrics
 from services.common.registry import Registry
-from services.common.fetch import Download, file_digest
+from services.common.fetch import Download, file_digest, onnx_parameter_count
 
 logger = logging.getLogger("imagemesh.bgremoval.models")
 
@@ -94,6 +94,8 @@ class Segmenter:
     reason: str = ""
     backend: str = ""
     checksum_matches: bool = False
+    parameters: int = 0
+    file_bytes: int = 0
     session: ort.InferenceSession | None = field(default=None, repr=False)
 
     def info(self) -> dict:
@@ -106,6 +108,7 @@ class Segmenter:
             "license": spec.license if spec else "n/a (no weights)",
             "source_url": spec.source_url if spec else "", "accepted_files": [spec.file] if spec else [],
             "kind": spec.kind if spec else "solid background",
+            "parameters": self.parameters, "file_bytes": self.file_bytes, "input_size": spec.size if spec else 0,
             "description": spec.description if spec else
             "background colour from the border, connected region of similar colour, soft edge; always ready",
         }
@@ -142,6 +145,7 @@ class SegmenterRegistry(Registry):
             options.intra_op_num_threads = self.threads
             options.log_severity_level = 3
             model.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            model.parameters, model.file_bytes = onnx_parameter_count(path), path.stat().st_size
             model.backend, model.ready = "onnxruntime", True
             logs.log(logger, logging.INFO, "model loaded", model=spec.name, file=spec.file)
         except Exception as exc:  # a broken file makes the model not ready, never the service

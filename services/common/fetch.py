@@ -30,6 +30,14 @@ class Download:
         return ("sha256", self.sha256) if self.sha256 else ("md5", self.md5) if self.md5 else ("", "")
 
 
+def onnx_parameter_count(path: Path) -> int:
+    """Weights stored in an ONNX file (its initializers)."""
+    import onnx
+    import numpy as np
+    model = onnx.load(str(path), load_external_data=False)
+    return int(sum(np.prod(t.dims, dtype=np.int64) for t in model.graph.initializer))
+
+
 def file_digest(path: Path, algorithm: str) -> str:
     h = hashlib.new(algorithm)
     with open(path, "rb") as f:

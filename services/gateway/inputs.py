@@ -7,7 +7,7 @@ import binascii
 import json
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from fastapi import Request
 from starlette.datastructures import UploadFile
@@ -120,7 +120,9 @@ def decode_base64(text: Any, field: str) -> bytes:
         raise bad(f"{field} is not valid base64") from None
 
 
-async def read_image_request(request: Request, max_bytes: int) -> ImageRequest:
+async def read_image_request(request: Request, max_bytes: int, fetch_url: Callable[[str], Awaitable[bytes]],
+                             base64_fields: tuple[str, ...] = ("image_base64",)) -> ImageRequest:
+    """The image (an upload, base64 in JSON, or `image_url`) and the request's other fields."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes * _ENVELOPE_FACTOR + _ENVELOPE_SLACK:
         raise HttpError(413, "upload_too_large", f"the request is {declared} bytes; images may be {max_bytes} bytes")
@@ -130,23 +132,35 @@ async def read_image_request(request: Request, max_bytes: int) -> ImageRequest:
             form = await request.form(max_files=2, max_fields=64)
         except Exception:
             raise bad("the multipart body is malformed") from None
+        fields = Fields({k: v for k, v in form.items() if isinstance(v, str)})
         upload = form.get("file")
-        if not isinstance(upload, UploadFile):
-            raise bad("multipart field 'file' (the image) is required")
-        data = await upload.read(max_bytes + 1)
-        return ImageRequest(data, Fields({k: v for k, v in form.items() if isinstance(v, str)}))
+        if isinstance(upload, UploadFile):
+            return ImageRequest(await upload.read(max_bytes + 1), fields)
+        if fields.values.get("image_url"):
+            return ImageRequest(await fetch_url(fields.text("image_url", "")), fields)
+        raise bad("multipart field 'file' (the image) or 'image_url' is required")
     if content_type == "application/json":
         try:
             body = json.loads(await request.body())
         except (ValueError, UnicodeDecodeError):
             raise bad("the body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise bad("the JSON body must be an object")
-        if "image_base64" not in body:
-            raise bad("JSON field 'image_base64' (the image) is required")
-        return ImageRequest(decode_base64(body["image_base64"], "image_base64"), Fields(body))
+        return await image_from_json(body, fetch_url, base64_fields)
     raise HttpError(415, "unsupported_media_type",
-                    "send multipart/form-data with a 'file' field, or application/json with 'image_base64'")
+                    "send multipart/form-data with a 'file' field, or application/json with "
+                    f"{' or '.join(repr(f) for f in base64_fields)} or 'image_url'")
+
+
+async def image_from_json(body: Any, fetch_url: Callable[[str], Awaitable[bytes]],
+                          base64_fields: tuple[str, ...]) -> ImageRequest:
+    if not isinstance(body, dict):
+        raise bad("the JSON body must be an object")
+    fields = Fields(body)
+    for name in base64_fields:
+        if name in body:
+            return ImageRequest(decode_base64(body[name], name), fields)
+    if body.get("image_url"):
+        return ImageRequest(await fetch_url(fields.text("image_url", "")), fields)
+    raise bad(f"JSON field {' or '.join(repr(f) for f in base64_fields)} (the image, base64) or 'image_url' is required")
 
 
 # --- steps ----------------------------------------------------------------

@@ -3,8 +3,10 @@ the first step's service and assembles the tiles that come back."""
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from dataclasses import dataclass, field
+from typing import Awaitable, Callable
 
 import grpc
 import numpy as np
@@ -123,8 +125,10 @@ class MeshClient:
     async def stats(self) -> bgremoval_pb2.GetStatsResponse:
         return await self._unary("bgremoval", self.bgremoval.GetStats, bgremoval_pb2.GetStatsRequest())
 
-    async def process(self, image: DecodedImage, steps: list[pipeline_pb2.Step]) -> Processed:
-        """Run the steps; the first step's service forwards the rest along the mesh."""
+    async def process(self, image: DecodedImage, steps: list[pipeline_pb2.Step],
+                      progress: Callable[[int, int], Awaitable[None]] | None = None) -> Processed:
+        """Run the steps; the first step's service forwards the rest along the mesh.
+        `progress(tiles_done, tiles_total)` follows the output tiles as they arrive."""
         started = time.perf_counter()
         kind = steps[0].WhichOneof("op")
         service = STEP_SERVICE[kind]
@@ -142,9 +146,15 @@ class MeshClient:
                     accepted.set()
                     result = reply.result
                     assembler = ImageAssembler(result.image)
+                    tiles_total = math.ceil(result.image.width / result.image.tile_width) * \
+                        math.ceil(result.image.height / result.image.tile_height)
+                    tiles_done = 0
                 elif part == "tile":
                     first_tile_ms = first_tile_ms or (time.perf_counter() - started) * 1000
                     assembler.add(reply.tile)
+                    tiles_done += 1
+                    if progress:
+                        await progress(tiles_done, tiles_total)
                 else:
                     summary = reply.summary
         except grpc.aio.AioRpcError as exc:

@@ -12,7 +12,7 @@ import torch
 
 from services.common import logs, metrics
 from services.common.registry import Registry
-from services.common.fetch import file_digest
+from services.common.fetch import file_digest, onnx_parameter_count
 
 from .arch import ARCHITECTURES
 from .backends import OnnxBackend, TorchBackend, export_onnx
@@ -106,6 +106,8 @@ class LoadedModel:
     backend: str = ""
     file_name: str = ""
     sha256_matches: bool = False
+    parameters: int = 0
+    file_bytes: int = 0
     engine: UpscaleEngine | None = field(default=None, repr=False)
 
     def info(self) -> dict:
@@ -124,6 +126,7 @@ class LoadedModel:
             "source_url": spec.source_url if spec else "",
             "accepted_files": list(spec.files) if spec else [],
             "description": spec.description if spec else "Lanczos resampling with a light unsharp mask; always ready",
+            "parameters": self.parameters, "file_bytes": self.file_bytes,
         }
 
 
@@ -169,7 +172,13 @@ class ModelRegistry(Registry):
         try:
             digest = sha256_of(path)
             model.sha256_matches = bool(spec.sha256) and digest == spec.sha256
-            run = self._backend_for(spec, path, digest)
+            model.file_bytes = path.stat().st_size
+            if path.suffix == ".onnx":
+                run, model.parameters = OnnxBackend(path, self.threads), onnx_parameter_count(path)
+            else:
+                module = build_module(spec, path)
+                run, model.parameters = self._module_backend(module, path, digest), \
+                    sum(p.numel() for p in module.parameters())
             model.engine = UpscaleEngine(run, spec.scale, halo=self.halo, pad_multiple=2 if spec.scale == 2 else 1,
                                          bytes_per_input_pixel=spec.bytes_per_input_pixel)
             model.backend = run.name
@@ -181,10 +190,7 @@ class ModelRegistry(Registry):
             logs.log(logger, logging.WARNING, "model failed to load", model=spec.name, reason=model.reason)
         return model
 
-    def _backend_for(self, spec: ModelSpec, path: Path, digest: str):
-        if path.suffix == ".onnx":
-            return OnnxBackend(path, self.threads)
-        module = build_module(spec, path)
+    def _module_backend(self, module: torch.nn.Module, path: Path, digest: str):
         if self.backend == "onnxruntime":
             cached = self.onnx_cache_dir / f"{path.stem}-{digest[:16]}.onnx"
             if not cached.is_file():

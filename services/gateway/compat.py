@@ -1,0 +1,286 @@
+"""Routes that keep clients of the four services our users come from working
+(../shared/seeds): same paths, same fields. The /v1 routes stay primary."""
+from __future__ import annotations
+
+import base64
+import json
+import resource
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from imagemesh.v1 import pipeline_pb2
+
+from services.common import metrics
+
+from .core import Gateway
+from .errors import HttpError
+from .inputs import Fields, bad, effect_step, image_from_json, remove_background_options, upscale_step
+from .jobs import _iso
+from .v1 import ERRORS, IMAGE_RESPONSES, REMOVE_FIELDS, UPSCALE_FIELDS, image_body
+
+SUPPORTED_SCALES = [2, 4, 8]
+OUTPUT_EXT = ("png", "jpg", "jpeg", "webp")
+MAX_SHOTGUN = 8
+
+
+def _size_text(width: int, height: int) -> str:
+    return f"{width}x{height}"
+
+
+def _quality_name(backend: str) -> tuple[str, str]:
+    """What the first seed calls a backend: its Real-ESRGAN one, or the PIL fallback."""
+    return ("realesrgan", "high") if backend in ("torch", "onnxruntime") else ("pil", "basic")
+
+
+def _memory_mb() -> dict:
+    info = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            key, value = line.split(":", 1)
+            if key in ("MemTotal", "MemAvailable"):
+                info[key] = round(int(value.split()[0]) / 1024, 1)
+    return {"total_mb": info.get("MemTotal"), "available_mb": info.get("MemAvailable")}
+
+
+def _metric_sum(metric, name: str) -> float:
+    """The sum of a metric's samples called `name`, over all label values."""
+    return sum(sample.value for family in metric.collect() for sample in family.samples if sample.name == name)
+
+
+def register(app: FastAPI, gw: Gateway, protected: list) -> None:
+    async def upscaler_state():
+        replies = await gw.mesh.list_models()
+        upscaler = replies["upscaler"]
+        ready = {m.name: m for m in upscaler.models if m.ready}
+        return upscaler.default_model, ready, replies["bgremoval"]
+
+    @app.get("/health", tags=["compatible"], summary="Service health (the fields of the earlier upscaler and "
+             "background-removal APIs)", responses={503: {"description": "a service is not serving"}})
+    async def health():
+        statuses = await gw.mesh.health()
+        healthy = all(s == "SERVING" for s in statuses.values())
+        body = {"status": "healthy" if healthy else "unhealthy", "services": statuses,
+                "supported_scales": SUPPORTED_SCALES, "max_file_size": f"{gw.config.max_upload_bytes // 2**20}MB",
+                "system_memory": _memory_mb()}
+        if statuses.get("upscaler") == "SERVING":
+            default, ready, bgremoval = await upscaler_state()
+            backend = ready[default].backend
+            body.update(backend=_quality_name(backend)[0], backend_quality=_quality_name(backend)[1],
+                        available_backends={"realesrgan": any(m.backend in ("torch", "onnxruntime")
+                                                              for m in ready.values()),
+                                            "pil": True, "ncnn": False},
+                        model_loaded=any(m.ready and m.name != "keyer" for m in bgremoval.models))
+        return JSONResponse(body, status_code=200 if healthy else 503)
+
+    @app.get("/status", tags=["compatible"], summary="Detailed status: services, models, limits, jobs")
+    async def status():
+        statuses = await gw.mesh.health()
+        replies = await gw.mesh.list_models()
+        return {"status": "healthy" if all(s == "SERVING" for s in statuses.values()) else "unhealthy",
+                "version": app.version, "uptime_seconds": round(time.time() - gw.started, 1),
+                "services": statuses,
+                "models": {service: {"default": reply.default_model,
+                                     "ready": [m.name for m in reply.models if m.ready],
+                                     "not_ready": {m.name: m.not_ready_reason for m in reply.models if not m.ready}}
+                           for service, reply in replies.items()},
+                "limits": {"max_upload_bytes": gw.config.max_upload_bytes,
+                           "max_input_pixels": gw.config.max_input_pixels,
+                           "max_output_pixels": gw.config.max_output_pixels, "supported_scales": SUPPORTED_SCALES},
+                "auth_required": gw.auth.enabled,
+                "jobs": {"queued": gw.jobs.queue.qsize(),
+                         "running": sum(j.status == "running" for j in gw.jobs.jobs.values())},
+                "system_memory": _memory_mb()}
+
+    @app.get("/models", tags=["compatible"], summary="Upscaling models")
+    async def models():
+        reply = (await gw.mesh.list_models())["upscaler"]
+        return {"default": reply.default_model, "models": [
+            {"name": m.name, "available": m.ready, "scale": m.scale, "backend": m.backend,
+             "description": m.description, "reason": m.not_ready_reason, "license": m.license}
+            for m in reply.models]}
+
+    async def seed_upscale_json(fields: Fields, data: bytes, started: float, default_format: str = "png") -> dict:
+        """Upscale, answered with the first seed's fields."""
+        step = upscale_step(fields)
+        requested_format, quality = gw.output_options(fields, default_format=default_format)
+        image, _ = await gw.decode(data)
+        result = await gw.mesh.process(image, [step])
+        fmt, body, _ = await gw.encode(result, requested_format, image.format, quality)
+        report = result.steps[0]
+        backend, quality_level = _quality_name(report["backend"])
+        height, width = result.pixels.shape[:2]
+        return {"success": True, "original_size": _size_text(image.width, image.height),
+                "upscaled_size": _size_text(width, height), "scale_used": float(report["details"]["scale"]),
+                "model_used": report["name"], "backend": backend, "backend_quality": quality_level,
+                "format": fmt.upper(), "memory_used_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                "processing_time": round(time.perf_counter() - started, 3),
+                "processing_info": {"backend": report["backend"], "tile_size": int(report["details"]["tile_size"]),
+                                    "quality_level": quality_level, "original_format": image.format.upper(),
+                                    "model_passes": int(report["details"]["model_passes"])},
+                "base64_image": base64.b64encode(body).decode("ascii")}
+
+    async def download_answer(request: Request, body: dict, started: float) -> dict:
+        """Upscale, stored, answered with a download link (the second seed)."""
+        ext = Fields(body).text("output_ext", "png", OUTPUT_EXT)
+        fmt = "jpeg" if ext == "jpg" else ext
+        req = await image_from_json(body, gw.fetcher.fetch, ("image", "image_base64"))
+        step = upscale_step(req.fields)
+        image, _ = await gw.decode(req.data)
+        quality = req.fields.number("quality", 95, integer=True, minimum=1, maximum=100)
+        run = await gw.run_to_store(image, [step], fmt, quality)
+        report = run.steps[0]
+        return {"download_url": f"{str(request.base_url).rstrip('/')}/download/{run.stored.file_id}",
+                "file_id": run.stored.file_id, "original_size": [image.width, image.height],
+                "upscaled_size": [run.width, run.height], "expires_at": _iso(run.stored.expires_at),
+                "output_format": "jpg" if run.stored.format == "jpeg" else run.stored.format,
+                "model_used": report["name"], "backend": report["backend"],
+                "processing_time": round(time.perf_counter() - started, 3)}
+
+    @app.post("/upscale", tags=["compatible"], dependencies=protected, responses=ERRORS,
+              summary="Upscale: multipart answers JSON with base64_image; a JSON body (image or image_url, "
+                      "scale, output_ext) answers a download_url",
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "multipart/form-data": image_body(UPSCALE_FIELDS)["content"]["multipart/form-data"],
+                  "application/json": {"schema": {"type": "object", "properties": {
+                      "image": {"type": "string", "description": "base64"}, "image_url": {"type": "string"},
+                      "scale": {"type": "number", "default": 4}, "model": {"type": "string", "default": "auto"},
+                      "output_ext": {"type": "string", "enum": ["png", "jpg"], "default": "png"}}}}}}})
+    async def upscale(request: Request):
+        started = time.perf_counter()
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type == "multipart/form-data":
+            req = await gw.read(request)
+            return await seed_upscale_json(req.fields, req.data, started)
+        raw = await request.body()
+        try:  # curl -d sends JSON as application/x-www-form-urlencoded: the body says what it is
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise HttpError(400, "invalid_argument", "send multipart/form-data with 'file', or a JSON body with "
+                            "'image' (base64) or 'image_url'") from None
+        return await download_answer(request, body, started)
+
+    @app.get("/upscale", tags=["compatible"], status_code=405,
+             summary="Usage help: /upscale takes POST",
+             responses={405: {"description": "how to call POST /upscale"}})
+    async def upscale_usage():
+        return JSONResponse(status_code=405, headers={"Allow": "POST"}, content={
+            "error": {"code": "method_not_allowed", "message": "use POST /upscale"},
+            "usage": {
+                "multipart": "curl -F file=@image.jpg -F scale=4 /upscale  -> JSON with base64_image",
+                "json": 'curl -H "Authorization: Bearer TOKEN" -d \'{"image_url": "https://...", "scale": 4, '
+                        '"output_ext": "png"}\' /upscale  -> JSON with download_url',
+                "fields": {"scale": "1 to 8 (2, 4, 8 common)", "model": "auto or a name from GET /models",
+                           "output_ext": "png or jpg"},
+                "docs": "/docs"}})
+
+    @app.post("/upscale-base64", tags=["compatible"], dependencies=protected, responses=ERRORS,
+              summary="Upscale base64 JSON (image_base64, scale, model, format); answers JSON with base64_image",
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": image_body(UPSCALE_FIELDS)["content"]["application/json"]}}})
+    async def upscale_base64(request: Request):
+        started = time.perf_counter()
+        req = await gw.read(request)
+        return await seed_upscale_json(req.fields, req.data, started)
+
+    @app.get("/download/{file_id}", tags=["compatible"], summary="A stored result, until it expires",
+             responses={404: {"description": "unknown or expired"}})
+    async def download(file_id: str):
+        stored = gw.store.get(file_id)
+        if stored is None:
+            raise HttpError(404, "not_found", "no such file, or it has expired")
+        return gw.stored_response(stored)
+
+    @app.post("/remove-background", tags=["compatible"], dependencies=protected,
+              summary="Remove the background (output_format, quality, use_cache); with models or "
+                      "shotgun=true, JSON candidates",
+              openapi_extra={"requestBody": image_body({
+                  **REMOVE_FIELDS, "output_format": {"type": "string", "enum": ["png", "jpeg", "webp"]},
+                  "shotgun": {"type": "boolean", "description": "every ready general model, and the keyer"}})},
+              responses=IMAGE_RESPONSES)
+    async def remove_background(request: Request):
+        started = time.perf_counter()
+        req = await gw.read(request)
+        models = req.fields.names("models")
+        if not models and req.fields.boolean("shotgun"):
+            bgremoval = (await gw.mesh.list_models())["bgremoval"]
+            models = [m.name for m in bgremoval.models if m.ready and m.kind == "general"][:MAX_SHOTGUN - 1]
+            models.append("keyer")
+        if models:
+            return await gw.candidates(req, models, started, format_field="output_format")
+        if "output_format" in req.fields.values:
+            req.fields.values.setdefault("format", req.fields.values["output_format"])
+        step = pipeline_pb2.Step(remove_background=remove_background_options(req.fields))
+        return await gw.answer(request, req, [step], started)
+
+    @app.post("/process", tags=["compatible"], dependencies=protected, responses=IMAGE_RESPONSES,
+              summary="Remove the background, then upscale (scale, default 4)",
+              openapi_extra={"requestBody": image_body({
+                  "model": REMOVE_FIELDS["model"], "upscale_model": {"type": "string", "default": "auto"},
+                  "scale": UPSCALE_FIELDS["scale"],
+                  "output_format": {"type": "string", "enum": ["png", "jpeg", "webp"], "default": "png"}})})
+    async def process(request: Request):
+        started = time.perf_counter()
+        req = await gw.read(request)
+        fields = req.fields
+        fields.values.setdefault("format", fields.values.get("output_format") or "png")
+        upscale = Fields({"model": fields.values.get("upscale_model", "auto"), "scale": fields.values.get("scale")})
+        steps = [pipeline_pb2.Step(remove_background=remove_background_options(fields)), upscale_step(upscale)]
+        return await gw.answer(request, req, steps, started)
+
+    @app.post("/api/v2/process", tags=["compatible"], dependencies=protected, responses=ERRORS,
+              summary="Effects (effects: JSON list, effect_params: JSON object per effect); answers JSON",
+              openapi_extra={"requestBody": image_body({
+                  "effects": {"type": "string", "description": 'a JSON list, e.g. ["blackwhite"]'},
+                  "effect_params": {"type": "string",
+                                    "description": 'a JSON object, e.g. {"blackwhite": {"contrast_boost": 1.15}}'},
+                  "output_format": {"type": "string", "enum": ["png", "jpeg", "webp"]}}, ("effects",))})
+    async def effects_v2(request: Request):
+        started = time.perf_counter()
+        req = await gw.read(request)
+        effects = req.fields.structured("effects")
+        if isinstance(effects, str):
+            effects = [effects]
+        if not isinstance(effects, list) or not effects or not all(isinstance(e, str) for e in effects):
+            raise bad('effects must be a non-empty JSON list of effect names, e.g. ["blackwhite"]')
+        params = req.fields.structured("effect_params", {}) or {}
+        if not isinstance(params, dict) or not all(isinstance(v, dict) for v in params.values()):
+            raise bad('effect_params must be a JSON object of objects, e.g. {"blackwhite": {"grain_strength": 0.1}}')
+        steps = [effect_step(Fields({"effect": name}), params.get(name, {})) for name in effects]
+        fields = req.fields
+        fields.values.setdefault("format", fields.values.get("output_format") or "auto")
+        image, decode_ms = await gw.decode(req.data)
+        result = await gw.mesh.process(image, steps)
+        requested_format, quality = gw.output_options(fields)
+        fmt, body, _ = await gw.encode(result, requested_format, image.format, quality)
+        height, width = result.pixels.shape[:2]
+        encoded = base64.b64encode(body).decode("ascii")
+        return {"success": True, "image": encoded, "image_base64": encoded, "format": fmt, "width": width,
+                "height": height, "effects_applied": effects,
+                "effect_params": {k: v for k, v in result.steps[0]["details"].items() if "." in k},
+                "processing_time": round(time.perf_counter() - started, 3), "steps": result.steps}
+
+    @app.get("/model-info", tags=["compatible"], summary="The default background-removal model")
+    async def model_info():
+        reply = (await gw.mesh.list_models())["bgremoval"]
+        by_name = {m.name: m for m in reply.models}
+        model = by_name[reply.default_model]
+        return {"status": "loaded" if model.ready else "not_loaded", "model": model.name,
+                "total_parameters": model.parameters, "model_size_mb": round(model.file_bytes / 2**20, 1),
+                "target_size": model.input_size, "backend": model.backend, "license": model.license,
+                "models": [{"name": m.name, "ready": m.ready, "kind": m.kind, "target_size": m.input_size}
+                           for m in reply.models]}
+
+    @app.get("/stats", tags=["compatible"], dependencies=protected, summary="Usage statistics")
+    async def stats():
+        reply = await gw.mesh.stats()
+        lookups = reply.cache_hits + reply.cache_misses
+        bgremoval = (await gw.mesh.list_models())["bgremoval"]
+        return {"requests_total": int(_metric_sum(metrics.HTTP_REQUESTS, "imagemesh_http_requests_total")),
+                "cache_hit_rate": reply.cache_hits / lookups if lookups else 0.0,
+                "active_requests": int(_metric_sum(metrics.HTTP_IN_FLIGHT, "imagemesh_http_requests_in_flight")),
+                "model_memory_mb": round(sum(m.file_bytes for m in bgremoval.models if m.ready) / 2**20, 1),
+                "cache_entries": reply.cache_entries, "background_removals": reply.requests,
+                "choices_recorded": reply.choices, "uptime_seconds": round(time.time() - gw.started, 1),
+                "jobs_queued": gw.jobs.queue.qsize()}

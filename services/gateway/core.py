@@ -1,0 +1,160 @@
+"""What every gateway route shares: configuration, the mesh client, auth and
+rate limit, URL fetching, the result store, jobs, and the path an image
+request takes (read, decode, process along the mesh, encode, answer)."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from imagemesh.v1 import pipeline_pb2
+
+from services.common import imageio, logs
+from services.common.config import Config
+
+from .auth import RateLimiter, TokenAuth
+from .inputs import Fields, ImageRequest, read_image_request, remove_background_options
+from .jobs import JobManager
+from .mesh import MeshClient, Processed
+from .store import ResultStore, Stored
+from .urlfetch import UrlFetcher
+
+logger = logging.getLogger("imagemesh.gateway")
+
+FORMAT_CHOICES = ("auto", "png", "jpeg", "webp")
+FORMAT_ALIASES = {"jpg": "jpeg"}
+SWEEP_SECONDS = 30
+
+
+def error_response(status: int, reason: str, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": reason, "message": message, "request_id": logs.request_id_var.get()}},
+                        status_code=status, headers=headers)
+
+
+@dataclass
+class StoredRun:
+    stored: Stored
+    width: int
+    height: int
+    steps: list[dict]
+    timings_ms: dict
+
+
+class Gateway:
+    def __init__(self, config: Config):
+        self.config = config
+        self.started = time.time()
+        self.auth = TokenAuth(config.api_tokens)
+        self.limiter = RateLimiter(config.rate_limit_per_minute, config.rate_limit_burst)
+        self.fetcher = UrlFetcher(max_bytes=config.max_upload_bytes, timeout_seconds=config.url_fetch_timeout_seconds,
+                                  allowlist=config.url_fetch_allowlist)
+        self.store = ResultStore(config.result_dir, config.result_ttl_seconds)
+        self.jobs = JobManager(self.run_to_store, workers=config.max_concurrent_jobs, queue_size=config.job_queue_size)
+        self.mesh: MeshClient | None = None
+        self._sweeper: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self.mesh = MeshClient(self.config)  # grpc.aio channels belong to the serving event loop
+        self.jobs.start()
+        self._sweeper = asyncio.create_task(self._sweep())
+
+    async def stop(self) -> None:
+        self._sweeper.cancel()
+        await self.jobs.stop()
+        await self.mesh.close()
+
+    async def _sweep(self) -> None:
+        while True:
+            await run_in_threadpool(self.store.sweep)
+            self.jobs.forget_expired(time.time())
+            await asyncio.sleep(SWEEP_SECONDS)
+
+    async def guard(self, request: Request) -> str:
+        """Auth, then the rate limit; a FastAPI dependency of every processing route."""
+        identity = self.auth.identify(request)
+        self.limiter.check(identity)
+        return identity
+
+    async def read(self, request: Request, base64_fields: tuple[str, ...] = ("image_base64",)) -> ImageRequest:
+        return await read_image_request(request, self.config.max_upload_bytes, self.fetcher.fetch, base64_fields)
+
+    async def decode(self, data: bytes) -> tuple[imageio.DecodedImage, float]:
+        started = time.perf_counter()
+        image = await run_in_threadpool(imageio.decode, data, max_bytes=self.config.max_upload_bytes,
+                                        max_pixels=self.config.max_input_pixels)
+        return image, round((time.perf_counter() - started) * 1000, 1)
+
+    @staticmethod
+    def output_options(fields: Fields, format_field: str = "format", default_format: str = "auto") -> tuple[str, int]:
+        return (fields.text(format_field, default_format, FORMAT_CHOICES, FORMAT_ALIASES),
+                fields.number("quality", 92, integer=True, minimum=1, maximum=100))
+
+    async def encode(self, result: Processed, requested_format: str, source_format: str,
+                     quality: int) -> tuple[str, bytes, float]:
+        fmt = imageio.choose_format(requested_format, source_format, result.mode in ("LA", "RGBA"))
+        started = time.perf_counter()
+        body = await run_in_threadpool(imageio.encode, result.pixels, result.mode, fmt,
+                                       icc_profile=result.icc_profile, quality=quality)
+        return fmt, body, round((time.perf_counter() - started) * 1000, 1)
+
+    async def run_to_store(self, image: imageio.DecodedImage, steps: list[pipeline_pb2.Step], fmt: str, quality: int,
+                           progress: Callable[[int, int], Awaitable[None]] | None = None) -> StoredRun:
+        """Process and keep the encoded result in the store (jobs, download links)."""
+        started = time.perf_counter()
+        result = await self.mesh.process(image, steps, progress)
+        out_format, body, encode_ms = await self.encode(result, fmt, image.format, quality)
+        stored = await run_in_threadpool(self.store.put, body, out_format)
+        height, width = result.pixels.shape[:2]
+        timings = {**result.timings_ms, "encode": encode_ms, "total": round((time.perf_counter() - started) * 1000, 1)}
+        return StoredRun(stored, width, height, result.steps, timings)
+
+    async def answer(self, request: Request, req: ImageRequest, steps: list[pipeline_pb2.Step], started: float,
+                     extra_json: Callable[[Processed], dict] = lambda result: {}):
+        """Decode, process, encode; the image, or JSON when the client asks for it."""
+        requested_format, quality = self.output_options(req.fields)
+        image, decode_ms = await self.decode(req.data)
+        result = await self.mesh.process(image, steps)
+        fmt, body, encode_ms = await self.encode(result, requested_format, image.format, quality)
+        height, width = result.pixels.shape[:2]
+        timings = {"decode": decode_ms, **result.timings_ms, "encode": encode_ms,
+                   "total": round((time.perf_counter() - started) * 1000, 1)}
+        names = ",".join(s["name"] for s in result.steps)
+        backends = ",".join(s["backend"] for s in result.steps)
+        if "application/json" in request.headers.get("accept", ""):
+            return {"image_base64": base64.b64encode(body).decode("ascii"), "width": width, "height": height,
+                    "format": fmt, "model": names, "backend": backends, **extra_json(result),
+                    "steps": result.steps, "timings_ms": timings}
+        return Response(body, media_type=imageio.MEDIA_TYPES[fmt], headers={
+            "X-Imagemesh-Model": names, "X-Imagemesh-Backend": backends, "X-Imagemesh-Size": f"{width}x{height}",
+            "X-Imagemesh-Steps": ", ".join(f"{s['op']}={s['name']}/{s['backend']}" for s in result.steps),
+            "Server-Timing": ", ".join(f"{k};dur={v}" for k, v in timings.items())})
+
+    async def candidates(self, req: ImageRequest, models: list[str], started: float,
+                         format_field: str = "format") -> dict:
+        """Several background-removal models on one upload: JSON with every candidate."""
+        options = remove_background_options(req.fields, models)
+        requested_format, quality = self.output_options(req.fields, format_field)
+        image, decode_ms = await self.decode(req.data)
+        request_id, results = await self.mesh.candidates(image, options)
+        out = []
+        for report, result in results:
+            fmt, body, _ = await self.encode(result, requested_format, image.format, quality)
+            height, width = result.pixels.shape[:2]
+            out.append({"model": report["name"], "backend": report["backend"],
+                        "compute_ms": round(report["compute_ms"], 1), "cache_hit": report["cache_hit"],
+                        "width": width, "height": height, "format": fmt,
+                        "image_base64": base64.b64encode(body).decode("ascii")})
+        return {"request_id": request_id, "candidates": out,
+                "timings_ms": {"decode": decode_ms, "total": round((time.perf_counter() - started) * 1000, 1)}}
+
+    def stored_response(self, stored: Stored) -> Response:
+        return Response(stored.path.read_bytes(), media_type=stored.media_type, headers={
+            "Cache-Control": "private, max-age=60",
+            "Content-Disposition": f'inline; filename="{stored.file_id}.{stored.format}"'})
