@@ -158,10 +158,12 @@ def gateway(tmp_path_factory, mesh, mesh_ports):
 def start_gateway(tmp_path_factory, ports: dict[str, int], **env) -> Service:
     """A gateway on a free port; waits until it answers (not until the services are ready)."""
     port = free_port()
+    result_dir = tmp_path_factory.mktemp("results")
     service = Service("services.gateway", {
-        "GATEWAY_PORT": str(port), "RESULT_DIR": str(tmp_path_factory.mktemp("results")),
-        **mesh_addresses(ports), **env}, tmp_path_factory.mktemp("logs") / "gateway.log")
+        "GATEWAY_PORT": str(port), "RESULT_DIR": str(result_dir), **mesh_addresses(ports), **env},
+        tmp_path_factory.mktemp("logs") / "gateway.log")
     service.url = f"http://127.0.0.1:{port}"
+    service.result_dir = result_dir
     deadline = time.monotonic() + 60
     while True:
         try:

@@ -36,12 +36,14 @@ def address_problem(address: Address, allowlist=()) -> str | None:
     if any(address in network for network in allowlist):
         return None
     if isinstance(address, ipaddress.IPv6Address):
-        embedded = address.ipv4_mapped or address.sixtofour or (address.teredo[1] if address.teredo else None)
+        if address.ipv4_mapped is not None:
+            return "IPv4-mapped IPv6"  # a host that means IPv4 should resolve to IPv4
+        embedded = address.sixtofour or (address.teredo[1] if address.teredo else None)
         if embedded is not None:
             return address_problem(embedded, allowlist) or "an IPv4 address embedded in IPv6"
-    for check, what in ((address.is_loopback, "loopback"), (address.is_private, "private"),
-                        (address.is_link_local, "link-local"), (address.is_multicast, "multicast"),
-                        (address.is_reserved, "reserved"), (address.is_unspecified, "unspecified")):
+    for check, what in ((address.is_loopback, "loopback"), (address.is_link_local, "link-local"),
+                        (address.is_multicast, "multicast"), (address.is_unspecified, "unspecified"),
+                        (address.is_private, "private"), (address.is_reserved, "reserved")):
         if check:
             return what
     if not address.is_global:

@@ -154,7 +154,8 @@ async function run() {
       return false;
     });
     if (!final || final.status !== "done") throw new Error(final && final.error ? final.error.message : "the job failed");
-    setProgress(1, 1, "done");
+    const { tiles_done, tiles_total } = final.progress;
+    setProgress(tiles_done, tiles_total, `done: ${tiles_done} / ${tiles_total} tiles`);
     const blob = await (await api(`/v1/jobs/${job.id}/result`)).blob();
     showResult(blob, final.steps.map((s) => `${s.op}: ${s.name} (${s.backend})`).join(" · "));
   } catch (error) {
