@@ -1,11 +1,9 @@
 """The installed `imagemesh` command against real services on loopback."""
-import io
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 

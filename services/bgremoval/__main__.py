@@ -2,6 +2,8 @@
 import asyncio
 from pathlib import Path
 
+import onnxruntime as ort
+
 from imagemesh.v1 import bgremoval_pb2_grpc
 
 from services.common import config as cfg
@@ -24,6 +26,8 @@ SETTINGS = cfg.SERVICE_SETTINGS + [
     cfg.Setting("BGREMOVAL_CACHE_TTL_SECONDS", float, 3600.0, "how long a cached cut-out is kept", minimum=1),
     cfg.Setting("BGREMOVAL_MATTING_MAX_PIXELS", int, 4_000_000, "largest image alpha_matting accepts", minimum=1),
     cfg.Setting("BGREMOVAL_TILE_SIZE", int, 256, "output tile edge", minimum=16, maximum=4096),
+    cfg.Setting("BGREMOVAL_DEVICE", str, "auto", "where models run: auto (CUDA when onnxruntime has it), cpu or cuda",
+                choices=("auto", "cpu", "cuda")),
     cfg.Setting("BGREMOVAL_THREADS", int, 0, "inference threads (0: the CPUs the container may use)", minimum=0),
 ]
 
@@ -33,7 +37,12 @@ async def main() -> None:
     logs.setup("bgremoval", config.log_level)
     runtime = ServiceRuntime("bgremoval", "imagemesh.v1.BackgroundRemoval", config, config.bgremoval_port,
                              config.bgremoval_metrics_port)
-    registry = SegmenterRegistry(Path(config.model_dir), threads=config.bgremoval_threads or available_cpus())
+    gpu = "CUDAExecutionProvider" in ort.get_available_providers()
+    if config.bgremoval_device == "cuda" and not gpu:
+        raise SystemExit("imagemesh: BGREMOVAL_DEVICE=cuda but onnxruntime has no CUDA provider")
+    device = "cuda" if config.bgremoval_device == "cuda" or (config.bgremoval_device == "auto" and gpu) else "cpu"
+    registry = SegmenterRegistry(Path(config.model_dir), threads=config.bgremoval_threads or available_cpus(),
+                                 device=device)
     store = ChoiceStore(Path(config.bgremoval_db))
     cache = ResultCache(config.bgremoval_cache_bytes, config.bgremoval_cache_ttl_seconds, lambda c: c.nbytes)
     servicer = BackgroundRemovalServicer(runtime, registry, store, cache)

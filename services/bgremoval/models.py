@@ -118,9 +118,11 @@ class SegmenterRegistry(Registry):
     auto_order = AUTO_ORDER
     fallback = KEYER
 
-    def __init__(self, model_dir: Path, threads: int = 1):
+    def __init__(self, model_dir: Path, threads: int = 1, device: str = "cpu"):
         super().__init__()
         self.model_dir = Path(model_dir)
+        self.providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" \
+            else ["CPUExecutionProvider"]
         self.threads = threads
 
     def load_all(self) -> None:
@@ -144,9 +146,10 @@ class SegmenterRegistry(Registry):
             options = ort.SessionOptions()
             options.intra_op_num_threads = self.threads
             options.log_severity_level = 3
-            model.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            model.session = ort.InferenceSession(str(path), options, providers=self.providers)
             model.parameters, model.file_bytes = onnx_parameter_count(path), path.stat().st_size
-            model.backend, model.ready = "onnxruntime", True
+            on_gpu = model.session.get_providers()[0] == "CUDAExecutionProvider"
+            model.backend, model.ready = "onnxruntime-cuda" if on_gpu else "onnxruntime", True
             logs.log(logger, logging.INFO, "model loaded", model=spec.name, file=spec.file)
         except Exception as exc:  # a broken file makes the model not ready, never the service
             model.reason = f"{spec.file} could not be loaded: {exc}"[:500]

@@ -31,7 +31,7 @@ def _size_text(width: int, height: int) -> str:
 
 def _quality_name(backend: str) -> tuple[str, str]:
     """What the first seed calls a backend: its Real-ESRGAN one, or the PIL fallback."""
-    return ("realesrgan", "high") if backend in ("torch", "onnxruntime") else ("pil", "basic")
+    return ("realesrgan", "high") if backend.startswith(("torch", "onnxruntime")) else ("pil", "basic")
 
 
 def _memory_mb() -> dict:
@@ -68,7 +68,7 @@ def register(app: FastAPI, gw: Gateway, protected: list) -> None:
             default, ready, bgremoval = await upscaler_state()
             backend = ready[default].backend
             body.update(backend=_quality_name(backend)[0], backend_quality=_quality_name(backend)[1],
-                        available_backends={"realesrgan": any(m.backend in ("torch", "onnxruntime")
+                        available_backends={"realesrgan": any(m.backend.startswith(("torch", "onnxruntime"))
                                                               for m in ready.values()),
                                             "pil": True, "ncnn": False},
                         model_loaded=any(m.ready and m.name != "keyer" for m in bgremoval.models))

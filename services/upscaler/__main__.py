@@ -9,6 +9,7 @@ from services.common import logs
 from services.common.resources import available_cpus
 from services.common.server import ServiceRuntime, serve
 
+from .backends import resolve_device
 from .models import ModelRegistry
 from .server import UpscalerServicer
 
@@ -17,6 +18,8 @@ SETTINGS = cfg.SERVICE_SETTINGS + [
     cfg.Setting("UPSCALER_METRICS_PORT", int, 9051, "Prometheus /metrics port (0: off)", minimum=0, maximum=65535),
     cfg.Setting("MODEL_DIR", str, "./models", "folder the model files are loaded from"),
     cfg.Setting("UPSCALER_BACKEND", str, "auto", "inference backend", choices=("auto", "torch", "onnxruntime")),
+    cfg.Setting("UPSCALER_DEVICE", str, "auto", "where models run: auto (CUDA when present), cpu or cuda",
+                choices=("auto", "cpu", "cuda")),
     cfg.Setting("UPSCALER_TILE_HALO", int, 16, "context pixels around each tile", minimum=1, maximum=256),
     cfg.Setting("UPSCALER_THREADS", int, 0, "inference threads (0: the CPUs the container may use)", minimum=0),
     cfg.Setting("ONNX_CACHE_DIR", str, "", "where .pth models exported to ONNX are cached (default ~/.cache/imagemesh/onnx)"),
@@ -28,7 +31,11 @@ async def main() -> None:
     logs.setup("upscaler", config.log_level)
     runtime = ServiceRuntime("upscaler", "imagemesh.v1.Upscaler", config, config.upscaler_port,
                              config.upscaler_metrics_port)
-    registry = ModelRegistry(Path(config.model_dir), backend=config.upscaler_backend,
+    try:
+        device = resolve_device(config.upscaler_device)
+    except RuntimeError as exc:
+        raise SystemExit(f"imagemesh: {exc}") from None
+    registry = ModelRegistry(Path(config.model_dir), backend=config.upscaler_backend, device=device,
                              onnx_cache_dir=Path(config.onnx_cache_dir) if config.onnx_cache_dir else None,
                              threads=config.upscaler_threads or available_cpus(), halo=config.upscaler_tile_halo)
     servicer = UpscalerServicer(runtime, registry)

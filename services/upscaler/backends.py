@@ -16,11 +16,23 @@ import onnxruntime as ort
 import torch
 
 
-class TorchBackend:
-    name = "torch"
+def resolve_device(requested: str) -> str:
+    """`auto` means CUDA when torch sees a GPU."""
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("UPSCALER_DEVICE=cuda but torch sees no CUDA device")
+    return requested
 
+
+def onnx_providers(device: str) -> list[str]:
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+
+
+class TorchBackend:
     def __init__(self, module: torch.nn.Module, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
                  channels_last: bool = False):
+        self.name = "torch" if device == "cpu" else f"torch-{device}"
         self.device = torch.device(device)
         self.dtype = dtype
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -33,14 +45,13 @@ class TorchBackend:
 
 
 class OnnxBackend:
-    name = "onnxruntime"
-
-    def __init__(self, path: Path, threads: int):
+    def __init__(self, path: Path, threads: int, device: str = "cpu"):
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(path), options, providers=onnx_providers(device))
+        self.name = "onnxruntime" if self.session.get_providers()[0] == "CPUExecutionProvider" else "onnxruntime-cuda"
         self.input_name = self.session.get_inputs()[0].name
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:

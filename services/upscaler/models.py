@@ -135,8 +135,9 @@ class ModelRegistry(Registry):
     fallback = LANCZOS
 
     def __init__(self, model_dir: Path, *, backend: str = "auto", onnx_cache_dir: Path | None = None,
-                 threads: int = 1, halo: int = 16):
+                 threads: int = 1, halo: int = 16, device: str = "cpu"):
         super().__init__()
+        self.device = device
         self.model_dir = Path(model_dir)
         self.backend = backend
         self.onnx_cache_dir = onnx_cache_dir or Path.home() / ".cache" / "imagemesh" / "onnx"
@@ -174,7 +175,7 @@ class ModelRegistry(Registry):
             model.sha256_matches = bool(spec.sha256) and digest == spec.sha256
             model.file_bytes = path.stat().st_size
             if path.suffix == ".onnx":
-                run, model.parameters = OnnxBackend(path, self.threads), onnx_parameter_count(path)
+                run, model.parameters = OnnxBackend(path, self.threads, self.device), onnx_parameter_count(path)
             else:
                 module = build_module(spec, path)
                 run, model.parameters = self._module_backend(module, path, digest), \
@@ -195,5 +196,7 @@ class ModelRegistry(Registry):
             cached = self.onnx_cache_dir / f"{path.stem}-{digest[:16]}.onnx"
             if not cached.is_file():
                 export_onnx(module, cached)
-            return OnnxBackend(cached, self.threads)
+            return OnnxBackend(cached, self.threads, self.device)
+        if self.device == "cuda":  # half precision and NHWC suit the GPU's tensor cores
+            return TorchBackend(module, device="cuda", dtype=torch.float16, channels_last=True)
         return TorchBackend(module)
