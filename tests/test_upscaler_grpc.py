@@ -70,13 +70,16 @@ def error_detail(exc: grpc.RpcError) -> common_pb2.ErrorDetail:
 def test_health_and_reflection(upscaler):
     with grpc.insecure_channel(upscaler.address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        for name in ("", "imagemesh.v1.Upscaler"):
+        for name in ("", "imagemesh.v1.Upscaler", "liveness"):
             assert health.Check(health_pb2.HealthCheckRequest(service=name)).status == \
                 health_pb2.HealthCheckResponse.SERVING
         reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
         reply = next(reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
         names = {s.name for s in reply.list_services_response.service}
         assert {"imagemesh.v1.Upscaler", "grpc.health.v1.Health"} <= names
+    from services.common.healthcheck import main as healthcheck
+    assert healthcheck(["grpc", upscaler.address, "imagemesh.v1.Upscaler"]) == 0
+    assert healthcheck(["grpc", upscaler.address, "imagemesh.v1.NoSuchService"]) == 1
 
 
 def test_list_models_reports_readiness_backend_and_reasons(stub):

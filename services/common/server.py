@@ -25,6 +25,11 @@ from .config import Config
 from .errors import Overloaded, ServiceError
 
 ERROR_TRAILER = "imagemesh-error-bin"
+# Liveness (the process answers) is its own health entry: SERVING from the
+# start, so that a liveness probe never kills a pod that is loading models.
+LIVENESS = "liveness"
+# Spread calls over every address a name resolves to (a headless Service's pods).
+CHANNEL_OPTIONS = (("grpc.lb_policy_name", "round_robin"),)
 logger = logging.getLogger("imagemesh.server")
 
 
@@ -127,6 +132,7 @@ class ServiceRuntime:
         reflection.enable_server_reflection(
             (self.grpc_service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         await self.set_serving(False)
+        await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         bound = self.server.add_insecure_port(f"{self.config.bind_host}:{self.port}")
         if bound == 0:
             raise SystemExit(f"imagemesh: cannot listen on {self.config.bind_host}:{self.port}")

@@ -18,6 +18,7 @@ from imagemesh.v1 import (bgremoval_pb2, bgremoval_pb2_grpc, common_pb2, effects
 
 from services.common import logs, wire
 from services.common.imageio import DecodedImage
+from services.common.server import CHANNEL_OPTIONS
 from services.common.streaming import STEP_METHODS, STEP_ADDRESS_SETTINGS
 from services.common.tiles import Rect, grid, wire_tile_size
 
@@ -83,7 +84,7 @@ def _input_stream(image: DecodedImage, steps: list[pipeline_pb2.Step], accepted:
 class MeshClient:
     def __init__(self, config):
         self.timeout = config.upstream_timeout_seconds
-        self.channels = {name: grpc.aio.insecure_channel(getattr(config, f"{name}_address"))
+        self.channels = {name: grpc.aio.insecure_channel(getattr(config, f"{name}_address"), options=CHANNEL_OPTIONS)
                          for name in SERVICES}
         self.upscaler = upscaler_pb2_grpc.UpscalerStub(self.channels["upscaler"])
         self.bgremoval = bgremoval_pb2_grpc.BackgroundRemovalStub(self.channels["bgremoval"])
