@@ -107,8 +107,8 @@ class MeshClient:
         return statuses
 
     async def _unary(self, service: str, call, request):
-        try:
-            return await call(request, timeout=30, metadata=_metadata())
+        try:  # wait_for_ready: a service that is restarting gets its deadline to come back
+            return await call(request, timeout=30, metadata=_metadata(), wait_for_ready=True)
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc, service) from None
 
