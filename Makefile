@@ -9,7 +9,10 @@ GENERATED := gen/.generated
 
 export MODEL_DIR
 
-.PHONY: setup protos run test test-deps models clean
+.PHONY: setup protos run test test-deps models images clean
+
+REGISTRY ?= imagemesh
+TAG ?= latest
 
 setup: $(INSTALLED) $(GENERATED)
 
@@ -44,6 +47,13 @@ test-deps:
 
 models: setup
 	$(PY) -m services.fetch_models --dir "$(MODEL_DIR)"
+
+# Container images (needs docker; see the README's deployment section).
+images:
+	for s in upscaler bgremoval effects gateway; do \
+	  docker build -f deploy/docker/$$s.Dockerfile -t $(REGISTRY)/$$s:$(TAG) . || exit 1; done
+	for s in upscaler bgremoval; do \
+	  docker build -f deploy/docker/$$s.gpu.Dockerfile -t $(REGISTRY)/$$s:$(TAG)-gpu . || exit 1; done
 
 clean:
 	rm -rf gen $(VENV) .pytest_cache
