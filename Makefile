@@ -39,11 +39,13 @@ run: setup
 test: setup test-deps
 	$(PY) -m pytest -q
 
-# System packages the tests use: Debian's Chromium for the web page test.
+# System packages the tests use: Debian's Chromium (the web page test) and
+# promtool, from the prometheus package (the alerting rules' tests).
 test-deps:
-	@command -v chromium >/dev/null || { \
+	@command -v chromium >/dev/null && command -v promtool >/dev/null || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; }
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium prometheus; }
 
 models: setup
 	$(PY) -m services.fetch_models --dir "$(MODEL_DIR)"
