@@ -94,8 +94,8 @@ def test_each_service_memory_stays_bounded_for_a_large_image(tmp_path_factory, m
     from conftest import free_port
     ports = {"upscaler": free_port(), "bgremoval": free_port(), "effects": free_port()}
     addresses = mesh_addresses(ports)
-    services = {name: start_service(name, tmp_path_factory, model_dir, ports[name], addresses)
-                for name in ("upscaler", "effects")}
+    services = {name: start_service(name, tmp_path_factory, model_dir, ports[name], addresses,
+                                    UPSCALER_BACKEND="torch-fp32") for name in ("upscaler", "effects")}
     try:
         small = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
         steps = [upscale(2, tile=128), effect("sepia")]

@@ -11,7 +11,7 @@ from conftest import psnr
 
 @pytest.fixture(scope="module")
 def registry(model_dir):
-    registry = ModelRegistry(model_dir, threads=2)
+    registry = ModelRegistry(model_dir, threads=2, backend="torch-fp32")  # exact; calibration is tested apart
     registry.load_all()
     return registry
 

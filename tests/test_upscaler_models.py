@@ -1,6 +1,7 @@
 import hashlib
 import os
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -12,14 +13,16 @@ from services.bgremoval.models import downloads as bgremoval_downloads
 from services.common.fetch import Download, FetchError, fetch
 from services.upscaler import fetch as upscaler_fetch
 from services.upscaler.arch import RRDBNet
-from services.upscaler.models import SPECS, SPECS_BY_NAME, ModelRegistry, sha256_of
+from services.upscaler.backends import Candidate, cpu_has_bf16
+from services.upscaler.models import (SPECS, SPECS_BY_NAME, ModelRegistry, calibrate, calibration_tile,
+                                      sha256_of)
 
 from conftest import psnr
 
 UPSCALER_FILES = sorted({name for spec in SPECS for name in spec.files})
 
 
-def registry_for(directory, tmp_path, backend="auto"):
+def registry_for(directory, tmp_path, backend="torch-fp32"):
     registry = ModelRegistry(directory, backend=backend, onnx_cache_dir=tmp_path / "onnx", threads=2)
     registry.load_all()
     return registry
@@ -37,10 +40,10 @@ def test_every_upscaler_file_in_the_shared_folder_loads(model_dir, tmp_path, pho
     assert {"realesr-animevideov3.pth", "realesr-general-x4v3_fp16.onnx",
             "realesr-general-x4v3.fp16-derived.pth"} <= set(present)
     for name in present:
-        registry = registry_for(only(tmp_path, model_dir, name), tmp_path)
+        registry = registry_for(only(tmp_path, model_dir, name), tmp_path, "auto")
         ready = [m for m in registry.models.values() if m.ready and m.name != "lanczos"]
         assert [m.file_name for m in ready] == [name], name
-        assert ready[0].backend == ("onnxruntime" if name.endswith(".onnx") else "torch")
+        assert ready[0].backend.startswith("onnxruntime" if name.endswith(".onnx") else ("torch", "onnxruntime"))
         out = ready[0].engine.upscale(photo[:24, :24], "RGB", 4)
         assert out.shape == (96, 96, 3) and out.std() > 10
 
@@ -53,9 +56,9 @@ def test_official_checksum_is_recognised(model_dir, tmp_path):
 
 @pytest.mark.parametrize("model", ["realesr-general-x4v3", "realesr-animevideov3"])
 def test_torch_and_onnxruntime_backends_agree(model_dir, tmp_path, photo, model):
-    torch_engine = registry_for(model_dir, tmp_path, "torch").resolve(model)
+    torch_engine = registry_for(model_dir, tmp_path, "torch-fp32").resolve(model)
     ort_model = registry_for(model_dir, tmp_path, "onnxruntime").resolve(model)
-    assert (torch_engine.backend, ort_model.backend) == ("torch", "onnxruntime")
+    assert (torch_engine.backend, ort_model.backend) == ("torch-fp32", "onnxruntime")
     a = torch_engine.engine.upscale(photo, "RGB", 4, tile=64)
     b = ort_model.engine.upscale(photo, "RGB", 4, tile=64)
     assert psnr(a, b) >= 45
@@ -80,7 +83,7 @@ def test_rrdbnet_models_load_strictly_preferring_params_ema(tmp_path, name):
     (tmp_path / "m").mkdir()
     torch.save({"params": plain.state_dict(), "params_ema": ema.state_dict()}, tmp_path / "m" / spec.official_file)
     model = registry_for(tmp_path / "m", tmp_path).resolve(name)
-    assert model.ready and model.backend == "torch" and not model.sha256_matches
+    assert model.ready and model.backend == "torch-fp32" and not model.sha256_matches
     # Odd sizes exercise the x2 model's pixel-unshuffle padding.
     image = np.random.default_rng(0).integers(0, 256, (11, 15, 3), dtype=np.uint8)
     out = model.engine.upscale(image, "RGB", spec.scale, tile=4096)
@@ -153,3 +156,43 @@ def test_make_models_command_exports_to_the_cache_the_registry_uses(model_dir, t
     assert list((tmp_path / "onnx").glob("*.onnx")) == exported  # reused, not exported again
     assert fetch_models.main(["--dir", str(tmp_path / "m"), "--model", "u2net", "--mirror", str(model_dir)]) == 1
     shutil.rmtree(tmp_path / "m")
+
+
+def test_calibration_picks_the_fastest_backend_within_45_db(model_dir, tmp_path):
+    registry = registry_for(only(tmp_path, model_dir, "realesr-animevideov3.pth"), tmp_path, "auto")
+    model = registry.resolve("realesr-animevideov3")
+    figures = {m["backend"]: m for m in model.calibration}
+    expected = {"torch-fp32", "torch-fp32-cl", "onnxruntime"} | ({"torch-bf16-cl"} if cpu_has_bf16() else set())
+    assert set(figures) == expected
+    chosen = [m for m in model.calibration if m["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["backend"] == model.backend
+    eligible = [m for m in model.calibration if m["eligible"]]
+    assert chosen[0]["megapixels_per_second"] == max(m["megapixels_per_second"] for m in eligible)
+    assert all(m["psnr_db"] >= 45 for m in eligible) and figures["torch-fp32"]["psnr_db"] > 100
+    assert model.info()["calibration"] == model.calibration
+
+
+def test_calibration_refuses_a_fast_but_inaccurate_backend():
+    class Fixed:
+        def __init__(self, name, output, delay):
+            self.name, self.output, self.delay = name, output, delay
+
+        def __call__(self, batch):
+            time.sleep(self.delay)
+            return self.output
+    tile = calibration_tile(32)
+    reference = np.repeat(np.repeat(tile, 4, axis=2), 4, axis=3)
+    wrong = Candidate("fast-wrong", "torch", lambda: Fixed("fast-wrong", reference * 0.5, 0.0))
+    right = Candidate("slow-right", "torch", lambda: Fixed("slow-right", reference + 1e-4, 0.01))
+    chosen, figures = calibrate([wrong, right], reference, tile, runs=2)
+    assert chosen.name == "slow-right"
+    assert [(f["backend"], f["eligible"], f["chosen"]) for f in figures] == [
+        ("fast-wrong", False, False), ("slow-right", True, True)]
+
+
+def test_a_forced_backend_is_used_without_calibration(model_dir, tmp_path):
+    model = registry_for(model_dir, tmp_path, "torch-fp32-cl").resolve("realesr-animevideov3")
+    assert model.backend == "torch-fp32-cl" and model.calibration == []
+    if not cpu_has_bf16():
+        broken = registry_for(model_dir, tmp_path, "torch-bf16-cl").models["realesr-animevideov3"]
+        assert not broken.ready and "not available" in broken.reason

@@ -14,6 +14,9 @@ TILES = Counter("imagemesh_tiles_processed", "tiles processed", ["service", "mod
 INFERENCE_SECONDS = Histogram(
     "imagemesh_inference_seconds", "time per tile in the model (or resampler)", ["service", "model", "backend"],
     buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+BACKEND_SPEED = Gauge("imagemesh_backend_megapixels_per_second",
+                      "calibration: input megapixels per second of each candidate backend", ["service", "model", "backend"])
+BACKEND_CHOSEN = Gauge("imagemesh_backend_chosen", "1 for the backend calibration chose", ["service", "model", "backend"])
 MODEL_READY = Gauge("imagemesh_model_ready", "1 when the model is loaded and serving", ["service", "model", "backend"])
 
 HTTP_REQUESTS = Counter("imagemesh_http_requests", "HTTP requests handled by the gateway", ["route", "method", "status"])

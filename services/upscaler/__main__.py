@@ -9,7 +9,7 @@ from services.common import logs
 from services.common.resources import available_cpus
 from services.common.server import ServiceRuntime, serve
 
-from .backends import resolve_device
+from .backends import BACKEND_CHOICES, resolve_device
 from .models import ModelRegistry
 from .server import UpscalerServicer
 
@@ -17,7 +17,10 @@ SETTINGS = cfg.SERVICE_SETTINGS + [
     cfg.Setting("UPSCALER_PORT", int, 50051, "gRPC port", minimum=0, maximum=65535),
     cfg.Setting("UPSCALER_METRICS_PORT", int, 9051, "Prometheus /metrics port (0: off)", minimum=0, maximum=65535),
     cfg.Setting("MODEL_DIR", str, "./models", "folder the model files are loaded from"),
-    cfg.Setting("UPSCALER_BACKEND", str, "auto", "inference backend", choices=("auto", "torch", "onnxruntime")),
+    cfg.Setting("UPSCALER_BACKEND", str, "auto", "auto (measured at start), torch, onnxruntime, or one variant",
+                choices=BACKEND_CHOICES),
+    cfg.Setting("UPSCALER_CALIBRATION_TILE", int, 128, "edge of the tile backends are timed on at start",
+                minimum=16, maximum=1024),
     cfg.Setting("UPSCALER_DEVICE", str, "auto", "where models run: auto (CUDA when present), cpu or cuda",
                 choices=("auto", "cpu", "cuda")),
     cfg.Setting("UPSCALER_TILE_HALO", int, 16, "context pixels around each tile", minimum=1, maximum=256),
@@ -37,7 +40,8 @@ async def main() -> None:
         raise SystemExit(f"imagemesh: {exc}") from None
     registry = ModelRegistry(Path(config.model_dir), backend=config.upscaler_backend, device=device,
                              onnx_cache_dir=Path(config.onnx_cache_dir) if config.onnx_cache_dir else None,
-                             threads=config.upscaler_threads or available_cpus(), halo=config.upscaler_tile_halo)
+                             threads=config.upscaler_threads or available_cpus(), halo=config.upscaler_tile_halo,
+                             calibration_tile=config.upscaler_calibration_tile)
     servicer = UpscalerServicer(runtime, registry)
     await serve(runtime, lambda server: upscaler_pb2_grpc.add_UpscalerServicer_to_server(servicer, server),
                 lambda: asyncio.get_running_loop().run_in_executor(None, registry.load_all))

@@ -1,19 +1,29 @@
 """Inference backends behind one call: float32 NCHW in [0, 1] -> float32 NCHW.
 
-torch runs the project's own module; onnxruntime runs an .onnx file, either
-one that came as such or one exported from a .pth (dynamic height and width).
-The torch backend already takes a dtype, device and memory format so that a
-bf16/channels_last or CUDA path slots in without touching the engine."""
+torch runs the project's own module in one of several precisions and memory
+formats; onnxruntime runs an .onnx file (one that came as such, or one
+exported from a .pth with dynamic height and width). Which one serves a
+model is measured at start (models.calibrate), not assumed."""
 from __future__ import annotations
 
+import copy
+import logging
 import os
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Protocol
 
 import numpy as np
 import onnxruntime as ort
 import torch
+
+
+class Backend(Protocol):
+    name: str
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray: ...
 
 
 def resolve_device(requested: str) -> str:
@@ -25,14 +35,24 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
+def cpu_has_bf16() -> bool:
+    """AVX-512 bf16 or AMX: bf16 convolutions run natively (several times fp32's speed)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags))
+
+
 def onnx_providers(device: str) -> list[str]:
     return ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
 
 
 class TorchBackend:
-    def __init__(self, module: torch.nn.Module, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 channels_last: bool = False):
-        self.name = "torch" if device == "cpu" else f"torch-{device}"
+    def __init__(self, name: str, module: torch.nn.Module, *, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32, channels_last: bool = False):
+        self.name = name
         self.device = torch.device(device)
         self.dtype = dtype
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -58,6 +78,29 @@ class OnnxBackend:
         return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, np.float32)})[0]
 
 
+@dataclass(frozen=True)
+class Candidate:
+    name: str
+    family: str  # "torch" or "onnxruntime"
+    make: Callable[[], Backend]
+
+
+# (name, dtype, channels_last) per device; the first is the most exact.
+TORCH_VARIANTS = {
+    "cpu": (("torch-fp32", torch.float32, False), ("torch-fp32-cl", torch.float32, True),
+            ("torch-bf16-cl", torch.bfloat16, True)),
+    "cuda": (("torch-cuda-fp32-cl", torch.float32, True), ("torch-cuda-fp16-cl", torch.float16, True),
+             ("torch-cuda-bf16-cl", torch.bfloat16, True)),
+}
+BACKEND_CHOICES = ("auto", "torch", "onnxruntime") + tuple(v[0] for vs in TORCH_VARIANTS.values() for v in vs)
+
+
+def torch_candidates(module: torch.nn.Module, device: str) -> list[Candidate]:
+    variants = [v for v in TORCH_VARIANTS[device] if device != "cpu" or v[1] != torch.bfloat16 or cpu_has_bf16()]
+    return [Candidate(name, "torch", lambda name=name, dtype=dtype, cl=cl: TorchBackend(
+        name, copy.deepcopy(module), device=device, dtype=dtype, channels_last=cl)) for name, dtype, cl in variants]
+
+
 def export_onnx(module: torch.nn.Module, path: Path, channels: int = 3) -> Path:
     """Export with dynamic height and width; written atomically so that a
     half-written cache file is never loaded."""
@@ -65,10 +108,11 @@ def export_onnx(module: torch.nn.Module, path: Path, channels: int = 3) -> Path:
     height, width = torch.export.Dim("height", min=2), torch.export.Dim("width", min=2)
     fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent)
     os.close(fd)
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)  # torchvision ops
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(module.eval().float(), (torch.rand(1, channels, 64, 64),), tmp,
+            torch.onnx.export(copy.deepcopy(module).eval().float().cpu(), (torch.rand(1, channels, 64, 64),), tmp,
                               input_names=["input"], output_names=["output"], dynamo=True, verbose=False,
                               dynamic_shapes={"x": {2: height, 3: width}}, external_data=False)
         os.replace(tmp, path)

@@ -5,17 +5,21 @@ downloaded while serving (see fetch.py for `make models`)."""
 from __future__ import annotations
 
 import logging
+import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from services.common import logs, metrics
 from services.common.registry import Registry
 from services.common.fetch import file_digest, onnx_parameter_count
 
 from .arch import ARCHITECTURES
-from .backends import OnnxBackend, TorchBackend, export_onnx
+from .backends import Backend, Candidate, OnnxBackend, export_onnx, torch_candidates
 from .engine import UpscaleEngine
 
 logger = logging.getLogger("imagemesh.upscaler.models")
@@ -97,6 +101,54 @@ def build_module(spec: ModelSpec, path: Path) -> torch.nn.Module:
     return module.eval()
 
 
+MIN_PSNR_DB = 45.0  # a faster backend must stay this close to fp32
+
+
+def calibration_tile(size: int) -> np.ndarray:
+    """A deterministic tile with smooth areas, texture and hard edges, like a photo's."""
+    rng = np.random.default_rng(7)
+    coarse = rng.random((size // 8 + 2, size // 8 + 2, 3)).astype(np.float32)
+    smooth = np.stack([np.asarray(Image.fromarray(coarse[:, :, c], "F").resize((size, size), Image.BICUBIC))
+                       for c in range(3)], axis=2)
+    tile = 0.7 * smooth + 0.15 * rng.random((size, size, 3), dtype=np.float32)
+    tile[size // 4:size // 2, size // 4:3 * size // 4] = (0.9, 0.2, 0.1)  # hard edges
+    return np.clip(tile, 0, 1).transpose(2, 0, 1)[None].copy()
+
+
+def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((np.clip(a, 0, 1) - np.clip(b, 0, 1)) ** 2))
+    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def calibrate(candidates: list[Candidate], reference: np.ndarray, tile: np.ndarray, runs: int
+              ) -> tuple[Backend | None, list[dict]]:
+    """Time each candidate on the tile; keep the fastest within MIN_PSNR_DB of the reference."""
+    pixels = tile.shape[2] * tile.shape[3]
+    chosen, best, measurements = None, 0.0, []
+    for candidate in candidates:
+        try:
+            backend = candidate.make()
+            out = backend(tile)  # warm-up (and the output compared)
+            times = []
+            for _ in range(runs):
+                started = time.perf_counter()
+                backend(tile)
+                times.append(time.perf_counter() - started)
+        except Exception as exc:  # a backend that cannot run here is skipped, not fatal
+            logs.log(logger, logging.WARNING, "backend unavailable", backend=candidate.name, error=str(exc)[:300])
+            continue
+        speed = pixels / sorted(times)[len(times) // 2] / 1e6
+        psnr = psnr_db(out, reference)
+        eligible = psnr >= MIN_PSNR_DB
+        measurements.append({"backend": backend.name, "megapixels_per_second": round(speed, 4),
+                             "psnr_db": round(min(psnr, 999.0), 2), "eligible": eligible, "chosen": False})
+        if eligible and speed > best:
+            chosen, best = backend, speed
+    for m in measurements:
+        m["chosen"] = chosen is not None and m["backend"] == chosen.name
+    return chosen, measurements
+
+
 @dataclass
 class LoadedModel:
     spec: ModelSpec | None  # None for lanczos
@@ -108,6 +160,7 @@ class LoadedModel:
     sha256_matches: bool = False
     parameters: int = 0
     file_bytes: int = 0
+    calibration: list[dict] = field(default_factory=list)
     engine: UpscaleEngine | None = field(default=None, repr=False)
 
     def info(self) -> dict:
@@ -126,7 +179,7 @@ class LoadedModel:
             "source_url": spec.source_url if spec else "",
             "accepted_files": list(spec.files) if spec else [],
             "description": spec.description if spec else "Lanczos resampling with a light unsharp mask; always ready",
-            "parameters": self.parameters, "file_bytes": self.file_bytes,
+            "parameters": self.parameters, "file_bytes": self.file_bytes, "calibration": self.calibration,
         }
 
 
@@ -135,9 +188,11 @@ class ModelRegistry(Registry):
     fallback = LANCZOS
 
     def __init__(self, model_dir: Path, *, backend: str = "auto", onnx_cache_dir: Path | None = None,
-                 threads: int = 1, halo: int = 16, device: str = "cpu"):
+                 threads: int = 1, halo: int = 16, device: str = "cpu", calibration_tile: int = 128,
+                 calibration_runs: int = 2):
         super().__init__()
         self.device = device
+        self.calibration_tile, self.calibration_runs = calibration_tile, calibration_runs
         self.model_dir = Path(model_dir)
         self.backend = backend
         self.onnx_cache_dir = onnx_cache_dir or Path.home() / ".cache" / "imagemesh" / "onnx"
@@ -155,11 +210,14 @@ class ModelRegistry(Registry):
 
     def _pick_file(self, spec: ModelSpec) -> Path | None:
         present = [self.model_dir / name for name in spec.files if (self.model_dir / name).is_file()]
-        if self.backend == "torch":
+        if self.backend.startswith("torch"):
             present = [p for p in present if p.suffix == ".pth"]
         elif self.backend == "onnxruntime":
             present.sort(key=lambda p: p.suffix != ".onnx")  # a ready .onnx before an export
         return present[0] if present else None
+
+    def _wanted(self, candidate: Candidate) -> bool:
+        return self.backend in ("auto", candidate.family, candidate.name)
 
     def _load(self, spec: ModelSpec) -> LoadedModel:
         model = LoadedModel(spec, spec.name)
@@ -174,29 +232,46 @@ class ModelRegistry(Registry):
             digest = sha256_of(path)
             model.sha256_matches = bool(spec.sha256) and digest == spec.sha256
             model.file_bytes = path.stat().st_size
-            if path.suffix == ".onnx":
-                run, model.parameters = OnnxBackend(path, self.threads, self.device), onnx_parameter_count(path)
-            else:
-                module = build_module(spec, path)
-                run, model.parameters = self._module_backend(module, path, digest), \
-                    sum(p.numel() for p in module.parameters())
+            run = self._choose_backend(spec, path, digest, model)
             model.engine = UpscaleEngine(run, spec.scale, halo=self.halo, pad_multiple=2 if spec.scale == 2 else 1,
                                          bytes_per_input_pixel=spec.bytes_per_input_pixel)
             model.backend = run.name
             model.ready = True
             logs.log(logger, logging.INFO, "model loaded", model=spec.name, file=path.name, backend=run.name,
-                     official_file=model.sha256_matches)
+                     official_file=model.sha256_matches, calibration=model.calibration)
+            for m in model.calibration:
+                metrics.BACKEND_SPEED.labels("upscaler", spec.name, m["backend"]).set(m["megapixels_per_second"])
+                metrics.BACKEND_CHOSEN.labels("upscaler", spec.name, m["backend"]).set(int(m["chosen"]))
         except Exception as exc:  # a broken file makes the model not ready, never the service
             model.reason = f"{path.name} could not be loaded: {exc}"[:500]
             logs.log(logger, logging.WARNING, "model failed to load", model=spec.name, reason=model.reason)
         return model
 
-    def _module_backend(self, module: torch.nn.Module, path: Path, digest: str):
-        if self.backend == "onnxruntime":
-            cached = self.onnx_cache_dir / f"{path.stem}-{digest[:16]}.onnx"
+    def _choose_backend(self, spec: ModelSpec, path: Path, digest: str, model: LoadedModel) -> Backend:
+        """The backend for this file: measured among the candidates UPSCALER_BACKEND allows."""
+        if path.suffix == ".onnx":
+            if not self.backend in ("auto", "onnxruntime"):
+                raise ValueError(f"an .onnx file runs on onnxruntime, not {self.backend}")
+            model.parameters = onnx_parameter_count(path)
+            return OnnxBackend(path, self.threads, self.device)
+        module = build_module(spec, path)
+        model.parameters = sum(p.numel() for p in module.parameters())
+        cached = self.onnx_cache_dir / f"{path.stem}-{digest[:16]}.onnx"
+
+        def exported() -> Backend:
             if not cached.is_file():
                 export_onnx(module, cached)
             return OnnxBackend(cached, self.threads, self.device)
-        if self.device == "cuda":  # half precision and NHWC suit the GPU's tensor cores
-            return TorchBackend(module, device="cuda", dtype=torch.float16, channels_last=True)
-        return TorchBackend(module)
+        candidates = [c for c in torch_candidates(module, self.device) + [Candidate("onnxruntime", "onnxruntime",
+                                                                                    exported)] if self._wanted(c)]
+        if not candidates:
+            raise ValueError(f"UPSCALER_BACKEND={self.backend} is not available on this {self.device}")
+        if len(candidates) == 1:
+            return candidates[0].make()
+        tile = calibration_tile(self.calibration_tile)
+        with torch.inference_mode():  # the accuracy reference: fp32 on the CPU
+            reference = module.float().cpu()(torch.from_numpy(tile)).numpy()
+        chosen, model.calibration = calibrate(candidates, reference, tile, self.calibration_runs)
+        if chosen is None:
+            raise ValueError(f"no backend ran within {MIN_PSNR_DB} dB of fp32: {model.calibration}")
+        return chosen
