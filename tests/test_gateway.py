@@ -178,3 +178,20 @@ def test_request_id_travels_to_the_service_logs(http, upscaler, photo):
                       headers={"X-Request-ID": "trace-me-123"})
     assert reply.json()["error"]["request_id"] == "trace-me-123"
     assert '"request_id": "trace-me-123"' in upscaler.logs()
+
+
+def test_png_answers_stream_band_by_band_and_equal_the_whole_image(http, photo):
+    image = np.tile(photo, (3, 3, 1))
+    fields = {"scale": "2", "model": "lanczos", "format": "png"}
+    with http.stream("POST", "/v1/upscale", files={"file": ("p.png", png(image))}, data=fields) as reply:
+        assert reply.status_code == 200 and "content-length" not in reply.headers  # chunked, written as it goes
+        streamed = b"".join(reply.iter_bytes())
+    whole = http.post("/v1/upscale", files={"file": ("p.png", png(image))}, data=fields,
+                      headers={"Accept": "application/json"}).json()
+    expected = np.asarray(Image.open(io.BytesIO(base64.b64decode(whole["image_base64"]))))
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(streamed))), expected)
+    sixteen = (image.astype(np.uint16) * 257)
+    ok, data = cv2.imencode(".png", cv2.cvtColor(sixteen, cv2.COLOR_RGB2BGR))
+    deep = http.post("/v1/upscale", files={"file": ("p.png", data.tobytes())}, data=fields)
+    decoded = cv2.imdecode(np.frombuffer(deep.content, np.uint8), cv2.IMREAD_UNCHANGED)
+    assert decoded.dtype == np.uint16 and decoded.shape == (576, 768, 3)

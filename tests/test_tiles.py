@@ -84,3 +84,20 @@ def test_buffer_refuses_duplicates_and_missing_grid():
         buffer.add(Rect(0, 0, 8, 8), np.zeros((8, 8, 1), np.uint8))
     with pytest.raises(InvalidArgument, match="tile grid"):
         TileBuffer(16, 16, 1, np.uint8, 0, 0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(width=st.integers(1, 50), height=st.integers(1, 50), cell=st.integers(1, 12), band=st.integers(1, 12),
+       seed=st.integers(0, 2**16))
+def test_band_assembler_hands_out_complete_bands_in_order(width, height, cell, band, seed):
+    from services.common.tiles import BandAssembler
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 255, (height, width, 2), dtype=np.uint8)
+    assembler = BandAssembler(width, height, 2, np.uint8, band)
+    out = []
+    cells = grid(width, height, cell, cell)
+    for index in rng.permutation(len(cells)):
+        r = cells[index]
+        out += assembler.add(r, image[r.y0:r.y1, r.x0:r.x1])
+    assert np.array_equal(np.concatenate(out), image)
+    assert all(b.shape[0] == band for b in out[:-1])

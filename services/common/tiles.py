@@ -185,3 +185,33 @@ class GridAssembler:
                 else:
                     self._partial[(column, row)] = (array, filled)
         return done
+
+
+class BandAssembler:
+    """Collects tiles into full-width bands of rows and hands out each band,
+    top to bottom, once it is complete: for writers that go row by row."""
+
+    def __init__(self, width: int, height: int, channels: int, dtype: np.dtype, band_height: int):
+        self.width, self.height, self.channels, self.dtype = width, height, channels, np.dtype(dtype)
+        self.band_height = band_height
+        self._bands: dict[int, tuple[np.ndarray, int]] = {}
+        self._next = 0
+
+    def _rect(self, index: int) -> Rect:
+        y = index * self.band_height
+        return Rect(0, y, self.width, min(y + self.band_height, self.height))
+
+    def add(self, rect: Rect, pixels: np.ndarray) -> list[np.ndarray]:
+        for index in range(rect.y0 // self.band_height, (rect.y1 - 1) // self.band_height + 1):
+            band = self._rect(index)
+            part = Rect(rect.x0, max(rect.y0, band.y0), rect.x1, min(rect.y1, band.y1))
+            array, filled = self._bands.get(index) or (
+                np.empty((band.height, band.width, self.channels), self.dtype), 0)
+            array[part.relative_to(band)] = pixels[part.relative_to(rect)]
+            self._bands[index] = (array, filled + part.width * part.height)
+        done = []
+        while self._next in self._bands and self._bands[self._next][1] == self._rect(self._next).width * \
+                self._rect(self._next).height:
+            done.append(self._bands.pop(self._next)[0])
+            self._next += 1
+        return done

@@ -11,13 +11,14 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from imagemesh.v1 import pipeline_pb2
+from imagemesh.v1 import common_pb2, pipeline_pb2
 
-from services.common import imageio, logs
+from services.common import imageio, logs, wire
 from services.common.config import Config
+from services.common.tiles import BandAssembler
 
 from .auth import RateLimiter, TokenAuth
 from .inputs import Fields, ImageRequest, read_image_request, remove_background_options
@@ -120,14 +121,21 @@ class Gateway:
         """Decode, process, encode; the image, or JSON when the client asks for it."""
         requested_format, quality = self.output_options(req.fields)
         image, decode_ms = await self.decode(req.data)
-        result = await self.mesh.process(image, steps)
+        wants_json = "application/json" in request.headers.get("accept", "")
+        mesh_started = time.perf_counter()
+        events = self.mesh.stream(image, steps)
+        header = await anext(events)  # a refusal becomes a 4xx here, before any byte is sent
+        has_alpha = header.image.color_mode in (common_pb2.COLOR_MODE_GRAY_ALPHA, common_pb2.COLOR_MODE_RGBA)
+        if not wants_json and imageio.choose_format(requested_format, image.format, has_alpha) == "png":
+            return self.streamed_png(header, events, decode_ms)
+        result = await self.mesh.collect(header, events, mesh_started)
         fmt, body, encode_ms = await self.encode(result, requested_format, image.format, quality)
         height, width = result.pixels.shape[:2]
         timings = {"decode": decode_ms, **result.timings_ms, "encode": encode_ms,
                    "total": round((time.perf_counter() - started) * 1000, 1)}
         names = ",".join(s["name"] for s in result.steps)
         backends = ",".join(s["backend"] for s in result.steps)
-        if "application/json" in request.headers.get("accept", ""):
+        if wants_json:
             return {"image_base64": base64.b64encode(body).decode("ascii"), "width": width, "height": height,
                     "format": fmt, "model": names, "backend": backends, **extra_json(result),
                     "steps": result.steps, "timings_ms": timings}
@@ -135,6 +143,29 @@ class Gateway:
             "X-Imagemesh-Model": names, "X-Imagemesh-Backend": backends, "X-Imagemesh-Size": f"{width}x{height}",
             "X-Imagemesh-Steps": ", ".join(f"{s['op']}={s['name']}/{s['backend']}" for s in result.steps),
             "Server-Timing": ", ".join(f"{k};dur={v}" for k, v in timings.items())})
+
+    def streamed_png(self, result: pipeline_pb2.StreamResult, events, decode_ms: float) -> StreamingResponse:
+        """PNG written band by band as the tiles arrive: encoding overlaps the
+        services' work and no whole image is ever held here."""
+        info = wire.HeaderInfo(result.image, result.image.width * result.image.height)
+        writer = imageio.PngWriter(info.width, info.height, info.mode, 8 * info.dtype.itemsize,
+                                   result.image.icc_profile)
+        bands = BandAssembler(info.width, info.height, info.channels, info.dtype, result.image.tile_height)
+
+        async def body():
+            yield writer.start()
+            async for item in events:
+                if isinstance(item, tuple):
+                    for band in bands.add(*item):
+                        yield await run_in_threadpool(writer.rows, band)
+            yield writer.finish()
+        steps = result.steps
+        return StreamingResponse(body(), media_type=imageio.MEDIA_TYPES["png"], headers={
+            "X-Imagemesh-Model": ",".join(s.name for s in steps),
+            "X-Imagemesh-Backend": ",".join(s.backend for s in steps),
+            "X-Imagemesh-Size": f"{info.width}x{info.height}",
+            "X-Imagemesh-Steps": ", ".join(f"{s.op}={s.name}/{s.backend}" for s in steps),
+            "Server-Timing": f"decode;dur={decode_ms}"})
 
     async def candidates(self, req: ImageRequest, models: list[str], started: float,
                          format_field: str = "format") -> dict:

@@ -126,42 +126,66 @@ class MeshClient:
     async def stats(self) -> bgremoval_pb2.GetStatsResponse:
         return await self._unary("bgremoval", self.bgremoval.GetStats, bgremoval_pb2.GetStatsRequest())
 
-    async def process(self, image: DecodedImage, steps: list[pipeline_pb2.Step],
-                      progress: Callable[[int, int], Awaitable[None]] | None = None) -> Processed:
-        """Run the steps; the first step's service forwards the rest along the mesh.
-        `progress(tiles_done, tiles_total)` follows the output tiles as they arrive."""
-        started = time.perf_counter()
+    async def stream(self, image: DecodedImage, steps: list[pipeline_pb2.Step]):
+        """Run the steps, the first step's service forwarding the rest along the mesh.
+        Yields the StreamResult first, then each output tile as (rect, pixels),
+        then the StreamSummary; a failure raises HttpError."""
         kind = steps[0].WhichOneof("op")
         service = STEP_SERVICE[kind]
         method = self.channels[service].stream_stream(
             STEP_METHODS[kind], request_serializer=pipeline_pb2.StreamRequest.SerializeToString,
             response_deserializer=pipeline_pb2.StreamResponse.FromString)
-        result = summary = assembler = None
-        first_tile_ms = 0.0
         accepted = asyncio.Event()
+        call = method(_input_stream(image, steps, accepted), timeout=self.timeout, metadata=_metadata())
+        info, received, finished = None, 0, False
         try:
-            async for reply in method(_input_stream(image, steps, accepted), timeout=self.timeout,
-                                      metadata=_metadata()):
+            async for reply in call:
                 part = reply.WhichOneof("part")
                 if part == "result":
                     accepted.set()
-                    result = reply.result
-                    assembler = ImageAssembler(result.image)
-                    tiles_total = math.ceil(result.image.width / result.image.tile_width) * \
-                        math.ceil(result.image.height / result.image.tile_height)
-                    tiles_done = 0
+                    info = wire.HeaderInfo(reply.result.image, reply.result.image.width * reply.result.image.height)
+                    yield reply.result
                 elif part == "tile":
-                    first_tile_ms = first_tile_ms or (time.perf_counter() - started) * 1000
-                    assembler.add(reply.tile)
-                    tiles_done += 1
-                    if progress:
-                        await progress(tiles_done, tiles_total)
+                    rect, pixels = wire.tile_pixels(reply.tile, info)
+                    received += rect.width * rect.height
+                    yield rect, pixels
                 else:
-                    summary = reply.summary
+                    if info is None or received != info.width * info.height:
+                        break
+                    finished = True
+                    yield reply.summary
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc, service) from None
-        if summary is None or assembler is None or not assembler.complete:
+        finally:
+            call.cancel()  # a caller that stops listening stops the work
+        if not finished:
             raise HttpError(502, "upstream_incomplete", f"the {service} ended its stream before the image was complete")
+
+    async def process(self, image: DecodedImage, steps: list[pipeline_pb2.Step],
+                      progress: Callable[[int, int], Awaitable[None]] | None = None) -> Processed:
+        """The whole output image. `progress(tiles_done, tiles_total)` follows the tiles as they arrive."""
+        started = time.perf_counter()
+        events = self.stream(image, steps)
+        return await self.collect(await anext(events), events, started, progress)
+
+    @staticmethod
+    async def collect(result: pipeline_pb2.StreamResult, events, started: float,
+                      progress: Callable[[int, int], Awaitable[None]] | None = None) -> Processed:
+        """Assemble the rest of an opened stream into the whole image."""
+        assembler = ImageAssembler(result.image)
+        tiles_total = math.ceil(result.image.width / result.image.tile_width) * \
+            math.ceil(result.image.height / result.image.tile_height)
+        tiles_done, first_tile_ms, summary = 0, 0.0, None
+        async for item in events:
+            if isinstance(item, tuple):
+                first_tile_ms = first_tile_ms or (time.perf_counter() - started) * 1000
+                rect, pixels = item
+                assembler.pixels[rect.y0:rect.y1, rect.x0:rect.x1] = pixels
+                tiles_done += 1
+                if progress:
+                    await progress(tiles_done, tiles_total)
+            else:
+                summary = item
         return Processed(assembler.pixels, assembler.info.mode, result.image.icc_profile,
                          [report_dict(r) for r in summary.steps],
                          {"mesh": round((time.perf_counter() - started) * 1000, 1),
