@@ -9,7 +9,7 @@ GENERATED := gen/.generated
 
 export MODEL_DIR
 
-.PHONY: setup protos run test test-deps models images clean
+.PHONY: setup protos run test test-deps models images bench clean
 
 REGISTRY ?= imagemesh
 TAG ?= latest
@@ -49,6 +49,19 @@ test-deps:
 
 models: setup
 	$(PY) -m services.fetch_models --dir "$(MODEL_DIR)"
+
+# Benchmarks against reference implementations (bench/RESULTS.md). The
+# reference realesrgan package goes into its own folder, never the venv.
+BENCH_MODELS ?= ../shared/models
+REFERENCE := .bench/reference/.installed
+
+bench: setup $(REFERENCE)
+	IMAGEMESH_BENCH_MODELS="$(BENCH_MODELS)" $(PY) -m bench.run
+
+$(REFERENCE): $(INSTALLED)
+	$(PY) -m pip install -q --no-deps --no-build-isolation --target .bench/reference \
+	  realesrgan==0.3.0 basicsr==1.4.2 tqdm==4.70.1
+	touch $@
 
 # Container images (needs docker; see the README's deployment section).
 images:

@@ -55,7 +55,8 @@ def colour_rgb(pixels: np.ndarray, mode: str) -> np.ndarray:
 def predict_mask(segmenter: Segmenter, rgb8: np.ndarray) -> np.ndarray:
     spec: SegmenterSpec = segmenter.spec
     height, width = rgb8.shape[:2]
-    x = np.asarray(Image.fromarray(rgb8).resize((spec.size, spec.size), Image.LANCZOS), np.float32)
+    # reducing_gap: a box reduction by a whole factor first, Lanczos for the rest (much faster, same result).
+    x = np.asarray(Image.fromarray(rgb8).resize((spec.size, spec.size), Image.LANCZOS, reducing_gap=3.0), np.float32)
     x = x / max(float(x.max()), 1e-6) if spec.divide_by_max else x / 255.0
     mean, std = (np.array(v, np.float32) for v in spec.normalisation)
     x = (x - mean) / std
@@ -200,6 +201,14 @@ def cut_out(region: np.ndarray, mode: str, cutout_mask: np.ndarray, foreground: 
     """Output pixels of one region, given the cut-out's mask (and unmixed colours) there."""
     maximum = float(np.iinfo(region.dtype).max)
     has_alpha = mode in ("LA", "RGBA")
+    if not has_alpha and foreground is None and options.bgcolor is None and not options.only_mask:
+        # The common case: the pixels as they are, the mask as their alpha (no float copy of the image).
+        alpha = (cutout_mask * maximum + 0.5).astype(region.dtype)  # the cast truncates: +0.5 rounds
+        if region.dtype == np.uint8 and mode == "RGB":
+            picture = Image.fromarray(region)
+            picture.putalpha(Image.fromarray(alpha))
+            return np.asarray(picture)
+        return np.concatenate([region, alpha[:, :, None]], axis=2)
     alpha = cutout_mask[:, :, None]
     if has_alpha:
         alpha = alpha * (region[:, :, -1:].astype(np.float32) / maximum)

@@ -146,6 +146,8 @@ class SegmenterRegistry(Registry):
             options = ort.SessionOptions()
             options.intra_op_num_threads = self.threads
             options.log_severity_level = 3
+            # Idle threads that spin would take the cores from the image work around each run.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             model.session = ort.InferenceSession(str(path), options, providers=self.providers)
             model.parameters, model.file_bytes = onnx_parameter_count(path), path.stat().st_size
             on_gpu = model.session.get_providers()[0] == "CUDAExecutionProvider"

@@ -70,6 +70,8 @@ class OnnxBackend:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        # Idle threads that spin would take the cores from the image work around each run.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), options, providers=onnx_providers(device))
         self.name = "onnxruntime" if self.session.get_providers()[0] == "CPUExecutionProvider" else "onnxruntime-cuda"
         self.input_name = self.session.get_inputs()[0].name

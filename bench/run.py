@@ -1,0 +1,377 @@
+"""`make bench`: imagemesh against references, side by side in one script.
+
+Machines are noisy, so each comparison alternates the contenders round by
+round and reports medians and ratios. Writes bench/RESULTS.md (the GPU
+section, written by bench/gpu.py on a GPU machine, is kept).
+
+    .venv/bin/python -m bench.run [--models DIR] [--rounds N] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import io
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import httpx
+import numpy as np
+import skimage.data
+import torch
+from PIL import Image
+
+from imagemesh.v1 import pipeline_pb2
+from services.bgremoval import engine as bg_engine
+from services.bgremoval.models import SegmenterRegistry
+from services.common import wire
+from services.common.resources import available_cpus
+from services.common.tiles import grid
+from services.effects import engine as fx_engine
+from services.effects.server import EffectsOp
+from services.upscaler.models import ModelRegistry
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "RESULTS.md"
+GPU_MARK = "<!-- GPU section: written by `python -m bench.gpu` on a GPU machine; bench/run.py keeps it -->"
+
+
+def photo(width: int, height: int) -> np.ndarray:
+    """The same real photograph throughout, at the size asked for."""
+    return np.asarray(Image.fromarray(skimage.data.astronaut()).resize((width, height), Image.LANCZOS))
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+
+
+def timed(fn):
+    started = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - started, result
+
+
+def machine() -> dict:
+    model, flags = platform.processor() or "unknown", []
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        model = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
+        flags = next(line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        pass
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile")
+    return {"cpu": model, "flags": " ".join(f for f in wanted if f in flags) or "none of note",
+            "cores": available_cpus(), "torch": torch.__version__, "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def single_model_dir(model_dir: Path, file: str) -> Path:
+    directory = Path(tempfile.mkdtemp(prefix="bench-models-"))
+    (directory / file).symlink_to(model_dir / file)
+    return directory
+
+
+# --- 1. engine vs RealESRGANer ------------------------------------------------
+
+REFERENCE_MODELS = (("realesr-general-x4v3", "realesr-general-x4v3.fp16-derived.pth", 32),
+                    ("realesr-animevideov3", "realesr-animevideov3.pth", 16))
+
+
+def engine_vs_reference(model_dir: Path, rounds: int, size: int, tile: int = 128, halo: int = 10) -> list[dict]:
+    from bench.reference import load
+    RealESRGANer, SRVGGNetCompact = load()
+    image = photo(size, size)
+    bgr = np.ascontiguousarray(image[:, :, ::-1])
+    rows = []
+    for name, file, num_conv in REFERENCE_MODELS:
+        reference = RealESRGANer(scale=4, model_path=str(model_dir / file), tile=tile, tile_pad=halo, pre_pad=0,
+                                 half=False, device=torch.device("cpu"),
+                                 model=SRVGGNetCompact(num_in_ch=3, num_out_ch=3, num_feat=64, num_conv=num_conv,
+                                                       upscale=4, act_type="prelu"))
+        registry = ModelRegistry(single_model_dir(model_dir, file), threads=available_cpus(),
+                                 onnx_cache_dir=Path(tempfile.mkdtemp(prefix="bench-onnx-")))
+        registry.load_all()
+        ours = registry.resolve(name)
+        reference.enhance(bgr[:64, :64], outscale=4)  # warm both
+        ours.engine.upscale(image[:64, :64], "RGB", 4, tile=tile, halo=halo)
+        ref_times, our_times = [], []
+        for _ in range(rounds):
+            seconds, ref_out = timed(lambda: reference.enhance(bgr, outscale=4)[0])
+            ref_times.append(seconds)
+            seconds, our_out = timed(lambda: ours.engine.upscale(image, "RGB", 4, tile=tile, halo=halo))
+            our_times.append(seconds)
+        megapixels = size * size / 1e6
+        ours_mps, ref_mps = megapixels / statistics.median(our_times), megapixels / statistics.median(ref_times)
+        rows.append({"model": name, "backend": ours.backend, "ours": ours_mps, "reference": ref_mps,
+                     "ratio": ours_mps / ref_mps, "psnr": psnr(our_out, np.ascontiguousarray(ref_out[:, :, ::-1])),
+                     "image": f"{size}x{size}", "tile": f"{tile}/{halo}"})
+    return rows
+
+
+# --- services as subprocesses --------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Process:
+    def __init__(self, module: str, env: dict):
+        self.process = subprocess.Popen([sys.executable, "-m", module], cwd=ROOT, env={**os.environ, **env},
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def peak_rss_mib(self) -> float:
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        return int(status.split("VmHWM:")[1].split()[0]) / 1024
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def start_upscaler(model_dir: Path, backend: str, **env) -> tuple[Process, str]:
+    port = free_port()
+    process = Process("services.upscaler", {
+        "MODEL_DIR": str(model_dir), "UPSCALER_PORT": str(port), "UPSCALER_METRICS_PORT": "0",
+        "UPSCALER_BACKEND": backend, "MAX_CONCURRENT_REQUESTS": "1", "LOG_LEVEL": "WARNING", **env})
+    address = f"127.0.0.1:{port}"
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for _ in range(600):
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
+                    return process, address
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise SystemExit("the upscaler did not start")
+
+
+# --- 2. mesh overhead -------------------------------------------------------------
+
+def mesh_overhead(model_dir: Path, rounds: int, size: int = 1024, tile: int = 256) -> dict:
+    model = "realesr-general-x4v3"
+    registry = ModelRegistry(model_dir, threads=available_cpus(),
+                             onnx_cache_dir=Path(tempfile.mkdtemp(prefix="bench-onnx-")))
+    registry.load_all()
+    engine = registry.resolve(model)
+    upscaler, address = start_upscaler(model_dir, engine.backend)
+    gateway_port = free_port()
+    gateway = Process("services.gateway", {"GATEWAY_PORT": str(gateway_port), "UPSCALER_ADDRESS": address,
+                                           "RATE_LIMIT_PER_MINUTE": "0", "LOG_LEVEL": "WARNING",
+                                           "RESULT_DIR": tempfile.mkdtemp(prefix="bench-results-")})
+    url = f"http://127.0.0.1:{gateway_port}/v1/upscale"
+    image = photo(size, size)
+    upload = io.BytesIO()
+    Image.fromarray(image).save(upload, "PNG")
+    fields = {"scale": "4", "model": model, "tile": str(tile), "format": "png"}
+    try:
+        with httpx.Client(timeout=600) as client:
+            for _ in range(100):
+                try:
+                    client.get(f"http://127.0.0.1:{gateway_port}/healthz")
+                    break
+                except httpx.HTTPError:
+                    time.sleep(0.1)
+
+            def through_mesh():
+                reply = client.post(url, files={"file": ("photo.png", upload.getvalue())}, data=fields)
+                reply.raise_for_status()
+                return reply.content
+            through_mesh()  # warm the path
+            in_process, mesh = [], []
+            for _ in range(rounds):
+                in_process.append(timed(lambda: engine.engine.upscale(image, "RGB", 4, tile=tile))[0])
+                mesh.append(timed(through_mesh)[0])
+    finally:
+        gateway.stop()
+        upscaler.stop()
+    return {"backend": engine.backend, "image": f"{size}x{size}", "in_process": statistics.median(in_process),
+            "mesh": statistics.median(mesh), "ratio": statistics.median(mesh) / statistics.median(in_process)}
+
+
+# --- 3. upscaler memory ----------------------------------------------------------
+
+def upscale_over_grpc(address: str, image: np.ndarray, tile: int) -> int:
+    """Stream an image to the upscaler and drop the output tiles as they come; output bytes."""
+    height, width = image.shape[:2]
+    header = wire.header(width, height, "RGB", image.dtype, tile_width=256, tile_height=256)
+    accepted = __import__("threading").Event()
+
+    def requests():
+        yield pipeline_pb2.StreamRequest(start=pipeline_pb2.StreamStart(image=header, steps=[pipeline_pb2.Step(
+            upscale=pipeline_pb2.UpscaleOptions(model="realesr-general-x4v3", scale=4, tile_size=tile))]))
+        accepted.wait(60)
+        for rect in grid(width, height, 256, 256):
+            yield pipeline_pb2.StreamRequest(tile=wire.tile(rect, image[rect.y0:rect.y1, rect.x0:rect.x1]))
+    received = 0
+    with grpc.insecure_channel(address) as channel:
+        call = channel.stream_stream("/imagemesh.v1.Upscaler/Upscale",
+                                     request_serializer=pipeline_pb2.StreamRequest.SerializeToString,
+                                     response_deserializer=pipeline_pb2.StreamResponse.FromString)
+        for reply in call(requests(), timeout=3600):
+            accepted.set()
+            if reply.WhichOneof("part") == "tile":
+                received += len(reply.tile.pixels)
+    return received
+
+
+def upscaler_memory(model_dir: Path, backend: str, sizes=(1024, 4096), tile: int = 256) -> list[dict]:
+    rows = []
+    for size in sizes:
+        process, address = start_upscaler(model_dir, backend, MAX_INPUT_PIXELS=str(20_000_000),
+                                          MAX_OUTPUT_PIXELS=str(300_000_000))
+        try:
+            idle = process.peak_rss_mib()
+            seconds, received = timed(lambda: upscale_over_grpc(address, photo(size, size), tile))
+            rows.append({"input": f"{size}x{size} ({size * size / 1e6:.0f} MP)", "idle_mib": idle,
+                         "peak_mib": process.peak_rss_mib(), "output_mib": received / 2**20, "seconds": seconds})
+        finally:
+            process.stop()
+    return rows
+
+
+# --- 4. background removal and effects -----------------------------------------------
+
+def bgremoval_vs_plain(model_dir: Path, rounds: int, size: int = 1024) -> dict:
+    """Ours (mask at model size, resized, cut out) against the way rembg does it:
+    an onnxruntime session, Pillow resizes, putalpha."""
+    registry = SegmenterRegistry(model_dir, threads=available_cpus())
+    registry.load_all()
+    segmenter = registry.resolve("mediapipe-selfie")
+    session, spec = segmenter.session, segmenter.spec
+    image = photo(size, size)
+    options = bg_engine.RemovalOptions()
+
+    def ours():
+        cutout = bg_engine.compute_cutout(segmenter, image, "RGB", options)
+        return bg_engine.cut_out(image, "RGB", cutout.mask, cutout.foreground, options)
+
+    def plain():
+        picture = Image.fromarray(image)
+        x = np.asarray(picture.convert("RGB").resize((spec.size, spec.size), Image.LANCZOS), np.float32)[None] / 255
+        mask = session.run(None, {session.get_inputs()[0].name: x})[0][0, :, :, 0]
+        alpha = Image.fromarray((np.clip(mask, 0, 1) * 255).astype(np.uint8)).resize(picture.size, Image.LANCZOS)
+        cut = picture.copy()
+        cut.putalpha(alpha)
+        return np.asarray(cut)
+    ours(), plain()
+    our_times, plain_times = [], []
+    for _ in range(rounds):
+        our_times.append(timed(ours)[0])
+        plain_times.append(timed(plain)[0])
+    return {"model": "mediapipe-selfie", "image": f"{size}x{size}", "ours_ms": 1000 * statistics.median(our_times),
+            "plain_ms": 1000 * statistics.median(plain_times),
+            "ratio": statistics.median(plain_times) / statistics.median(our_times)}
+
+
+def effects_throughput(rounds: int, width: int = 1600, height: int = 1200) -> list[dict]:
+    image = photo(width, height)
+    rows = []
+    for name, effect in fx_engine.EFFECTS.items():
+        params, options = effect.resolve({}, {})
+        chain = fx_engine.Chain([fx_engine.ChainStep(effect, params, options)], width, height, "RGB", image.dtype)
+
+        def run():
+            op = EffectsOp(chain, 256)  # as the service runs it, tile by tile
+            if op.whole_image:
+                op.prepare(image)
+            for job in op.jobs:
+                context = job if op.whole_image else op.context_rect(job)
+                op.render(job, image if op.whole_image else image[context.y0:context.y1, context.x0:context.x1])
+        times = [timed(run)[0] for _ in range(rounds)]
+        rows.append({"effect": name, "mps": width * height / 1e6 / statistics.median(times)})
+    return rows
+
+
+# --- report -------------------------------------------------------------------------
+
+def report(results: dict, command: str) -> str:
+    m = results["machine"]
+    out = [f"# Benchmarks\n",
+           f"Command: `{command}`  \nDate: {m['date']}  \nMachine: {m['cpu']}, {m['cores']} cores available, "
+           f"CPU flags: {m['flags']}; torch {m['torch']}, Python {m['python']}\n",
+           "Each comparison runs both sides alternately in one process and reports medians; ratios are what to "
+           "compare between machines, absolute times drift.\n",
+           "## 1. Upscaler engine vs the reference `RealESRGANer`\n",
+           "Same weights, same image (skimage's astronaut photograph), same tile size and halo "
+           "(`tile`/`tile_pad`), 4x. Input megapixels per second.\n",
+           "| model | image | tile/halo | ours (backend) | reference (fp32) | ratio | PSNR ours vs reference |",
+           "|---|---|---|---|---|---|---|"]
+    for r in results["engine"]:
+        out.append(f"| {r['model']} | {r['image']} | {r['tile']} | {r['ours']:.3f} MP/s ({r['backend']}) | "
+                   f"{r['reference']:.3f} MP/s | **{r['ratio']:.2f}x** | {r['psnr']:.1f} dB |")
+    mesh = results["mesh"]
+    out += ["\n## 2. Mesh overhead\n",
+            f"The same {mesh['image']} upscale 4x (realesr-general-x4v3, {mesh['backend']}): PNG upload through "
+            "REST -> gateway -> gRPC -> upscaler -> streamed PNG answer, against the engine called in-process.\n",
+            "| in-process | through the mesh | ratio |", "|---|---|---|",
+            f"| {mesh['in_process']:.2f} s | {mesh['mesh']:.2f} s | **{mesh['ratio']:.3f}x** |"]
+    memory = results["memory"]
+    out += ["\n## 3. Upscaler peak memory\n",
+            "Peak resident memory (VmHWM) of a fresh upscaler process for one 4x upscale, streamed over gRPC "
+            "(the client drops output tiles as they come).\n",
+            "| input | after start | peak | output streamed | time |", "|---|---|---|---|---|"]
+    for r in memory:
+        out.append(f"| {r['input']} | {r['idle_mib']:.0f} MiB | {r['peak_mib']:.0f} MiB | {r['output_mib']:.0f} MiB "
+                   f"| {r['seconds']:.1f} s |")
+    out.append(f"\nPeak for the largest input / peak for the smallest: **{memory[-1]['peak_mib'] / memory[0]['peak_mib']:.2f}x**")
+    bg = results["bgremoval"]
+    out += ["\n## 4. Background removal and effects\n",
+            f"Background removal of a {bg['image']} photo with {bg['model']}: ours (engine, as the service runs it) "
+            "against an in-process pipeline done the way rembg does it (onnxruntime session, Pillow resizes, putalpha).\n",
+            "| ours | plain pipeline | speed ratio (plain time / ours) |", "|---|---|---|",
+            f"| {bg['ours_ms']:.0f} ms | {bg['plain_ms']:.0f} ms | **{bg['ratio']:.2f}x** |",
+            "\nEffects on a 1600x1200 photo, tile by tile as the service runs them (default parameters):\n",
+            "| effect | MP/s |", "|---|---|"]
+    out += [f"| {r['effect']} | {r['mps']:.1f} |" for r in results["effects"]]
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", type=Path, default=Path(os.environ.get("IMAGEMESH_BENCH_MODELS",
+                                                                         ROOT.parent / "shared" / "models")))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run, not for RESULTS.md)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(available_cpus())
+    quick = args.quick
+    results = {"machine": machine()}
+    steps = [
+        ("engine", lambda: engine_vs_reference(args.models, args.rounds, 128 if quick else 512)),
+        ("mesh", lambda: mesh_overhead(args.models, args.rounds, 256 if quick else 1024)),
+        ("memory", lambda: upscaler_memory(args.models, results["mesh"]["backend"],
+                                           (128, 512) if quick else (1024, 4096))),
+        ("bgremoval", lambda: bgremoval_vs_plain(args.models, args.rounds)),
+        ("effects", lambda: effects_throughput(args.rounds)),
+    ]
+    for name, step in steps:
+        started = time.perf_counter()
+        results[name] = step()
+        print(f"[{name}] done in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+    text = report(results, "make bench" + (" (--quick)" if quick else ""))
+    print(text)
+    if not quick:
+        previous = RESULTS.read_text() if RESULTS.exists() else ""
+        gpu = previous[previous.index(GPU_MARK):] if GPU_MARK in previous else GPU_MARK + "\n"
+        RESULTS.write_text(text + "\n" + gpu)
+        print(f"written to {RESULTS.relative_to(ROOT)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
