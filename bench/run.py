@@ -75,7 +75,7 @@ def machine() -> dict:
 
 def single_model_dir(model_dir: Path, file: str) -> Path:
     directory = Path(tempfile.mkdtemp(prefix="bench-models-"))
-    (directory / file).symlink_to(model_dir / file)
+    (directory / file).symlink_to((model_dir / file).resolve())
     return directory
 
 
@@ -348,6 +348,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run, not for RESULTS.md)")
     args = parser.parse_args(argv)
+    args.models = args.models.resolve()
     torch.set_num_threads(available_cpus())
     quick = args.quick
     results = {"machine": machine()}
