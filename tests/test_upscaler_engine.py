@@ -94,3 +94,19 @@ def test_grey_in_grey_out(general, photo):
     assert out.shape == (384, 512, 1)
     via_rgb = general.upscale(np.repeat(grey, 3, axis=2), "RGB", 4, tile=48).mean(axis=2, keepdims=True)
     assert psnr(out, via_rgb) > 45
+
+
+def test_the_on_device_path_equals_the_general_path(general, photo):
+    class WithoutDevicePath:  # the same network, called tile by tile through numpy
+        def __init__(self, backend):
+            self.backend = backend
+
+        def __call__(self, batch):
+            return self.backend(batch)
+    assert hasattr(general.model, "render_exact")
+    plain = UpscaleEngine(WithoutDevicePath(general.model), 4, halo=general.default_halo)
+    alpha = np.linspace(0, 255, photo.shape[1], dtype=np.uint8)[None].repeat(photo.shape[0], 0)
+    for image, mode in ((photo, "RGB"), (np.dstack([photo, alpha]), "RGBA"), (photo.astype(np.uint16) * 257, "RGB")):
+        fast = general.upscale(image, mode, 4, tile=48)
+        slow = plain.upscale(image, mode, 4, tile=48)
+        assert fast.dtype == slow.dtype and np.abs(fast.astype(int) - slow).max() <= 1, mode

@@ -25,6 +25,8 @@ SETTINGS = cfg.COMMON_SETTINGS + cfg.ADDRESS_SETTINGS + [
     cfg.Setting("RESULT_DIR", str, str(Path.home() / ".cache/imagemesh/results"),
                 "where job results and download files are kept"),
     cfg.Setting("RESULT_TTL_SECONDS", float, 3600.0, "how long results stay downloadable", minimum=1),
+    cfg.Setting("PNG_COMPRESSION_LEVEL", int, 3, "zlib level of streamed PNG answers: 1 fastest, 9 smallest",
+                minimum=1, maximum=9),
     cfg.Setting("MAX_CONCURRENT_JOBS", int, 2, "jobs processed at once", minimum=1),
     cfg.Setting("JOB_QUEUE_SIZE", int, 32, "jobs waiting beyond those; past it, 429", minimum=0),
 ]

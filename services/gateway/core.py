@@ -149,7 +149,7 @@ class Gateway:
         services' work and no whole image is ever held here."""
         info = wire.HeaderInfo(result.image, result.image.width * result.image.height)
         writer = imageio.PngWriter(info.width, info.height, info.mode, 8 * info.dtype.itemsize,
-                                   result.image.icc_profile)
+                                   result.image.icc_profile, level=self.config.png_compression_level)
         bands = BandAssembler(info.width, info.height, info.channels, info.dtype, result.image.tile_height)
 
         async def body():

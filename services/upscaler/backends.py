@@ -63,6 +63,26 @@ class TorchBackend:
             x = torch.from_numpy(batch).to(self.device, self.dtype).contiguous(memory_format=self.memory_format)
             return self.module(x).float().cpu().numpy()
 
+    def render_exact(self, pixels: np.ndarray, passes: int, native: int, pad_multiple: int,
+                     rows: slice, cols: slice) -> np.ndarray:
+        """A whole tile on the backend's device when no resampling follows the model:
+        integer pixels (h, w, 3) in, the model's passes, then clamped, quantised
+        and cropped there; only the integer result comes back."""
+        maximum = float(np.iinfo(pixels.dtype).max)
+        source = torch.from_numpy(pixels if pixels.dtype == np.uint8 else pixels.astype(np.int32))
+        with torch.inference_mode():
+            x = source.to(self.device, non_blocking=True).permute(2, 0, 1)[None].to(self.dtype) / maximum
+            for _ in range(passes):
+                height, width = x.shape[2:]
+                pad_h, pad_w = -height % pad_multiple, -width % pad_multiple
+                if pad_h or pad_w:
+                    x = torch.nn.functional.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
+                x = x.contiguous(memory_format=self.memory_format)
+                x = self.module(x)[:, :, :height * native, :width * native].clamp_(0.0, 1.0)
+            out = (x[0, :, rows, cols].float() * maximum).round_().permute(1, 2, 0)
+            integer = out.to(torch.uint8 if pixels.dtype == np.uint8 else torch.int32).cpu().numpy()
+        return integer if integer.dtype == pixels.dtype else integer.astype(pixels.dtype)
+
 
 class OnnxBackend:
     def __init__(self, path: Path, threads: int, device: str = "cpu"):

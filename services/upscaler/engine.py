@@ -20,6 +20,7 @@ from typing import Callable
 
 import cv2
 import numpy as np
+import torch
 from PIL import Image
 
 from services.common.resources import available_memory_bytes
@@ -88,11 +89,16 @@ class UpscaleEngine:
 
     def auto_tile(self, passes: int, concurrency: int = 1) -> int:
         """Largest tile whose working memory fits in a quarter of what is free, per concurrent request."""
-        budget = available_memory_bytes() / 4 / max(1, concurrency)
+        device = getattr(self.model, "device", None)
+        if device is not None and device.type == "cuda":  # big tiles keep a GPU busy; its memory is the limit
+            free, _ = torch.cuda.mem_get_info(device)
+            budget, cap = free / 2 / max(1, concurrency), 1024
+        else:
+            budget, cap = available_memory_bytes() / 4 / max(1, concurrency), 512
         growth = (self.native_scale ** max(0, passes - 1)) ** 2  # later passes run on bigger tiles
         for edge in TILE_CHOICES:
             if edge * edge * self.bytes_per_input_pixel * growth <= budget:
-                return min(edge, 512)
+                return min(edge, cap)
         return TILE_CHOICES[-1]
 
     def plan(self, width: int, height: int, scale: float, *, tile: int = 0, halo: int = 0,
@@ -151,6 +157,10 @@ class UpscaleEngine:
         """Output pixels of one tile from the pixels of its context rect."""
         context = plan.context_rect(rect)
         target = plan.output_rect(rect)
+        exact = plan.stage_scale * plan.in_width == plan.out_width and \
+            plan.stage_scale * plan.in_height == plan.out_height
+        if exact and mode in ("RGB", "RGBA") and hasattr(self.model, "render_exact"):
+            return self._render_on_device(plan, context, target, context_pixels, mode, alpha_through_model)
         maximum = float(np.iinfo(context_pixels.dtype).max)
         x = context_pixels.astype(np.float32) / maximum
         has_alpha = mode in ("LA", "RGBA")
@@ -164,6 +174,25 @@ class UpscaleEngine:
                 alpha_out = self._to_output(plan, alpha, 1, context, target)
             out = np.concatenate([out, alpha_out], axis=2)
         return np.rint(np.clip(out, 0.0, 1.0) * maximum).astype(context_pixels.dtype)
+
+    def _render_on_device(self, plan: Plan, context: Rect, target: Rect, context_pixels: np.ndarray, mode: str,
+                          alpha_through_model: bool) -> np.ndarray:
+        """The colour planes go through the backend's device path; alpha (if any) as usual."""
+        stage = plan.stage_scale
+        rows = slice(target.y0 - context.y0 * stage, target.y1 - context.y0 * stage)
+        cols = slice(target.x0 - context.x0 * stage, target.x1 - context.x0 * stage)
+        colour = self.model.render_exact(np.ascontiguousarray(context_pixels[:, :, :3]), plan.passes,
+                                         self.native_scale, self.pad_multiple, rows, cols)
+        if mode == "RGB":
+            return colour
+        maximum = float(np.iinfo(context_pixels.dtype).max)
+        alpha = context_pixels[:, :, 3:].astype(np.float32) / maximum
+        if alpha_through_model:
+            alpha_out = self._scale_planes(plan, alpha, context, target)
+        else:
+            alpha_out = self._to_output(plan, alpha, 1, context, target)
+        quantised = np.rint(np.clip(alpha_out, 0.0, 1.0) * maximum).astype(context_pixels.dtype)
+        return np.concatenate([colour, quantised], axis=2)
 
     def upscale(self, pixels: np.ndarray, mode: str, scale: float, *, tile: int = 0, halo: int = 0,
                 alpha_through_model: bool = False) -> np.ndarray:
