@@ -304,7 +304,7 @@ def effects_throughput(rounds: int, width: int = 1600, height: int = 1200) -> li
 
 def report(results: dict, command: str) -> str:
     m = results["machine"]
-    out = [f"# Benchmarks\n",
+    out = ["# Benchmarks\n",
            f"Command: `{command}`  \nDate: {m['date']}  \nMachine: {m['cpu']}, {m['cores']} cores available, "
            f"CPU flags: {m['flags']}; torch {m['torch']}, Python {m['python']}\n",
            "Each comparison runs both sides alternately in one process and reports medians; ratios are what to "
