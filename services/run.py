@@ -13,8 +13,10 @@ import subprocess
 import sys
 import time
 
-# Module names, in start order: services first, the gateway last.
-PROCESSES = ("services.upscaler", "services.bgremoval", "services.effects", "services.gateway")
+# Services in start order, with their default ports; the gateway last.
+SERVICES = {"upscaler": (50051, 9051), "bgremoval": (50052, 9052), "effects": (50053, 9053)}
+# Replica i of a service listens on the first replica's ports + i * REPLICA_PORT_STEP.
+REPLICA_PORT_STEP = 10
 STOP_GRACE_SECONDS = 35
 PR_SET_PDEATHSIG = 1
 
@@ -26,8 +28,20 @@ def _die_with_parent() -> None:
 def main() -> int:
     env = dict(os.environ)
     env.setdefault("MODEL_DIR", "./models")
-    children = [subprocess.Popen([sys.executable, "-m", module], env=env, preexec_fn=_die_with_parent)
-                for module in PROCESSES]
+    plans = []  # (module, its own environment)
+    for name, (default_port, default_metrics) in SERVICES.items():
+        upper = name.upper()
+        port = int(env.get(f"{upper}_PORT", default_port))
+        metrics_port = int(env.get(f"{upper}_METRICS_PORT", default_metrics))
+        replicas = int(env.get(f"{upper}_REPLICAS", "1"))
+        ports = [port + i * REPLICA_PORT_STEP for i in range(replicas)]
+        env.setdefault(f"{upper}_ADDRESS", ",".join(f"127.0.0.1:{p}" for p in ports))
+        for i, replica_port in enumerate(ports):
+            plans.append((f"services.{name}", {f"{upper}_PORT": str(replica_port),
+                                               f"{upper}_METRICS_PORT": str(metrics_port and metrics_port + i * REPLICA_PORT_STEP)}))
+    plans.append(("services.gateway", {}))
+    children = [subprocess.Popen([sys.executable, "-m", module], env={**env, **own}, preexec_fn=_die_with_parent)
+                for module, own in plans]
     stopping = False
 
     def stop(signum=None, frame=None):

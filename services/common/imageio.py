@@ -25,6 +25,8 @@ Image.MAX_IMAGE_PIXELS = None
 
 FORMATS = {"PNG": "png", "JPEG": "jpeg", "MPO": "jpeg", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
+# Real profiles are a few kilobytes; a bigger one would not fit the image header's message.
+MAX_ICC_BYTES = 1 << 20
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 _ORIENTATION_TAG = 0x0112
 
@@ -143,6 +145,9 @@ def decode(data: bytes, *, max_bytes: int, max_pixels: int) -> DecodedImage:
     except Exception:  # a damaged EXIF block must not sink a readable image
         orientation = 1
     icc = img.info.get("icc_profile") or b""
+    if len(icc) > MAX_ICC_BYTES:
+        raise LimitExceeded(f"the image's ICC profile is {len(icc)} bytes; at most {MAX_ICC_BYTES} are accepted",
+                            reason="icc_profile_too_large")
     try:
         if fmt == "png" and _png_bit_depth(data) == 16:
             pixels, mode = _decode_16bit_png(data)

@@ -30,6 +30,20 @@ ERROR_TRAILER = "imagemesh-error-bin"
 LIVENESS = "liveness"
 # Spread calls over every address a name resolves to (a headless Service's pods).
 CHANNEL_OPTIONS = (("grpc.lb_policy_name", "round_robin"),)
+
+
+def channel_target(address: str) -> str:
+    """A gRPC target for a setting: `host:port`, a DNS name that resolves to
+    several addresses, or a comma-separated list of IP:port (replicas)."""
+    parts = [part.strip() for part in address.split(",") if part.strip()]
+    if len(parts) <= 1:
+        return address.strip()
+    scheme = "ipv6" if all(part.startswith("[") for part in parts) else "ipv4"
+    return f"{scheme}:{','.join(parts)}"
+
+
+def replica_count(address: str) -> int:
+    return max(1, len([part for part in address.split(",") if part.strip()]))
 logger = logging.getLogger("imagemesh.server")
 
 

@@ -20,7 +20,7 @@ from imagemesh.v1 import common_pb2, pipeline_pb2
 
 from . import logs, wire
 from .errors import InvalidArgument, LimitExceeded, ServiceError
-from .server import CHANNEL_OPTIONS
+from .server import CHANNEL_OPTIONS, channel_target
 from .tiles import GridAssembler, Rect, TileBuffer, wire_tile_size
 
 MAX_STEPS = 16
@@ -162,7 +162,8 @@ class Downstreams:
         address = getattr(self.config, STEP_ADDRESS_SETTINGS[kind])
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            channel = self._channels[address] = grpc.aio.insecure_channel(channel_target(address),
+                                                                           options=CHANNEL_OPTIONS)
         method = channel.stream_stream(STEP_METHODS[kind], request_serializer=pipeline_pb2.StreamRequest.SerializeToString,
                                        response_deserializer=pipeline_pb2.StreamResponse.FromString)
         metadata = ((logs.REQUEST_ID_HEADER, logs.request_id_var.get()),)

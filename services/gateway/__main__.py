@@ -25,6 +25,10 @@ SETTINGS = cfg.COMMON_SETTINGS + cfg.ADDRESS_SETTINGS + [
     cfg.Setting("RESULT_DIR", str, str(Path.home() / ".cache/imagemesh/results"),
                 "where job results and download files are kept"),
     cfg.Setting("RESULT_TTL_SECONDS", float, 3600.0, "how long results stay downloadable", minimum=1),
+    cfg.Setting("UPSCALE_FANOUT", int, 0, "bands of one upscale run at once over the upscaler's replicas "
+                "(0: one per address listed in UPSCALER_ADDRESS)", minimum=0, maximum=64),
+    cfg.Setting("UPSCALE_BAND_ROWS", int, 512, "input rows per band when an upscale is spread over replicas",
+                minimum=64, maximum=8192),
     cfg.Setting("PNG_COMPRESSION_LEVEL", int, 3, "zlib level of streamed PNG answers: 1 fastest, 9 smallest",
                 minimum=1, maximum=9),
     cfg.Setting("MAX_CONCURRENT_JOBS", int, 2, "jobs processed at once", minimum=1),

@@ -23,6 +23,7 @@ from services.common.tiles import BandAssembler
 from .auth import RateLimiter, TokenAuth
 from .inputs import Fields, ImageRequest, read_image_request, remove_background_options
 from .jobs import JobManager
+from .errors import HttpError
 from .mesh import MeshClient, Processed
 from .store import ResultStore, Stored
 from .urlfetch import UrlFetcher
@@ -32,6 +33,27 @@ logger = logging.getLogger("imagemesh.gateway")
 FORMAT_CHOICES = ("auto", "png", "jpeg", "webp")
 FORMAT_ALIASES = {"jpg": "jpeg"}
 SWEEP_SECONDS = 30
+
+
+DISCONNECT_POLL_SECONDS = 0.25
+
+
+async def until_disconnected(request: Request, work):
+    """Await `work`, cancelling it (and with it the gRPC calls down the pipeline)
+    if the client goes away first."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                logs.log(logger, logging.INFO, "client went away: cancelling its work")
+                raise HttpError(499, "client_closed_request", "the client closed the connection")
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
 
 def error_response(status: int, reason: str, message: str, headers: dict | None = None) -> JSONResponse:
@@ -124,11 +146,11 @@ class Gateway:
         wants_json = "application/json" in request.headers.get("accept", "")
         mesh_started = time.perf_counter()
         events = self.mesh.stream(image, steps)
-        header = await anext(events)  # a refusal becomes a 4xx here, before any byte is sent
+        header = await until_disconnected(request, anext(events))  # a refusal is a 4xx here, before any byte
         has_alpha = header.image.color_mode in (common_pb2.COLOR_MODE_GRAY_ALPHA, common_pb2.COLOR_MODE_RGBA)
         if not wants_json and imageio.choose_format(requested_format, image.format, has_alpha) == "png":
             return self.streamed_png(header, events, decode_ms)
-        result = await self.mesh.collect(header, events, mesh_started)
+        result = await until_disconnected(request, self.mesh.collect(header, events, mesh_started))
         fmt, body, encode_ms = await self.encode(result, requested_format, image.format, quality)
         height, width = result.pixels.shape[:2]
         timings = {"decode": decode_ms, **result.timings_ms, "encode": encode_ms,

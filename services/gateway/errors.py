@@ -49,6 +49,10 @@ def from_rpc_error(exc: grpc.aio.AioRpcError, upstream: str) -> HttpError:
                          _headers(503))
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return HttpError(504, "upstream_timeout", f"the {upstream} service did not answer in time")
+    if code == grpc.StatusCode.INTERNAL and "Internal error from Core" in (exc.details() or ""):
+        # grpc-python's aio client reports a stream cut under a pending write this way (grpc/grpc#36066).
+        return HttpError(503, "upstream_connection_lost", f"the connection to the {upstream} service was lost",
+                         _headers(503))
     if status == 500:
         return HttpError(500, "internal", f"the {upstream} service failed")
     return HttpError(status, detail.reason or code.name.lower(), exc.details() or code.name, _headers(status))

@@ -3,6 +3,7 @@ the first step's service and assembles the tiles that come back."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -10,6 +11,7 @@ from typing import Awaitable, Callable
 
 import grpc
 import numpy as np
+from google.protobuf import json_format
 from google.protobuf.json_format import MessageToDict
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -18,11 +20,13 @@ from imagemesh.v1 import (bgremoval_pb2, bgremoval_pb2_grpc, common_pb2, effects
 
 from services.common import logs, wire
 from services.common.imageio import DecodedImage
-from services.common.server import CHANNEL_OPTIONS
+from services.common.server import CHANNEL_OPTIONS, channel_target, replica_count
 from services.common.streaming import STEP_METHODS, STEP_ADDRESS_SETTINGS
 from services.common.tiles import Rect, grid, wire_tile_size
 
 from .errors import HttpError, from_rpc_error
+
+logger = logging.getLogger("imagemesh.gateway.mesh")
 
 SERVICES = {"upscaler": "imagemesh.v1.Upscaler", "bgremoval": "imagemesh.v1.BackgroundRemoval",
             "effects": "imagemesh.v1.Effects"}
@@ -40,6 +44,31 @@ class Processed:
 
 def report_dict(report: pipeline_pb2.StepReport) -> dict:
     return MessageToDict(report, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+
+RETRIES = 3  # attempts after the first, on another replica
+BAND_CONTEXT = 32  # rows above and below a band that its replica sees, so that bands meet without seams
+# Refusals are final; a replica that went away, or a stream cut short, is worth another try.
+RETRYABLE = {"upstream_unavailable", "upstream_incomplete", "upstream_connection_lost", "unavailable"}
+
+
+def retryable(exc: HttpError) -> bool:
+    return exc.reason in RETRYABLE
+
+
+async def backoff(attempt: int, what: str, exc: HttpError) -> None:
+    delay = 0.2 * 2 ** attempt
+    logs.log(logger, logging.WARNING, "retrying on another replica", what=what, attempt=attempt + 1,
+             reason=exc.reason, error=exc.message, delay_s=delay)
+    await asyncio.sleep(delay)
+
+
+def banded_scale(steps: list[pipeline_pb2.Step]) -> int:
+    """The integer scale of a lone upscale step (what can be cut into bands), else 0."""
+    if len(steps) != 1 or steps[0].WhichOneof("op") != "upscale":
+        return 0
+    scale = steps[0].upscale.scale
+    return int(scale) if scale >= 1 and float(scale).is_integer() else 0
 
 
 def _metadata() -> tuple:
@@ -84,8 +113,12 @@ def _input_stream(image: DecodedImage, steps: list[pipeline_pb2.Step], accepted:
 class MeshClient:
     def __init__(self, config):
         self.timeout = config.upstream_timeout_seconds
-        self.channels = {name: grpc.aio.insecure_channel(getattr(config, f"{name}_address"), options=CHANNEL_OPTIONS)
+        self.channels = {name: grpc.aio.insecure_channel(channel_target(getattr(config, f"{name}_address")),
+                                                          options=CHANNEL_OPTIONS)
                          for name in SERVICES}
+        # How many bands of one upscale run at once, on as many replicas (0: one per listed replica).
+        self.fanout = getattr(config, "upscale_fanout", 0) or replica_count(config.upscaler_address)
+        self.band_rows = getattr(config, "upscale_band_rows", 512)
         self.upscaler = upscaler_pb2_grpc.UpscalerStub(self.channels["upscaler"])
         self.bgremoval = bgremoval_pb2_grpc.BackgroundRemovalStub(self.channels["bgremoval"])
         self.effects = effects_pb2_grpc.EffectsStub(self.channels["effects"])
@@ -126,10 +159,30 @@ class MeshClient:
     async def stats(self) -> bgremoval_pb2.GetStatsResponse:
         return await self._unary("bgremoval", self.bgremoval.GetStats, bgremoval_pb2.GetStatsRequest())
 
-    async def stream(self, image: DecodedImage, steps: list[pipeline_pb2.Step]):
+    def stream(self, image: DecodedImage, steps: list[pipeline_pb2.Step]):
         """Run the steps, the first step's service forwarding the rest along the mesh.
-        Yields the StreamResult first, then each output tile as (rect, pixels),
-        then the StreamSummary; a failure raises HttpError."""
+        Yields the StreamResult first, then output regions as (rect, pixels),
+        then the StreamSummary; a failure raises HttpError. A large upscale is
+        spread over the upscaler's replicas in bands."""
+        if self.fanout > 1 and banded_scale(steps) and image.height > self.band_rows:
+            return self._stream_bands(image, steps, banded_scale(steps))
+        return self._stream_once(image, steps)
+
+    async def _stream_once(self, image: DecodedImage, steps: list[pipeline_pb2.Step]):
+        """One call, retried on another replica while nothing has come back yet."""
+        for attempt in range(RETRIES + 1):
+            started = False
+            try:
+                async for item in self._call(image, steps):
+                    started = True
+                    yield item
+                return
+            except HttpError as exc:
+                if started or not retryable(exc) or attempt == RETRIES:
+                    raise
+                await backoff(attempt, "call", exc)
+
+    async def _call(self, image: DecodedImage, steps: list[pipeline_pb2.Step]):
         kind = steps[0].WhichOneof("op")
         service = STEP_SERVICE[kind]
         method = self.channels[service].stream_stream(
@@ -163,10 +216,75 @@ class MeshClient:
 
     async def process(self, image: DecodedImage, steps: list[pipeline_pb2.Step],
                       progress: Callable[[int, int], Awaitable[None]] | None = None) -> Processed:
-        """The whole output image. `progress(tiles_done, tiles_total)` follows the tiles as they arrive."""
+        """The whole output image, retried whole when a replica fails midway.
+        `progress(tiles_done, tiles_total)` follows the tiles as they arrive."""
+        for attempt in range(RETRIES + 1):
+            started = time.perf_counter()
+            events = self.stream(image, steps)
+            try:
+                return await self.collect(await anext(events), events, started, progress)
+            except HttpError as exc:
+                if not retryable(exc) or attempt == RETRIES:
+                    raise
+                await backoff(attempt, "image", exc)
+
+    async def _stream_bands(self, image: DecodedImage, steps: list[pipeline_pb2.Step], scale: int):
+        """Bands of rows (with context rows above and below) upscaled concurrently,
+        each call on the next replica, each retried on another when its replica fails."""
+        height, width = image.height, image.width
+        bands = [(top, min(top + self.band_rows, height)) for top in range(0, height, self.band_rows)]
+        done: asyncio.Queue = asyncio.Queue()
+        slots = asyncio.Semaphore(self.fanout)
+
+        async def band(index: int, top: int, bottom: int) -> None:
+            above, below = max(0, top - BAND_CONTEXT), min(height, bottom + BAND_CONTEXT)
+            part = DecodedImage(image.pixels[above:below], image.mode, image.icc_profile, image.format)
+            for attempt in range(RETRIES + 1):
+                try:
+                    async with slots:
+                        events = self._call(part, steps)
+                        result = await self.collect(await anext(events), events, time.perf_counter())
+                    break
+                except HttpError as exc:
+                    if not retryable(exc) or attempt == RETRIES:
+                        raise
+                    await backoff(attempt, f"band {index} (rows {top}-{bottom})", exc)
+            rows = result.pixels[scale * (top - above):scale * (bottom - above)]
+            await done.put((Rect(0, scale * top, width * scale, scale * bottom), rows, result))
+
+        async def guarded(index, top, bottom):
+            try:
+                await band(index, top, bottom)
+            except BaseException as exc:
+                await done.put(exc)
+                raise
+
+        tasks = [asyncio.create_task(guarded(i, top, bottom)) for i, (top, bottom) in enumerate(bands)]
         started = time.perf_counter()
-        events = self.stream(image, steps)
-        return await self.collect(await anext(events), events, started, progress)
+        try:
+            reports = None
+            for received in range(len(bands)):
+                item = await done.get()
+                if isinstance(item, BaseException):
+                    raise item
+                rect, rows, result = item
+                if reports is None:
+                    reports = result.steps
+                    info = image.pixels.dtype
+                    yield pipeline_pb2.StreamResult(
+                        image=wire.header(width * scale, height * scale, result.mode, info,
+                                          icc_profile=image.icc_profile, source_format=image.format,
+                                          tile_width=width * scale, tile_height=self.band_rows * scale),
+                        steps=[json_format.ParseDict(r, pipeline_pb2.StepReport()) for r in reports])
+                yield rect, rows
+            yield pipeline_pb2.StreamSummary(
+                steps=[json_format.ParseDict({**r, "details": {**r.get("details", {}), "bands": str(len(bands))}},
+                                             pipeline_pb2.StepReport()) for r in reports],
+                total_ms=(time.perf_counter() - started) * 1000)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     @staticmethod
     async def collect(result: pipeline_pb2.StreamResult, events, started: float,
