@@ -62,7 +62,6 @@ def test_a_replica_killed_mid_upscale_loses_nothing(two_replicas, tmp_path_facto
         with httpx.Client(base_url=gateway.url, timeout=300) as client:
             clean = client.post("/v1/upscale", files={"file": ("p.png", png(image))}, data=fields)
             assert clean.status_code == 200, clean.text
-            assert "bands" in clean.headers["x-imagemesh-steps"] or True
             for replica in replicas:  # both replicas took bands: the work was spread
                 assert "Upscale" in httpx.get(replica.metrics_url).text
 
@@ -141,7 +140,7 @@ def test_overload_is_refused_cleanly_and_service_resumes(tmp_path_factory, model
 
 
 def test_a_client_that_leaves_stops_the_work_in_every_service(mesh, gateway, photo):
-    image = np.tile(photo, (3, 3, 1))
+    image = np.tile(photo, (8, 8, 1))  # 768 x 1024: many seconds of work at 4x
     steps = '[{"op": "upscale", "scale": 4, "model": "realesr-general-x4v3", "tile": 64}, ' \
             '{"op": "effect", "effect": "blackwhite"}]'
 

@@ -21,6 +21,47 @@ from .errors import HttpError, from_service_error
 logger = logging.getLogger("imagemesh.gateway")
 
 
+class RequestContext:
+    """Request id (the caller's X-Request-ID, or a new one) for logs and answers, HTTP
+    metrics, a log line per request, and a JSON 500 for anything unexpected. Plain
+    ASGI, so that streamed answers pass straight through and endpoints can tell
+    when their client has gone away."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = dict(scope.get("headers") or ()).get(b"x-request-id", b"").decode("latin-1")[:64]
+        request_id = given or logs.new_request_id()
+        token = logs.request_id_var.set(request_id)
+        started = time.perf_counter()
+        metrics.HTTP_IN_FLIGHT.inc()
+        state = {"status": 500, "started": False}
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                state["status"], state["started"] = message["status"], True
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            logger.exception("unhandled error")
+            if not state["started"]:
+                await error_response(500, "internal", "internal error; quote the request id when reporting it")(
+                    scope, receive, send_with_id)
+        finally:
+            metrics.HTTP_IN_FLIGHT.dec()
+            route = getattr(scope.get("route"), "path", "unmatched")
+            metrics.HTTP_REQUESTS.labels(route, scope["method"], str(state["status"])).inc()
+            metrics.HTTP_SECONDS.labels(route, scope["method"]).observe(time.perf_counter() - started)
+            logs.log(logger, logging.INFO, "request", method=scope["method"], path=scope["path"],
+                     status=state["status"], ms=round((time.perf_counter() - started) * 1000, 1))
+            logs.request_id_var.reset(token)
+
+
 def create_app(config: Config) -> FastAPI:
     gw = Gateway(config)
 
@@ -42,30 +83,7 @@ def create_app(config: Config) -> FastAPI:
         return await gw.guard(request)
     protected = [Depends(guarded)]
 
-    @app.middleware("http")
-    async def request_context(request: Request, call_next):
-        request_id = request.headers.get("x-request-id", "")[:64] or logs.new_request_id()
-        token = logs.request_id_var.set(request_id)
-        started = time.perf_counter()
-        metrics.HTTP_IN_FLIGHT.inc()
-        status = 500
-        try:
-            try:
-                response = await call_next(request)
-            except Exception:
-                logger.exception("unhandled error")
-                response = error_response(500, "internal", "internal error; quote the request id when reporting it")
-            status = response.status_code
-            response.headers["X-Request-ID"] = request_id
-            return response
-        finally:
-            metrics.HTTP_IN_FLIGHT.dec()
-            route = getattr(request.scope.get("route"), "path", "unmatched")
-            metrics.HTTP_REQUESTS.labels(route, request.method, str(status)).inc()
-            metrics.HTTP_SECONDS.labels(route, request.method).observe(time.perf_counter() - started)
-            logs.log(logger, logging.INFO, "request", method=request.method, path=request.url.path, status=status,
-                     ms=round((time.perf_counter() - started) * 1000, 1))
-            logs.request_id_var.reset(token)
+    app.add_middleware(RequestContext)
 
     @app.exception_handler(HttpError)
     async def on_http_error(request: Request, exc: HttpError):
