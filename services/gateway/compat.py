@@ -244,7 +244,8 @@ def register(app: FastAPI, gw: Gateway, protected: list) -> None:
             effects = [effects]
         if not isinstance(effects, list) or not effects or not all(isinstance(e, str) for e in effects):
             raise bad('effects must be a non-empty JSON list of effect names, e.g. ["blackwhite"]')
-        params = req.fields.structured("effect_params", {}) or {}
+        params = req.fields.structured("effect_params", {})
+        params = {} if params is None or params == "" else params
         if not isinstance(params, dict) or not all(isinstance(v, dict) for v in params.values()):
             raise bad('effect_params must be a JSON object of objects, e.g. {"blackwhite": {"grain_strength": 0.1}}')
         steps = [effect_step(Fields({"effect": name}), params.get(name, {})) for name in effects]

@@ -65,8 +65,10 @@ class Fields:
             raise bad(f"{self._name(name)} must be {kind}; got {value!r}") from None
         if not math.isfinite(number) or (integer and not number.is_integer()):
             raise bad(f"{self._name(name)} must be {kind}; got {value!r}")
-        if (minimum is not None and number < minimum) or (maximum is not None and number > maximum):
-            raise bad(f"{self._name(name)} must be between {minimum:g} and {maximum:g}; got {value}")
+        if minimum is not None and number < minimum or maximum is not None and number > maximum:
+            bounds = " and ".join(text for text in (minimum is not None and f"at least {minimum:g}",
+                                                    maximum is not None and f"at most {maximum:g}") if text)
+            raise bad(f"{self._name(name)} must be {bounds}; got {value}")
         return int(number) if integer else number
 
     def boolean(self, name: str, default: bool = False) -> bool:
