@@ -9,7 +9,7 @@ GENERATED := gen/.generated
 
 export MODEL_DIR
 
-.PHONY: setup protos run test test-deps models images bench clean
+.PHONY: setup protos run test test-deps models images bench loadtest clean
 
 REGISTRY ?= imagemesh
 TAG ?= latest
@@ -57,6 +57,10 @@ REFERENCE := .bench/reference/.installed
 
 bench: setup $(REFERENCE)
 	IMAGEMESH_BENCH_MODELS="$(BENCH_MODELS)" $(PY) -m bench.run
+
+# The mesh under load (bench/LOADTEST.md): loopback only, bounded in time.
+loadtest: setup
+	IMAGEMESH_BENCH_MODELS="$(BENCH_MODELS)" $(PY) -m bench.loadtest
 
 $(REFERENCE): $(INSTALLED)
 	$(PY) -m pip install -q --no-deps --no-build-isolation --target .bench/reference \
