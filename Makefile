@@ -45,7 +45,7 @@ test-deps:
 	@command -v chromium >/dev/null && command -v promtool >/dev/null || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium prometheus; }
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium prometheus; }
 
 models: setup
 	$(PY) -m services.fetch_models --dir "$(MODEL_DIR)"
