@@ -3,7 +3,6 @@ route, and property-based fuzzing of the decoders, the tile parser and the
 request parsers. Never a 5xx, never a crash or a hang; the mesh keeps serving."""
 import base64
 import io
-import json
 import struct
 import zlib
 
