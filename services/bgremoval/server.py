@@ -59,11 +59,10 @@ class RemovalOp:
         self.compute_ms = (time.perf_counter() - started) * 1000
 
     def render(self, job: Rect, whole: np.ndarray) -> np.ndarray:
-        rows, cols = job.y0, job.x0
+        region = (slice(job.y0, job.y1), slice(job.x0, job.x1))
         foreground = self.cutout.foreground
-        return engine.cut_out(whole[job.y0:job.y1, job.x0:job.x1], self.mode,
-                              self.cutout.mask[rows:job.y1, cols:job.x1],
-                              None if foreground is None else foreground[rows:job.y1, cols:job.x1], self.options)
+        return engine.cut_out(whole[region], self.mode, self.cutout.mask[region],
+                              None if foreground is None else foreground[region], self.options)
 
 
 class BackgroundRemovalServicer(bgremoval_pb2_grpc.BackgroundRemovalServicer):

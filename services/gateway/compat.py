@@ -18,7 +18,7 @@ from .core import Gateway
 from .errors import HttpError
 from .inputs import Fields, bad, effect_step, image_from_json, remove_background_options, upscale_step
 from .jobs import _iso
-from .v1 import ERRORS, IMAGE_RESPONSES, REMOVE_FIELDS, UPSCALE_FIELDS, image_body
+from .v1 import ERRORS, IMAGE_RESPONSES, REMOVE_FIELDS, UPSCALE_FIELDS, cache_hit_rate, image_body
 
 SUPPORTED_SCALES = [2, 4, 8]
 OUTPUT_EXT = ("png", "jpg", "jpeg", "webp")
@@ -276,10 +276,9 @@ def register(app: FastAPI, gw: Gateway, protected: list) -> None:
     @app.get("/stats", tags=["compatible"], dependencies=protected, summary="Usage statistics")
     async def stats():
         reply = await gw.mesh.stats()
-        lookups = reply.cache_hits + reply.cache_misses
         bgremoval = (await gw.mesh.list_models())["bgremoval"]
         return {"requests_total": int(_metric_sum(metrics.HTTP_REQUESTS, "imagemesh_http_requests_total")),
-                "cache_hit_rate": reply.cache_hits / lookups if lookups else 0.0,
+                "cache_hit_rate": cache_hit_rate(reply),
                 "active_requests": int(_metric_sum(metrics.HTTP_IN_FLIGHT, "imagemesh_http_requests_in_flight")),
                 "model_memory_mb": round(sum(m.file_bytes for m in bgremoval.models if m.ready) / 2**20, 1),
                 "cache_entries": reply.cache_entries, "background_removals": reply.requests,

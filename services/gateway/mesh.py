@@ -164,9 +164,14 @@ class MeshClient:
         Yields the StreamResult first, then output regions as (rect, pixels),
         then the StreamSummary; a failure raises HttpError. A large upscale is
         spread over the upscaler's replicas in bands."""
-        if self.fanout > 1 and banded_scale(steps) and image.height > self.band_rows:
-            return self._stream_bands(image, steps, banded_scale(steps))
-        return self._stream_once(image, steps)
+        scale = self._band_scale(image, steps)
+        return self._stream_bands(image, steps, scale) if scale else self._stream_once(image, steps)
+
+    def _band_scale(self, image: DecodedImage, steps: list[pipeline_pb2.Step]) -> int:
+        """The scale to cut this image into bands at, or 0 to send it whole."""
+        if self.fanout > 1 and image.height > self.band_rows:
+            return banded_scale(steps)
+        return 0
 
     async def _stream_once(self, image: DecodedImage, steps: list[pipeline_pb2.Step]):
         """One call, retried on another replica while nothing has come back yet."""
@@ -216,15 +221,17 @@ class MeshClient:
 
     async def process(self, image: DecodedImage, steps: list[pipeline_pb2.Step],
                       progress: Callable[[int, int], Awaitable[None]] | None = None) -> Processed:
-        """The whole output image, retried whole when a replica fails midway.
+        """The whole output image. A single call is retried whole when its replica
+        fails, even midway (nothing has gone to the client yet); bands retry themselves.
         `progress(tiles_done, tiles_total)` follows the tiles as they arrive."""
+        scale = self._band_scale(image, steps)
         for attempt in range(RETRIES + 1):
             started = time.perf_counter()
-            events = self.stream(image, steps)
+            events = self._stream_bands(image, steps, scale) if scale else self._call(image, steps)
             try:
                 return await self.collect(await anext(events), events, started, progress)
             except HttpError as exc:
-                if not retryable(exc) or attempt == RETRIES:
+                if scale or not retryable(exc) or attempt == RETRIES:
                     raise
                 await backoff(attempt, "image", exc)
 
@@ -270,9 +277,8 @@ class MeshClient:
                 rect, rows, result = item
                 if reports is None:
                     reports = result.steps
-                    info = image.pixels.dtype
                     yield pipeline_pb2.StreamResult(
-                        image=wire.header(width * scale, height * scale, result.mode, info,
+                        image=wire.header(width * scale, height * scale, result.mode, image.pixels.dtype,
                                           icc_profile=image.icc_profile, source_format=image.format,
                                           tile_width=width * scale, tile_height=self.band_rows * scale),
                         steps=[json_format.ParseDict(r, pipeline_pb2.StepReport()) for r in reports])

@@ -85,6 +85,11 @@ IMAGE_RESPONSES = {
 }
 
 
+def cache_hit_rate(stats) -> float:
+    lookups = stats.cache_hits + stats.cache_misses
+    return stats.cache_hits / lookups if lookups else 0.0
+
+
 def effect_params(f: Fields):
     """`params` as JSON, or (multipart) every field that is not reserved."""
     params = f.structured("params", None)
@@ -165,13 +170,12 @@ def register(app: FastAPI, gw: Gateway, protected: list) -> None:
              dependencies=protected)
     async def removal_stats():
         reply = await gw.mesh.stats()
-        lookups = reply.cache_hits + reply.cache_misses
         return {
             "models": [{"model": m.model, "runs": m.runs, "offered": m.offered, "picks": m.picks,
                         "share": m.share, "pick_rate": m.pick_rate, "mean_ms": round(m.mean_ms, 1)}
                        for m in reply.models],
             "choices": reply.choices, "requests": reply.requests, "cache_hits": reply.cache_hits,
-            "cache_misses": reply.cache_misses, "cache_hit_rate": reply.cache_hits / lookups if lookups else 0.0,
+            "cache_misses": reply.cache_misses, "cache_hit_rate": cache_hit_rate(reply),
             "cache_bytes": reply.cache_bytes, "cache_entries": reply.cache_entries}
 
     @app.post("/v1/effects", tags=["v1"], summary="Apply an effect", dependencies=protected,
