@@ -42,8 +42,27 @@ def test_16bit_rgba_png_round_trips_at_16_bits():
 def test_16bit_png_modes(mode):
     channels = {"L": 1, "LA": 2, "RGB": 3}[mode]
     pixels = np.random.default_rng(2).integers(0, 65536, (9, 13, channels), dtype=np.uint16)
-    decoded = imageio.decode(imageio.encode_png16(pixels, mode), **LIMITS)
+    decoded = imageio.decode(imageio.encode_png(pixels, mode), **LIMITS)
     assert decoded.mode == mode and np.array_equal(decoded.pixels, pixels)
+
+
+@pytest.mark.parametrize("level", [0, 1, 3, 4, 9])  # ISA-L's levels, then zlib's
+@pytest.mark.parametrize("mode", ["L", "LA", "RGB", "RGBA"])
+def test_png_written_band_by_band_is_lossless_at_every_level(photo, mode, level):
+    channels = len(mode)
+    pixels = np.ascontiguousarray(np.dstack([photo] * 2)[:, :, :channels])
+    writer = imageio.PngWriter(pixels.shape[1], pixels.shape[0], mode, 8, level=level)
+    bands = [writer.rows(pixels[top:top + 37]) for top in range(0, pixels.shape[0], 37)]
+    png = writer.start() + b"".join(bands) + writer.finish()
+    assert Image.open(io.BytesIO(png)).mode == mode  # Pillow's decoder agrees with ours
+    decoded = imageio.decode(png, **LIMITS)
+    assert decoded.mode == mode and np.array_equal(decoded.pixels, pixels)
+
+
+def test_png_levels_outside_zero_to_nine_are_refused():
+    for level in (-1, 10):
+        with pytest.raises(ValueError):
+            imageio.PngWriter(4, 4, "RGB", 8, level=level)
 
 
 def test_grayscale_stays_grayscale(photo):
@@ -92,7 +111,7 @@ def test_icc_profile_is_kept_through_decode_and_encode(photo):
     for fmt in ("png", "jpeg", "webp"):
         assert Image.open(io.BytesIO(imageio.encode(decoded.pixels, "RGB", fmt, icc_profile=icc))).info.get(
             "icc_profile") == icc
-    png16 = imageio.encode_png16(decoded.pixels.astype(np.uint16) * 257, "RGB", icc)
+    png16 = imageio.encode_png(decoded.pixels.astype(np.uint16) * 257, "RGB", icc)
     assert imageio.decode(png16, **LIMITS).icc_profile == icc
 
 

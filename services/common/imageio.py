@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+from isal import isal_zlib
 from PIL import Image, ImageCms
 
 from .errors import InvalidArgument, LimitExceeded, UndecodableImage, UnsupportedMediaType
@@ -202,17 +203,31 @@ def _png_chunk(kind: bytes, body: bytes) -> bytes:
     return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
 
+PNG_LEVELS = range(0, 10)
+DEFAULT_PNG_LEVEL = 1
+
+
+def deflate_compressor(level: int):
+    """Levels 0-3: ISA-L's deflate (several times zlib's speed at zlib 3's size
+    on photos); 4-9: zlib's, smaller and slower. Both write plain zlib streams."""
+    if level not in PNG_LEVELS:
+        raise ValueError(f"PNG compression level must be 0-9, not {level}")
+    return isal_zlib.compressobj(level) if level <= isal_zlib.ISAL_BEST_COMPRESSION else zlib.compressobj(level)
+
+
 class PngWriter:
     """A PNG written band by band (rows top to bottom), each band compressed
     and handed out as IDAT data at once: a whole image never needs to exist.
     Rows use the "Up" filter: cheap, vectorised, and good on photos."""
 
     COLOR_TYPES = {"L": 0, "LA": 4, "RGB": 2, "RGBA": 6}
+    UP_FILTER = 2
 
-    def __init__(self, width: int, height: int, mode: str, bit_depth: int, icc_profile: bytes = b"", level: int = 6):
+    def __init__(self, width: int, height: int, mode: str, bit_depth: int, icc_profile: bytes = b"",
+                 level: int = DEFAULT_PNG_LEVEL):
         self.width, self.height, self.mode, self.bit_depth = width, height, mode, bit_depth
         self.icc_profile = icc_profile
-        self._compressor = zlib.compressobj(level)
+        self._compressor = deflate_compressor(level)
         self._previous: np.ndarray | None = None
         self.rows_written = 0
 
@@ -227,14 +242,16 @@ class PngWriter:
         """The next rows, (h, width, channels) in the writer's depth; returns IDAT bytes (maybe empty)."""
         dtype = ">u2" if self.bit_depth == 16 else np.uint8
         raw = np.ascontiguousarray(pixels.astype(dtype, copy=False)).view(np.uint8).reshape(pixels.shape[0], -1)
-        filtered = raw.copy()
-        filtered[1:] -= raw[:-1]
-        if self._previous is not None:
-            filtered[0] -= self._previous
+        scanlines = np.empty((raw.shape[0], raw.shape[1] + 1), np.uint8)
+        scanlines[:, 0] = self.UP_FILTER
+        np.subtract(raw[1:], raw[:-1], out=scanlines[1:, 1:])
+        if self._previous is None:
+            scanlines[0, 1:] = raw[0]
+        else:
+            np.subtract(raw[0], self._previous, out=scanlines[0, 1:])
         self._previous = raw[-1].copy()
         self.rows_written += pixels.shape[0]
-        scanlines = np.hstack([np.full((raw.shape[0], 1), 2, np.uint8), filtered])
-        data = self._compressor.compress(scanlines.tobytes())
+        data = self._compressor.compress(scanlines)
         return _png_chunk(b"IDAT", data) if data else b""
 
     def finish(self) -> bytes:
@@ -243,18 +260,19 @@ class PngWriter:
         return _png_chunk(b"IDAT", self._compressor.flush()) + _png_chunk(b"IEND", b"")
 
 
-def encode_png16(pixels: np.ndarray, mode: str, icc_profile: bytes = b"") -> bytes:
-    """16-bit PNG with the ICC profile kept (Pillow cannot write 16-bit colour)."""
-    writer = PngWriter(pixels.shape[1], pixels.shape[0], mode, 16, icc_profile)
+def encode_png(pixels: np.ndarray, mode: str, icc_profile: bytes = b"", level: int = DEFAULT_PNG_LEVEL) -> bytes:
+    """A whole PNG, 8- or 16-bit by the pixels' type, with the ICC profile kept
+    (Pillow cannot write 16-bit colour)."""
+    writer = PngWriter(pixels.shape[1], pixels.shape[0], mode, 8 * pixels.dtype.itemsize, icc_profile, level)
     return writer.start() + writer.rows(pixels) + writer.finish()
 
 
 def encode(pixels: np.ndarray, mode: str, fmt: str, *, icc_profile: bytes = b"", quality: int = 92,
-           background: tuple[int, int, int] = (255, 255, 255)) -> bytes:
+           background: tuple[int, int, int] = (255, 255, 255), png_level: int = DEFAULT_PNG_LEVEL) -> bytes:
     if fmt not in OUTPUT_FORMATS:
         raise InvalidArgument(f"format must be one of {', '.join(OUTPUT_FORMATS)}", field="format")
-    if fmt == "png" and pixels.dtype == np.uint16:
-        return encode_png16(pixels, mode, icc_profile)
+    if fmt == "png":
+        return encode_png(pixels, mode, icc_profile, png_level)
     if fmt == "jpeg":
         pixels, mode = composite(pixels, mode, background)
     pixels = to_8bit(pixels)

@@ -6,6 +6,7 @@ from pathlib import Path
 import uvicorn
 
 from services.common import config as cfg
+from services.common import imageio
 from services.common import logs
 
 from .app import create_app
@@ -29,8 +30,9 @@ SETTINGS = cfg.COMMON_SETTINGS + cfg.ADDRESS_SETTINGS + [
                 "(0: one per address listed in UPSCALER_ADDRESS)", minimum=0, maximum=64),
     cfg.Setting("UPSCALE_BAND_ROWS", int, 512, "input rows per band when an upscale is spread over replicas",
                 minimum=64, maximum=8192),
-    cfg.Setting("PNG_COMPRESSION_LEVEL", int, 3, "zlib level of streamed PNG answers: 1 fastest, 9 smallest",
-                minimum=1, maximum=9),
+    cfg.Setting("PNG_COMPRESSION_LEVEL", int, imageio.DEFAULT_PNG_LEVEL,
+                "deflate level of PNG answers: 0-3 ISA-L (fast), 4-9 zlib (smaller, slower)",
+                minimum=min(imageio.PNG_LEVELS), maximum=max(imageio.PNG_LEVELS)),
     cfg.Setting("MAX_CONCURRENT_JOBS", int, 2, "jobs processed at once", minimum=1),
     cfg.Setting("JOB_QUEUE_SIZE", int, 32, "jobs waiting beyond those; past it, 429", minimum=0),
 ]

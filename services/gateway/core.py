@@ -123,8 +123,8 @@ class Gateway:
                      quality: int) -> tuple[str, bytes, float]:
         fmt = imageio.choose_format(requested_format, source_format, result.mode in ("LA", "RGBA"))
         started = time.perf_counter()
-        body = await run_in_threadpool(imageio.encode, result.pixels, result.mode, fmt,
-                                       icc_profile=result.icc_profile, quality=quality)
+        body = await run_in_threadpool(imageio.encode, result.pixels, result.mode, fmt, icc_profile=result.icc_profile,
+                                       quality=quality, png_level=self.config.png_compression_level)
         return fmt, body, round((time.perf_counter() - started) * 1000, 1)
 
     async def run_to_store(self, image: imageio.DecodedImage, steps: list[pipeline_pb2.Step], fmt: str, quality: int,
