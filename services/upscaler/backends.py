@@ -90,7 +90,9 @@ class TorchBackend:
         integer pixels (h, w, 3) in, the model's passes, then clamped, quantised
         and cropped there; only the integer result comes back."""
         maximum = float(np.iinfo(pixels.dtype).max)
-        source = torch.from_numpy(pixels if pixels.dtype == np.uint8 else pixels.astype(np.int32))
+        # torch warns on read-only arrays (tiles straight off the wire); copying one costs little.
+        source = torch.from_numpy(np.require(pixels, requirements="W") if pixels.dtype == np.uint8
+                                  else pixels.astype(np.int32))
         with torch.inference_mode():
             x = self._to_device(source).permute(2, 0, 1)[None].to(self.dtype) / maximum
             for _ in range(passes):
