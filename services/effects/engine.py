@@ -227,20 +227,24 @@ def _vignette(x, origin, p, o):
     return x * (1.0 - p["strength"] * falloff * falloff)[:, :, None]
 
 
-def _block_means(x: np.ndarray, origin: Origin, block: int) -> np.ndarray:
-    """Each pixel takes the mean of its block on the image-wide block grid
-    (blocks at the array's edge use what the array holds; the halo keeps
-    those out of the tile's core)."""
+def _block_grid(x: np.ndarray, origin: Origin, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Means of the blocks of the image-wide block grid that `x` touches, and
+    each pixel's block row and column (blocks at the array's edge use what the
+    array holds; the halo keeps those out of the tile's core)."""
     height, width = x.shape[:2]
-    start_y, start_x = (origin.y // block) * block, (origin.x // block) * block
-    rows = np.arange(origin.y, origin.y + height) // block - start_y // block
-    cols = np.arange(origin.x, origin.x + width) // block - start_x // block
-    n_rows, n_cols = rows[-1] + 1, cols[-1] + 1
-    sums = np.zeros((n_rows, n_cols, x.shape[2]), np.float64)
-    counts = np.zeros((n_rows, n_cols, 1), np.float64)
-    np.add.at(sums, (rows[:, None], cols[None, :]), x.astype(np.float64))
-    np.add.at(counts, (rows[:, None], cols[None, :]), 1.0)
-    return (sums / counts).astype(np.float32)[rows[:, None], cols[None, :]]
+    rows = (np.arange(origin.y, origin.y + height) // block) - origin.y // block
+    cols = (np.arange(origin.x, origin.x + width) // block) - origin.x // block
+    row_starts = np.flatnonzero(np.diff(rows, prepend=-1))
+    col_starts = np.flatnonzero(np.diff(cols, prepend=-1))
+    sums = np.add.reduceat(np.add.reduceat(x.astype(np.float64), row_starts, axis=0), col_starts, axis=1)
+    counts = np.diff(row_starts, append=height)[:, None, None] * np.diff(col_starts, append=width)[None, :, None]
+    return (sums / counts).astype(np.float32), rows, cols
+
+
+def _block_means(x: np.ndarray, origin: Origin, block: int) -> np.ndarray:
+    """Each pixel takes the mean of its block."""
+    means, rows, cols = _block_grid(x, origin, block)
+    return means[rows[:, None], cols[None, :]]
 
 
 def _pixelate(x, origin, p, o):
@@ -258,7 +262,8 @@ PIXEL_PALETTES = {
 
 
 def _pixel8bit(x, origin, p, o):
-    return nearest_colour(_block_means(x, origin, int(p["block"])), PIXEL_PALETTES[o["palette"]])
+    means, rows, cols = _block_grid(x, origin, int(p["block"]))
+    return nearest_colour(means, PIXEL_PALETTES[o["palette"]])[rows[:, None], cols[None, :]]  # a colour per block
 
 
 POP_PALETTES = (
