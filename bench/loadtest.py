@@ -25,7 +25,7 @@ import skimage.data
 import yaml
 from PIL import Image
 
-from bench.run import ROOT, Process, free_port
+from bench.run import DEFAULT_MODELS, ROOT, Process, free_port
 
 # A mix of what users send: upscales, background removal, effects, pipelines.
 def workload(image: bytes) -> list[tuple[str, dict]]:
@@ -170,8 +170,7 @@ async def run(models: Path, seconds: float) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", type=Path, default=Path(os.environ.get("IMAGEMESH_BENCH_MODELS",
-                                                                         ROOT.parent / "shared" / "models")))
+    parser.add_argument("--models", type=Path, default=DEFAULT_MODELS)
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "LOADTEST.md")
     args = parser.parse_args(argv)

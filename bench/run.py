@@ -60,6 +60,20 @@ def timed(fn):
     return time.perf_counter() - started, result
 
 
+def alternately(first, second, rounds: int) -> tuple[float, float, object, object]:
+    """Both contenders in turn, round by round: their median seconds, and each one's last result."""
+    first_times, second_times = [], []
+    for _ in range(rounds):
+        seconds, first_result = timed(first)
+        first_times.append(seconds)
+        seconds, second_result = timed(second)
+        second_times.append(seconds)
+    return statistics.median(first_times), statistics.median(second_times), first_result, second_result
+
+
+DEFAULT_MODELS = Path(os.environ.get("IMAGEMESH_BENCH_MODELS", ROOT.parent / "shared" / "models"))
+
+
 def machine() -> dict:
     model, flags = platform.processor() or "unknown", []
     try:
@@ -130,14 +144,10 @@ def engine_vs_reference(model_dir: Path, rounds: int, size: int, tile: int = 128
         ours = ours_by_name[name]
         reference.enhance(bgr[:64, :64], outscale=4)  # warm both
         ours.engine.upscale(image[:64, :64], "RGB", 4, tile=tile, halo=halo)
-        ref_times, our_times = [], []
-        for _ in range(rounds):
-            seconds, ref_out = timed(lambda: reference.enhance(bgr, outscale=4)[0])
-            ref_times.append(seconds)
-            seconds, our_out = timed(lambda: ours.engine.upscale(image, "RGB", 4, tile=tile, halo=halo))
-            our_times.append(seconds)
+        ref_s, ours_s, ref_out, our_out = alternately(
+            lambda: reference.enhance(bgr, outscale=4)[0],
+            lambda: ours.engine.upscale(image, "RGB", 4, tile=tile, halo=halo), rounds)
         megapixels, gflop = size * size / 1e6, tiled_gflop(model_dir, name, file, size, tile, halo)
-        ours_s, ref_s = statistics.median(our_times), statistics.median(ref_times)
         rows.append({"model": name, "backend": ours.backend, "ours": megapixels / ours_s,
                      "reference": megapixels / ref_s, "ratio": ref_s / ours_s,
                      "ours_gflops": gflop / ours_s, "reference_gflops": gflop / ref_s,
@@ -221,17 +231,14 @@ def mesh_overhead(model_dir: Path, rounds: int, size: int = 1024, tile: int = 25
                 reply = client.post(url, files={"file": ("photo.png", upload.getvalue())}, data=fields)
                 reply.raise_for_status()
                 return reply.content
-            answer = through_mesh()  # warm the path
-            in_process, mesh = [], []
-            for _ in range(rounds):
-                in_process.append(timed(lambda: engine.engine.upscale(image, "RGB", 4, tile=tile))[0])
-                mesh.append(timed(through_mesh)[0])
+            through_mesh()  # warm the path
+            in_process, mesh, _, answer = alternately(
+                lambda: engine.engine.upscale(image, "RGB", 4, tile=tile), through_mesh, rounds)
     finally:
         gateway.stop()
         upscaler.stop()
-    return {"backend": engine.backend, "image": f"{size}x{size}", "in_process": statistics.median(in_process),
-            "mesh": statistics.median(mesh), "ratio": statistics.median(mesh) / statistics.median(in_process),
-            "png": png_encoders(np.asarray(Image.open(io.BytesIO(answer))), rounds)}
+    return {"backend": engine.backend, "image": f"{size}x{size}", "in_process": in_process, "mesh": mesh,
+            "ratio": mesh / in_process, "png": png_encoders(np.asarray(Image.open(io.BytesIO(answer))), rounds)}
 
 
 def png_encoders(pixels: np.ndarray, rounds: int) -> dict:
@@ -240,14 +247,9 @@ def png_encoders(pixels: np.ndarray, rounds: int) -> dict:
         out = io.BytesIO()
         Image.fromarray(pixels).save(out, "PNG")
         return out.getvalue()
-    ours_times, pillow_times = [], []
-    for _ in range(rounds):
-        seconds, ours = timed(lambda: imageio.encode(pixels, "RGB", "png"))
-        ours_times.append(seconds)
-        seconds, reference = timed(pillow)
-        pillow_times.append(seconds)
-    return {"size": f"{pixels.shape[1]}x{pixels.shape[0]}", "ours_s": statistics.median(ours_times),
-            "ours_mb": len(ours) / 1e6, "pillow_s": statistics.median(pillow_times), "pillow_mb": len(reference) / 1e6}
+    ours_s, pillow_s, ours, reference = alternately(lambda: imageio.encode(pixels, "RGB", "png"), pillow, rounds)
+    return {"size": f"{pixels.shape[1]}x{pixels.shape[0]}", "ours_s": ours_s, "ours_mb": len(ours) / 1e6,
+            "pillow_s": pillow_s, "pillow_mb": len(reference) / 1e6}
 
 
 # --- 3. upscaler memory ----------------------------------------------------------
@@ -316,13 +318,9 @@ def bgremoval_vs_plain(model_dir: Path, rounds: int, size: int = 1024) -> dict:
         cut.putalpha(alpha)
         return np.asarray(cut)
     ours(), plain()
-    our_times, plain_times = [], []
-    for _ in range(20 * rounds):  # a few milliseconds each: many rounds, or noise decides
-        our_times.append(timed(ours)[0])
-        plain_times.append(timed(plain)[0])
-    return {"model": "mediapipe-selfie", "image": f"{size}x{size}", "ours_ms": 1000 * statistics.median(our_times),
-            "plain_ms": 1000 * statistics.median(plain_times),
-            "ratio": statistics.median(plain_times) / statistics.median(our_times)}
+    ours_s, plain_s, _, _ = alternately(ours, plain, 20 * rounds)  # a few milliseconds each: many rounds
+    return {"model": "mediapipe-selfie", "image": f"{size}x{size}", "ours_ms": 1000 * ours_s,
+            "plain_ms": 1000 * plain_s, "ratio": plain_s / ours_s}
 
 
 def effects_throughput(rounds: int, width: int = 1600, height: int = 1200) -> list[dict]:
@@ -408,8 +406,7 @@ def report(results: dict, command: str) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", type=Path, default=Path(os.environ.get("IMAGEMESH_BENCH_MODELS",
-                                                                         ROOT.parent / "shared" / "models")))
+    parser.add_argument("--models", type=Path, default=DEFAULT_MODELS)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run, not for RESULTS.md)")
     args = parser.parse_args(argv)
