@@ -160,7 +160,9 @@ def int8_psnr(module: torch.nn.Module, image: np.ndarray) -> float:
             conv.weight.copy_((conv.weight / step).round() * step)
             conv.register_forward_pre_hook(quantise_input)
         approximate = module(x)
-    as_image = lambda t: (t[0].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()  # noqa: E731
+
+    def as_image(output: torch.Tensor) -> np.ndarray:
+        return (output[0].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
     return psnr(as_image(approximate), as_image(exact))
 
 
