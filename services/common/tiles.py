@@ -45,10 +45,16 @@ class Rect:
         return (slice(self.y0 - outer.y0, self.y1 - outer.y0), slice(self.x0 - outer.x0, self.x1 - outer.x0))
 
 
+def grid_cell(column: int, row: int, cell_width: int, cell_height: int, width: int, height: int) -> Rect:
+    """One cell of a grid over a width x height image; the last column and row are cut short."""
+    x, y = column * cell_width, row * cell_height
+    return Rect(x, y, min(x + cell_width, width), min(y + cell_height, height))
+
+
 def grid(width: int, height: int, tile_width: int, tile_height: int) -> list[Rect]:
     """Cells of a tile grid over an image, in raster order."""
-    return [Rect(x, y, min(x + tile_width, width), min(y + tile_height, height))
-            for y in range(0, height, tile_height) for x in range(0, width, tile_width)]
+    return [grid_cell(column, row, tile_width, tile_height, width, height)
+            for row in range(-(-height // tile_height)) for column in range(-(-width // tile_width))]
 
 
 def split_for_messages(rect: Rect, bytes_per_pixel: int, max_bytes: int = MAX_TILE_BYTES) -> list[Rect]:
@@ -103,8 +109,7 @@ class TileBuffer:
         return len(self._cells)
 
     def cell_rect(self, column: int, row: int) -> Rect:
-        x, y = column * self.tile_width, row * self.tile_height
-        return Rect(x, y, min(x + self.tile_width, self.width), min(y + self.tile_height, self.height))
+        return grid_cell(column, row, self.tile_width, self.tile_height, self.width, self.height)
 
     def add(self, rect: Rect, pixels: np.ndarray) -> None:
         """Store one cell; `pixels` is its (height, width, channels) array."""
@@ -163,8 +168,7 @@ class GridAssembler:
         return len(self._partial)
 
     def cell_rect(self, column: int, row: int) -> Rect:
-        x, y = column * self.cell_width, row * self.cell_height
-        return Rect(x, y, min(x + self.cell_width, self.width), min(y + self.cell_height, self.height))
+        return grid_cell(column, row, self.cell_width, self.cell_height, self.width, self.height)
 
     def add(self, rect: Rect, pixels: np.ndarray) -> list[tuple[Rect, np.ndarray]]:
         done = []
