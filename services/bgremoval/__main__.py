@@ -4,7 +4,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from imagemesh.v1 import bgremoval_pb2_grpc
+from imagemesh.v1 import bgremoval_pb2, bgremoval_pb2_grpc
 
 from services.common import config as cfg
 from services.common import logs
@@ -35,8 +35,8 @@ SETTINGS = cfg.SERVICE_SETTINGS + [
 async def main() -> None:
     config = cfg.load_or_exit(SETTINGS)
     logs.setup("bgremoval", config.log_level)
-    runtime = ServiceRuntime("bgremoval", "imagemesh.v1.BackgroundRemoval", config, config.bgremoval_port,
-                             config.bgremoval_metrics_port)
+    runtime = ServiceRuntime("bgremoval", bgremoval_pb2.DESCRIPTOR.services_by_name["BackgroundRemoval"], config,
+                             config.bgremoval_port, config.bgremoval_metrics_port)
     gpu = "CUDAExecutionProvider" in ort.get_available_providers()
     if config.bgremoval_device == "cuda" and not gpu:
         raise SystemExit("imagemesh: BGREMOVAL_DEVICE=cuda but onnxruntime has no CUDA provider")

@@ -15,6 +15,8 @@ import time
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import grpc
+from google.protobuf import descriptor_pool
+from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -78,6 +80,27 @@ class ConcurrencyLimiter:
             self._slots.release()
 
 
+class MethodAwarePool:
+    """The default descriptor pool, also resolving methods (`package.Service.Method`):
+    upb's pool finds only messages, enums and services, and grpcurl asks reflection
+    for a method by its full name."""
+
+    def __init__(self, pool: descriptor_pool.DescriptorPool):
+        self._pool = pool
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pool, name)
+
+    def FindFileContainingSymbol(self, symbol: str):  # noqa: N802 (the pool's own name)
+        try:
+            return self._pool.FindFileContainingSymbol(symbol)
+        except KeyError:
+            service, _, method = symbol.rpartition(".")
+            if service and method in self._pool.FindServiceByName(service).methods_by_name:
+                return self._pool.FindServiceByName(service).file
+            raise
+
+
 def _metadata_value(context: grpc.aio.ServicerContext, key: str) -> str:
     for name, value in context.invocation_metadata() or ():
         if name == key:
@@ -86,9 +109,12 @@ def _metadata_value(context: grpc.aio.ServicerContext, key: str) -> str:
 
 
 class ServiceRuntime:
-    def __init__(self, service: str, grpc_service_name: str, config: Config, port: int, metrics_port: int):
+    def __init__(self, service: str, descriptor: ServiceDescriptor, config: Config, port: int, metrics_port: int):
+        """`descriptor` is the service's own, from its generated `_pb2` module: taking it
+        (not a name) registers that .proto file for reflection, which resolves a service
+        only from files in the default descriptor pool."""
         self.service = service
-        self.grpc_service_name = grpc_service_name
+        self.grpc_service_name = descriptor.full_name
         self.config = config
         self.port = port
         self.metrics_port = metrics_port
@@ -144,7 +170,8 @@ class ServiceRuntime:
         add_servicer(self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            (self.grpc_service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+            (self.grpc_service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server,
+            pool=MethodAwarePool(descriptor_pool.Default()))
         await self.set_serving(False)
         await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         bound = self.server.add_insecure_port(f"{self.config.bind_host}:{self.port}")

@@ -1,7 +1,7 @@
 """python -m services.effects: the effects gRPC service."""
 import asyncio
 
-from imagemesh.v1 import effects_pb2_grpc
+from imagemesh.v1 import effects_pb2, effects_pb2_grpc
 
 from services.common import config as cfg
 from services.common import logs
@@ -19,8 +19,8 @@ SETTINGS = cfg.SERVICE_SETTINGS + [
 async def main() -> None:
     config = cfg.load_or_exit(SETTINGS)
     logs.setup("effects", config.log_level)
-    runtime = ServiceRuntime("effects", "imagemesh.v1.Effects", config, config.effects_port,
-                             config.effects_metrics_port)
+    runtime = ServiceRuntime("effects", effects_pb2.DESCRIPTOR.services_by_name["Effects"], config,
+                             config.effects_port, config.effects_metrics_port)
     servicer = EffectsServicer(runtime)
 
     async def ready() -> None:  # no models to load

@@ -2,7 +2,7 @@
 import asyncio
 from pathlib import Path
 
-from imagemesh.v1 import upscaler_pb2_grpc
+from imagemesh.v1 import upscaler_pb2, upscaler_pb2_grpc
 
 from services.common import config as cfg
 from services.common import logs
@@ -32,8 +32,8 @@ SETTINGS = cfg.SERVICE_SETTINGS + [
 async def main() -> None:
     config = cfg.load_or_exit(SETTINGS)
     logs.setup("upscaler", config.log_level)
-    runtime = ServiceRuntime("upscaler", "imagemesh.v1.Upscaler", config, config.upscaler_port,
-                             config.upscaler_metrics_port)
+    runtime = ServiceRuntime("upscaler", upscaler_pb2.DESCRIPTOR.services_by_name["Upscaler"], config,
+                             config.upscaler_port, config.upscaler_metrics_port)
     try:
         device = resolve_device(config.upscaler_device)
     except RuntimeError as exc:
