@@ -21,7 +21,7 @@ from imagemesh.v1 import common_pb2, pipeline_pb2
 from . import logs, wire
 from .errors import InvalidArgument, LimitExceeded, ServiceError
 from .server import CHANNEL_OPTIONS, channel_target
-from .tiles import GridAssembler, Rect, TileBuffer, wire_tile_size
+from .tiles import GridAssembler, Rect, TileBuffer
 
 MAX_STEPS = 16
 QUEUE_MESSAGES = 8
@@ -93,10 +93,8 @@ def step_kind(step: pipeline_pb2.Step) -> str:
 
 def output_header(op: TileOp, info: wire.HeaderInfo) -> common_pb2.ImageHeader:
     # Cells no bigger than one job's output, so a finished job's tiles leave at once.
-    cell = min(wire_tile_size(op.out_width, wire.MODE_CHANNELS[op.out_mode] * np.dtype(op.out_dtype).itemsize),
-               getattr(op, "preferred_cell", 1 << 30))
-    return wire.header(op.out_width, op.out_height, op.out_mode, op.out_dtype, icc_profile=info.msg.icc_profile,
-                       source_format=info.msg.source_format, tile_width=cell, tile_height=cell)
+    return wire.grid_header(op.out_width, op.out_height, op.out_mode, op.out_dtype, icc_profile=info.msg.icc_profile,
+                            source_format=info.msg.source_format, max_cell=getattr(op, "preferred_cell", 1 << 30))
 
 
 async def render_stream(plan: StepPlan, info: wire.HeaderInfo, requests: AsyncIterator, executor,

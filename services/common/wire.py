@@ -6,7 +6,7 @@ import numpy as np
 from imagemesh.v1 import common_pb2
 
 from .errors import InvalidArgument, LimitExceeded
-from .tiles import MAX_TILE_BYTES, Rect
+from .tiles import MAX_TILE_BYTES, Rect, wire_tile_size
 
 MODE_CHANNELS = {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4}
 _MODE_TO_PROTO = {"L": common_pb2.COLOR_MODE_GRAY, "LA": common_pb2.COLOR_MODE_GRAY_ALPHA,
@@ -22,6 +22,15 @@ def header(width: int, height: int, mode: str, dtype: np.dtype, *, icc_profile: 
     return common_pb2.ImageHeader(width=width, height=height, color_mode=_MODE_TO_PROTO[mode],
                                   sample_type=sample_type, icc_profile=icc_profile or b"",
                                   source_format=source_format, tile_width=tile_width, tile_height=tile_height)
+
+
+def grid_header(width: int, height: int, mode: str, dtype: np.dtype, *, icc_profile: bytes = b"",
+                source_format: str = "", max_cell: int = 1 << 30) -> common_pb2.ImageHeader:
+    """A header declaring the grid every sender of an image uses: square cells, at most
+    `max_cell` pixels on a side, each under MAX_TILE_BYTES whatever the mode and depth."""
+    cell = min(wire_tile_size(width, MODE_CHANNELS[mode] * np.dtype(dtype).itemsize), max_cell)
+    return header(width, height, mode, dtype, icc_profile=icc_profile, source_format=source_format,
+                  tile_width=cell, tile_height=cell)
 
 
 class HeaderInfo:

@@ -11,7 +11,6 @@ from typing import Awaitable, Callable
 
 import grpc
 import numpy as np
-from google.protobuf import json_format
 from google.protobuf.json_format import MessageToDict
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -22,7 +21,7 @@ from services.common import logs, wire
 from services.common.imageio import DecodedImage
 from services.common.server import CHANNEL_OPTIONS, channel_target, replica_count
 from services.common.streaming import STEP_METHODS, STEP_ADDRESS_SETTINGS
-from services.common.tiles import Rect, grid, wire_tile_size
+from services.common.tiles import GridAssembler, Rect, grid
 
 from .errors import HttpError, from_rpc_error
 
@@ -38,8 +37,13 @@ class Processed:
     pixels: np.ndarray
     mode: str
     icc_profile: bytes
-    steps: list[dict]
+    reports: list[pipeline_pb2.StepReport]
     timings_ms: dict = field(default_factory=dict)
+
+    @property
+    def steps(self) -> list[dict]:
+        """The step reports as JSON, for answers."""
+        return [report_dict(r) for r in self.reports]
 
 
 def report_dict(report: pipeline_pb2.StepReport) -> dict:
@@ -97,15 +101,14 @@ def _input_stream(image: DecodedImage, steps: list[pipeline_pb2.Step], accepted:
     """The start message, then (once the service has accepted it, see
     streaming.ACCEPT_BEFORE_TILES) the image's tiles."""
     pixels = image.pixels
-    edge = wire_tile_size(image.width, pixels.shape[2] * pixels.dtype.itemsize)
-    header = wire.header(image.width, image.height, image.mode, pixels.dtype, icc_profile=image.icc_profile,
-                         source_format=image.format, tile_width=edge, tile_height=edge)
+    header = wire.grid_header(image.width, image.height, image.mode, pixels.dtype, icc_profile=image.icc_profile,
+                              source_format=image.format)
     whole = Rect(0, 0, image.width, image.height)
 
     async def requests():
         yield pipeline_pb2.StreamRequest(start=pipeline_pb2.StreamStart(image=header, steps=steps))
         await accepted.wait()
-        for rect in grid(image.width, image.height, edge, edge):
+        for rect in grid(image.width, image.height, header.tile_width, header.tile_height):
             yield pipeline_pb2.StreamRequest(tile=wire.tile(rect, pixels[rect.relative_to(whole)]))
     return requests()
 
@@ -237,7 +240,9 @@ class MeshClient:
 
     async def _stream_bands(self, image: DecodedImage, steps: list[pipeline_pb2.Step], scale: int):
         """Bands of rows (with context rows above and below) upscaled concurrently,
-        each call on the next replica, each retried on another when its replica fails."""
+        each call on the next replica, each retried on another when its replica fails.
+        The bands' rows are re-cut into the cells of the output grid that every
+        service declares (output_grid_header), whatever the band height."""
         height, width = image.height, image.width
         bands = [(top, min(top + self.band_rows, height)) for top in range(0, height, self.band_rows)]
         done: asyncio.Queue = asyncio.Queue()
@@ -269,24 +274,25 @@ class MeshClient:
         tasks = [asyncio.create_task(guarded(i, top, bottom)) for i, (top, bottom) in enumerate(bands)]
         started = time.perf_counter()
         try:
-            reports = None
-            for received in range(len(bands)):
+            first, assembler = None, None
+            for _ in bands:
                 item = await done.get()
                 if isinstance(item, BaseException):
                     raise item
                 rect, rows, result = item
-                if reports is None:
-                    reports = result.steps
-                    yield pipeline_pb2.StreamResult(
-                        image=wire.header(width * scale, height * scale, result.mode, image.pixels.dtype,
-                                          icc_profile=image.icc_profile, source_format=image.format,
-                                          tile_width=width * scale, tile_height=self.band_rows * scale),
-                        steps=[json_format.ParseDict(r, pipeline_pb2.StepReport()) for r in reports])
-                yield rect, rows
-            yield pipeline_pb2.StreamSummary(
-                steps=[json_format.ParseDict({**r, "details": {**r.get("details", {}), "bands": str(len(bands))}},
-                                             pipeline_pb2.StepReport()) for r in reports],
-                total_ms=(time.perf_counter() - started) * 1000)
+                if first is None:
+                    first = result
+                    header = wire.grid_header(width * scale, height * scale, result.mode, result.pixels.dtype,
+                                                icc_profile=image.icc_profile, source_format=image.format)
+                    assembler = GridAssembler(header.width, header.height, rows.shape[2], rows.dtype,
+                                              header.tile_width, header.tile_height)
+                    yield pipeline_pb2.StreamResult(image=header, steps=first.reports)
+                for cell in assembler.add(rect, rows):
+                    yield cell
+            summary = pipeline_pb2.StreamSummary(steps=first.reports, total_ms=(time.perf_counter() - started) * 1000)
+            for report in summary.steps:
+                report.details["bands"] = str(len(bands))
+            yield summary
         finally:
             for task in tasks:
                 task.cancel()
@@ -310,8 +316,7 @@ class MeshClient:
                     await progress(tiles_done, tiles_total)
             else:
                 summary = item
-        return Processed(assembler.pixels, assembler.info.mode, result.image.icc_profile,
-                         [report_dict(r) for r in summary.steps],
+        return Processed(assembler.pixels, assembler.info.mode, result.image.icc_profile, list(summary.steps),
                          {"mesh": round((time.perf_counter() - started) * 1000, 1),
                           "first_tile": round(first_tile_ms, 1)})
 
@@ -333,12 +338,12 @@ class MeshClient:
                 elif part == "tile":
                     assemblers[reply.tile.candidate].add(reply.tile.tile)
                 elif part == "done":
-                    done[reply.done.candidate] = report_dict(reply.done.report)
+                    done[reply.done.candidate] = reply.done.report
                 else:
                     request_id = reply.summary.request_id
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc, "bgremoval") from None
         if not request_id or len(done) != len(options.models) or not all(a.complete for a in assemblers.values()):
             raise HttpError(502, "upstream_incomplete", "the bgremoval service ended its stream early")
-        return request_id, [(done[i], Processed(a.pixels, a.info.mode, a.info.msg.icc_profile, [done[i]]))
+        return request_id, [(report_dict(done[i]), Processed(a.pixels, a.info.mode, a.info.msg.icc_profile, [done[i]]))
                             for i, a in sorted(assemblers.items())]
