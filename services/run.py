@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 # Services in start order, with their default ports; the gateway last.
 SERVICES = {"upscaler": (50051, 9051), "bgremoval": (50052, 9052), "effects": (50053, 9053)}
@@ -19,6 +20,11 @@ SERVICES = {"upscaler": (50051, 9051), "bgremoval": (50052, 9052), "effects": (5
 REPLICA_PORT_STEP = 10
 STOP_GRACE_SECONDS = 35
 PR_SET_PDEATHSIG = 1
+# State of a mesh started here, kept in the checkout so that two meshes on one
+# machine never share a database or a result folder (each path can be set).
+STATE_DIR = Path(__file__).resolve().parent.parent / "var"
+STATE_DEFAULTS = {"RESULT_DIR": STATE_DIR / "results", "BGREMOVAL_DB": STATE_DIR / "bgremoval.sqlite3",
+                  "ONNX_CACHE_DIR": STATE_DIR / "cache" / "onnx"}
 
 
 def _die_with_parent() -> None:
@@ -28,6 +34,8 @@ def _die_with_parent() -> None:
 def main() -> int:
     env = dict(os.environ)
     env.setdefault("MODEL_DIR", "./models")
+    for name, path in STATE_DEFAULTS.items():
+        env.setdefault(name, str(path))
     plans = []  # (module, its own environment)
     for name, (default_port, default_metrics) in SERVICES.items():
         upper = name.upper()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import time
 import uuid
@@ -14,8 +15,8 @@ from imagemesh.v1 import bgremoval_pb2, bgremoval_pb2_grpc, common_pb2, pipeline
 from services.common import logs, metrics, wire
 from services.common.cache import ResultCache
 from services.common.errors import InvalidArgument, LimitExceeded, ModelNotFound
-from services.common.server import ServiceRuntime, rpc
-from services.common.streaming import Downstreams, StepPlan, output_header, serve_stream
+from services.common.server import Admission, ServiceRuntime, rpc
+from services.common.streaming import Downstreams, StepPlan, output_header, read_start, serve_stream
 from services.common.tiles import GridAssembler, Rect, TileBuffer, grid
 
 from . import engine
@@ -69,7 +70,6 @@ class BackgroundRemovalServicer(bgremoval_pb2_grpc.BackgroundRemovalServicer):
     def __init__(self, runtime: ServiceRuntime, registry: SegmenterRegistry, store: ChoiceStore, cache: ResultCache):
         self.runtime, self.registry, self.store, self.cache = runtime, registry, store, cache
         config = runtime.config
-        self.executor = ThreadPoolExecutor(max_workers=config.max_concurrent_requests, thread_name_prefix="bgremoval")
         self.candidate_executor = ThreadPoolExecutor(max_workers=MAX_CANDIDATES, thread_name_prefix="candidate")
         self.downstreams = Downstreams(config)
 
@@ -114,28 +114,37 @@ class BackgroundRemovalServicer(bgremoval_pb2_grpc.BackgroundRemovalServicer):
                     self.store.record_run(request_id, op.segmenter.name, op.compute_ms, candidate=False)
         return StepPlan(op, op.report, observe=observe)
 
-    @rpc(limited=True)
+    @rpc()
     async def RemoveBackground(self, request_iterator, context):
-        async for reply in serve_stream(request_iterator, context, config=self.runtime.config, executor=self.executor,
-                                        downstreams=self.downstreams, plan_step=self.plan_step):
+        async for reply in serve_stream(request_iterator, context, method="RemoveBackground", config=self.runtime.config,
+                                        limiter=self.runtime.limiter, downstreams=self.downstreams,
+                                        plan_step=self.plan_step):
             yield reply
 
-    @rpc(limited=True)
+    @rpc()
     async def RemoveBackgroundCandidates(self, request_iterator, context):
         started = time.perf_counter()
         requests = aiter(request_iterator)
-        first = await anext(requests, None)
-        if first is None or first.WhichOneof("part") != "start":
-            raise InvalidArgument("the stream must begin with a StreamStart message", field="start")
-        steps = first.start.steps
+        start = await read_start(requests, self.runtime.config.stream_start_timeout_seconds)
+        steps = start.steps
         if len(steps) != 1 or steps[0].WhichOneof("op") != "remove_background":
             raise InvalidArgument("candidates take exactly one remove_background step", field="steps")
         o = steps[0].remove_background
         names = list(o.models)
         if not 1 <= len(names) <= MAX_CANDIDATES or len(set(names)) != len(names):
             raise InvalidArgument(f"models must name 1 to {MAX_CANDIDATES} different models", field="models")
-        info = wire.HeaderInfo(first.start.image, self.runtime.config.max_input_pixels)
+        info = wire.HeaderInfo(start.image, self.runtime.config.max_input_pixels)
         ops = [self.make_op(self.registry.resolve(name), info, o) for name in names]
+        admission = self.runtime.limiter.admit("RemoveBackgroundCandidates")
+        try:
+            async with contextlib.aclosing(self._candidates(requests, info, ops, names, admission, started)) as replies:
+                async for reply in replies:
+                    yield reply
+        finally:
+            admission.finish()
+
+    async def _candidates(self, requests, info: wire.HeaderInfo, ops: list[RemovalOp], names: list[str],
+                          admission: Admission, started: float):
         yield bgremoval_pb2.CandidateResponse(accepted=bgremoval_pb2.CandidatesAccepted(models=names))
         buffer = TileBuffer(info.width, info.height, info.channels, info.dtype,
                             info.msg.tile_width, info.msg.tile_height)
@@ -166,7 +175,7 @@ class BackgroundRemovalServicer(bgremoval_pb2_grpc.BackgroundRemovalServicer):
             assembler = GridAssembler(op.out_width, op.out_height, wire.MODE_CHANNELS[op.out_mode], op.out_dtype,
                                       header.tile_width, header.tile_height)
             for job in op.jobs:
-                out = await loop.run_in_executor(self.executor, op.render, job, whole)
+                out = await admission.compute(op.render, job, whole)
                 for cell, pixels in assembler.add(job, out):
                     yield bgremoval_pb2.CandidateResponse(tile=bgremoval_pb2.CandidateTile(
                         candidate=index, tile=wire.tile(cell, pixels)))

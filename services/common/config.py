@@ -118,4 +118,6 @@ SERVICE_SETTINGS = COMMON_SETTINGS + ADDRESS_SETTINGS + [
     Setting("MAX_CONCURRENT_REQUESTS", int, 2, "requests processed at once per service", minimum=1),
     Setting("MAX_QUEUED_REQUESTS", int, 16, "requests waiting for a slot before RESOURCE_EXHAUSTED", minimum=0),
     Setting("DRAIN_SECONDS", float, 30.0, "grace period for in-flight streams on SIGTERM", minimum=0),
+    Setting("STREAM_START_TIMEOUT_SECONDS", float, 10.0,
+            "a stream whose StreamStart has not arrived this long after it opened is refused", minimum=0.1),
 ]

@@ -56,3 +56,9 @@ class Overloaded(ServiceError):
 class Unavailable(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
     reason = "unavailable"
+
+
+class StreamTimeout(ServiceError):
+    """A client stream that kept the service waiting past a configured time."""
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    reason = "stream_timeout"

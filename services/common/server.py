@@ -8,11 +8,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import heapq
 import inspect
+import itertools
 import logging
 import signal
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 import grpc
 from google.protobuf import descriptor_pool
@@ -34,6 +37,9 @@ LIVENESS = "liveness"
 CHANNEL_OPTIONS = (("grpc.lb_policy_name", "round_robin"),)
 
 
+T = TypeVar("T")
+
+
 def channel_target(address: str) -> str:
     """A gRPC target for a setting: `host:port`, a DNS name that resolves to
     several addresses, or a comma-separated list of IP:port (replicas)."""
@@ -49,35 +55,84 @@ def replica_count(address: str) -> int:
 logger = logging.getLogger("imagemesh.server")
 
 
-class ConcurrencyLimiter:
-    """At most `max_active` requests at once and `max_queued` waiting; more is refused."""
+class StreamLimiter:
+    """How much work a service takes on. At most `max_active + max_queued` streams are
+    open at once (one more is refused at once: RESOURCE_EXHAUSTED), and at most
+    `max_active` computations run at a time, on a thread pool of that size, the
+    earliest-admitted stream first. A stream holds a compute slot only while it
+    computes, never while it waits for its input or for the next service, so a pipeline
+    that passes through a service twice, or two pipelines that cross, never wait on
+    each other."""
 
     def __init__(self, service: str, max_active: int, max_queued: int):
         self.service = service
-        self.max_active = max_active
-        self.max_queued = max_queued
-        self.active = 0
-        self.waiting = 0
-        self._slots = asyncio.Semaphore(max_active)
+        self.max_open = max_active + max_queued
+        self.executor = ThreadPoolExecutor(max_workers=max_active, thread_name_prefix=service)
+        self.open = 0
+        self._free = max_active
+        self._waiting: list[tuple[int, asyncio.Future]] = []  # a heap: earliest admission first
+        self._admissions = itertools.count()
+        metrics.REJECTED.labels(service).inc(0)  # the series exists before the first rejection
+        metrics.QUEUE_DEPTH.labels(service).set(0)
 
-    @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        if self.active >= self.max_active and self.waiting >= self.max_queued:
+    def admit(self, method: str) -> "Admission":
+        if self.open >= self.max_open:
             metrics.REJECTED.labels(self.service).inc()
-            raise Overloaded(f"{self.service} is busy ({self.active} running, {self.waiting} queued); retry later")
-        self.waiting += 1
-        metrics.QUEUE_DEPTH.labels(self.service).set(self.waiting)
+            raise Overloaded(f"{self.service} is busy ({self.open} requests open); retry later")
+        return Admission(self, method, next(self._admissions))
+
+    async def _acquire(self, order: int) -> None:
+        if self._free and not self._waiting:
+            self._free -= 1
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiting, (order, waiter))
+        self._count_waiting()
         try:
-            await self._slots.acquire()
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._release()  # granted as it was cancelled: pass the slot on
+            raise
         finally:
-            self.waiting -= 1
-            metrics.QUEUE_DEPTH.labels(self.service).set(self.waiting)
-        self.active += 1
+            self._count_waiting()
+
+    def _release(self) -> None:
+        while self._waiting:
+            _, waiter = heapq.heappop(self._waiting)
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self._free += 1
+
+    def _count_waiting(self) -> None:
+        metrics.QUEUE_DEPTH.labels(self.service).set(sum(not w.done() for _, w in self._waiting))
+
+
+class Admission:
+    """One admitted stream: counted in flight until its own work is done (`finish`),
+    not while it only relays the next service's answer."""
+
+    def __init__(self, limiter: StreamLimiter, method: str, order: int):
+        self.limiter, self.order = limiter, order
+        self._in_flight = metrics.IN_FLIGHT.labels(limiter.service, method)
+        self._in_flight.inc()
+        limiter.open += 1
+        self._finished = False
+
+    async def compute(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(*args)` on the service's thread pool once a compute slot is free."""
+        await self.limiter._acquire(self.order)
         try:
-            yield
+            return await asyncio.get_running_loop().run_in_executor(self.limiter.executor, fn, *args)
         finally:
-            self.active -= 1
-            self._slots.release()
+            self.limiter._release()
+
+    def finish(self) -> None:
+        if not self._finished:
+            self._finished = True
+            self._in_flight.dec()
+            self.limiter.open -= 1
 
 
 class MethodAwarePool:
@@ -120,23 +175,17 @@ class ServiceRuntime:
         self.metrics_port = metrics_port
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
-        self.limiter: ConcurrencyLimiter | None = None
+        self.limiter = StreamLimiter(service, config.max_concurrent_requests, config.max_queued_requests)
 
     @contextlib.asynccontextmanager
-    async def call(self, method: str, context: grpc.aio.ServicerContext, limited: bool) -> AsyncIterator[None]:
+    async def call(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
         request_id = _metadata_value(context, logs.REQUEST_ID_HEADER) or logs.new_request_id()
         token = logs.request_id_var.set(request_id)
-        in_flight = metrics.IN_FLIGHT.labels(self.service, method)
-        in_flight.inc()
         started = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
             await context.send_initial_metadata(((logs.REQUEST_ID_HEADER, request_id),))
-            if limited:
-                async with self.limiter.slot():
-                    yield
-            else:
-                yield
+            yield
         except ServiceError as exc:
             code = exc.code
             detail = common_pb2.ErrorDetail(reason=exc.reason, message=exc.message, field=exc.field)
@@ -152,7 +201,6 @@ class ServiceRuntime:
             logger.exception("unhandled error in %s", method)
             await context.abort(code, f"internal error (request id {request_id})")
         finally:
-            in_flight.dec()
             metrics.REQUESTS.labels(self.service, method, code.name).inc()
             metrics.REQUEST_SECONDS.labels(self.service, method).observe(time.perf_counter() - started)
             logs.request_id_var.reset(token)
@@ -164,8 +212,6 @@ class ServiceRuntime:
 
     async def start(self, add_servicer: Callable[[grpc.aio.Server], None]) -> int:
         """Bind and start serving (NOT_SERVING until set_serving(True)); returns the bound port."""
-        self.limiter = ConcurrencyLimiter(self.service, self.config.max_concurrent_requests,
-                                          self.config.max_queued_requests)
         self.server = grpc.aio.server()
         add_servicer(self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -193,23 +239,22 @@ class ServiceRuntime:
         logs.log(logger, logging.INFO, "stopped")
 
 
-def rpc(limited: bool = False):
+def rpc():
     """Wrap a servicer method (unary or response-streaming) with request ids,
-    metrics, the concurrency limit (when `limited`) and error mapping. The
-    servicer must have a `runtime` attribute."""
+    metrics and error mapping. The servicer must have a `runtime` attribute."""
     def decorate(fn):
         method = fn.__name__
         if inspect.isasyncgenfunction(fn):
             @functools.wraps(fn)
             async def stream_wrapper(self, request, context):
-                async with self.runtime.call(method, context, limited):
+                async with self.runtime.call(method, context):
                     async for item in fn(self, request, context):
                         yield item
             return stream_wrapper
 
         @functools.wraps(fn)
         async def unary_wrapper(self, request, context):
-            async with self.runtime.call(method, context, limited):
+            async with self.runtime.call(method, context):
                 return await fn(self, request, context)
         return unary_wrapper
     return decorate

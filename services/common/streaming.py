@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Awaitable, Callable, Protocol, Sequence
+from typing import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Protocol, Sequence
 
 import grpc
 import numpy as np
@@ -19,8 +19,8 @@ import numpy as np
 from imagemesh.v1 import common_pb2, pipeline_pb2
 
 from . import logs, wire
-from .errors import InvalidArgument, LimitExceeded, ServiceError
-from .server import CHANNEL_OPTIONS, channel_target
+from .errors import InvalidArgument, LimitExceeded, ServiceError, StreamTimeout
+from .server import CHANNEL_OPTIONS, Admission, StreamLimiter, channel_target
 from .tiles import GridAssembler, Rect, TileBuffer
 
 MAX_STEPS = 16
@@ -40,6 +40,42 @@ STEP_METHODS = {
 }
 STEP_ADDRESS_SETTINGS = {"upscale": "upscaler_address", "remove_background": "bgremoval_address",
                          "effect": "effects_address"}
+
+
+class Sender:
+    """Writes the request side of a streaming call from a task of our own: the start
+    message at once, then the rest once `accepted` is set (see ACCEPT_BEFORE_TILES).
+    grpc-python ends the task that consumes a request iterator only while the call is
+    still running, so a call refused at its start left that task pending for ever (and
+    its generator closed later, logged under another request's id); close() ends ours."""
+
+    def __init__(self, call: grpc.aio.StreamStreamCall, start, rest: AsyncIterable | Iterable):
+        self.accepted = asyncio.Event()
+        self._task = asyncio.create_task(self._write(call, start, rest))
+
+    async def _write(self, call: grpc.aio.StreamStreamCall, start, rest: AsyncIterable | Iterable) -> None:
+        try:
+            await call.write(start)
+            await self.accepted.wait()
+            if isinstance(rest, AsyncIterable):
+                async for message in rest:
+                    await call.write(message)
+            else:
+                for message in rest:
+                    await call.write(message)
+            await call.done_writing()
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            pass  # the call has ended: its reader reports how
+
+    async def close(self) -> None:
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+
+async def until_end(queue: asyncio.Queue) -> AsyncIterator:
+    """The items put on a queue, up to the _END marker."""
+    while (item := await queue.get()) is not _END:
+        yield item
 
 
 class TileOp(Protocol):
@@ -97,13 +133,12 @@ def output_header(op: TileOp, info: wire.HeaderInfo) -> common_pb2.ImageHeader:
                             source_format=info.msg.source_format, max_cell=getattr(op, "preferred_cell", 1 << 30))
 
 
-async def render_stream(plan: StepPlan, info: wire.HeaderInfo, requests: AsyncIterator, executor,
+async def render_stream(plan: StepPlan, info: wire.HeaderInfo, requests: AsyncIterator, admission: Admission,
                         emit: Callable[[common_pb2.Tile], Awaitable[None]]) -> None:
     """Consume input tiles, render the op, emit output tiles on the output grid;
     fills the plan's report with tile count and timings."""
     op, report = plan.op, plan.report
     started = time.perf_counter()
-    loop = asyncio.get_running_loop()
     out_header = output_header(op, info)
     buffer = TileBuffer(info.width, info.height, info.channels, info.dtype, info.msg.tile_width, info.msg.tile_height)
     assembler = GridAssembler(op.out_width, op.out_height, wire.MODE_CHANNELS[op.out_mode], op.out_dtype,
@@ -114,7 +149,7 @@ async def render_stream(plan: StepPlan, info: wire.HeaderInfo, requests: AsyncIt
     async def run(fn, *args):
         nonlocal compute
         t = time.perf_counter()
-        result = await loop.run_in_executor(executor, fn, *args)
+        result = await admission.compute(fn, *args)
         elapsed = time.perf_counter() - t
         compute += elapsed
         return result, elapsed
@@ -147,6 +182,7 @@ async def render_stream(plan: StepPlan, info: wire.HeaderInfo, requests: AsyncIt
         raise InvalidArgument(f"the stream ended with {buffer.missing} input tiles missing", field="tile")
     report.compute_ms = compute * 1000
     report.total_ms = (time.perf_counter() - started) * 1000
+    admission.finish()
 
 
 class Downstreams:
@@ -156,7 +192,8 @@ class Downstreams:
         self.config = config
         self._channels: dict[str, grpc.aio.Channel] = {}
 
-    def call(self, kind: str, requests, timeout: float | None):
+    def call(self, kind: str, timeout: float | None) -> grpc.aio.StreamStreamCall:
+        """A call to the service of a kind of step, its requests to be written (see Sender)."""
         address = getattr(self.config, STEP_ADDRESS_SETTINGS[kind])
         channel = self._channels.get(address)
         if channel is None:
@@ -165,18 +202,29 @@ class Downstreams:
         method = channel.stream_stream(STEP_METHODS[kind], request_serializer=pipeline_pb2.StreamRequest.SerializeToString,
                                        response_deserializer=pipeline_pb2.StreamResponse.FromString)
         metadata = ((logs.REQUEST_ID_HEADER, logs.request_id_var.get()),)
-        return method(requests, timeout=timeout, metadata=metadata)
+        return method(timeout=timeout, metadata=metadata)
 
 
-async def serve_stream(request_iterator, context: grpc.aio.ServicerContext, *, config, executor,
-                       downstreams: Downstreams, plan_step: Callable[[pipeline_pb2.StreamStart, wire.HeaderInfo], StepPlan]):
-    """The body of a service's streaming RPC (an async generator of StreamResponse)."""
-    started = time.perf_counter()
-    requests = aiter(request_iterator)
-    first = await anext(requests, None)
+async def read_start(requests: AsyncIterator, timeout: float) -> pipeline_pb2.StreamStart:
+    """A stream's first message, which must be its StreamStart and arrive within
+    `timeout` seconds: a client that opens a stream and sends nothing is not kept."""
+    try:
+        first = await asyncio.wait_for(anext(requests, None), timeout)
+    except asyncio.TimeoutError:
+        raise StreamTimeout(f"no StreamStart within {timeout:g} s of opening the stream", field="start") from None
     if first is None or first.WhichOneof("part") != "start":
         raise InvalidArgument("the stream must begin with a StreamStart message", field="start")
-    start = first.start
+    return first.start
+
+
+async def serve_stream(request_iterator, context: grpc.aio.ServicerContext, *, method: str, config,
+                       limiter: StreamLimiter, downstreams: "Downstreams",
+                       plan_step: Callable[[pipeline_pb2.StreamStart, wire.HeaderInfo], StepPlan]):
+    """The body of a service's streaming RPC (an async generator of StreamResponse):
+    the start is read and checked, and the step planned, before the stream is admitted."""
+    started = time.perf_counter()
+    requests = aiter(request_iterator)
+    start = await read_start(requests, config.stream_start_timeout_seconds)
     if not start.steps:
         raise InvalidArgument("steps must hold at least one step", field="steps")
     if len(start.steps) > MAX_STEPS:
@@ -198,28 +246,26 @@ async def serve_stream(request_iterator, context: grpc.aio.ServicerContext, *, c
     async def local() -> None:
         await out.put(pipeline_pb2.StreamResponse(result=pipeline_pb2.StreamResult(
             image=output_header(op, info), steps=[plan.report])))
-        await render_stream(plan, info, requests, executor, emit_local)
+        if start.validate_only:
+            return
+        await render_stream(plan, info, requests, admission, emit_local)
         await out.put(pipeline_pb2.StreamResponse(summary=pipeline_pb2.StreamSummary(
             steps=[plan.report], total_ms=(time.perf_counter() - started) * 1000)))
 
     async def forwarded() -> None:
         kind = step_kind(rest[0])
         to_next: asyncio.Queue = asyncio.Queue(QUEUE_MESSAGES)
-        accepted = asyncio.Event()
-
-        async def next_requests():
-            yield pipeline_pb2.StreamRequest(start=pipeline_pb2.StreamStart(image=output_header(op, info), steps=rest))
-            await accepted.wait()  # see ACCEPT_BEFORE_TILES
-            while (item := await to_next.get()) is not _END:
-                yield item
 
         async def emit_next(tile: common_pb2.Tile) -> None:
             await to_next.put(pipeline_pb2.StreamRequest(tile=tile))
 
-        call = downstreams.call(kind, next_requests(), context.time_remaining())
+        call = downstreams.call(kind, context.time_remaining())
+        sender = Sender(call, pipeline_pb2.StreamRequest(start=pipeline_pb2.StreamStart(
+            image=output_header(op, info), steps=rest, validate_only=start.validate_only)), until_end(to_next))
 
         async def feed() -> None:
-            await render_stream(plan, info, requests, executor, emit_next)
+            if not start.validate_only:
+                await render_stream(plan, info, requests, admission, emit_next)
             await to_next.put(_END)
 
         feeding = asyncio.create_task(feed())
@@ -228,7 +274,7 @@ async def serve_stream(request_iterator, context: grpc.aio.ServicerContext, *, c
             async for reply in call:
                 part = reply.WhichOneof("part")
                 if part == "result":
-                    accepted.set()
+                    sender.accepted.set()
                     reply.result.steps.insert(0, plan.report)
                 elif part == "summary":
                     await feeding  # our own report is complete once our last tile left
@@ -246,6 +292,7 @@ async def serve_stream(request_iterator, context: grpc.aio.ServicerContext, *, c
         finally:
             call.cancel()
             feeding.cancel()
+            await sender.close()
         await feeding
 
     async def produce() -> None:
@@ -257,6 +304,7 @@ async def serve_stream(request_iterator, context: grpc.aio.ServicerContext, *, c
             if isinstance(exc, asyncio.CancelledError):
                 raise
 
+    admission = None if start.validate_only else limiter.admit(method)
     producer = asyncio.create_task(produce())
     try:
         while (item := await out.get()) is not _END:
@@ -264,6 +312,8 @@ async def serve_stream(request_iterator, context: grpc.aio.ServicerContext, *, c
                 raise item
             yield item
     finally:
+        if admission:
+            admission.finish()
         producer.cancel()
         try:
             await producer

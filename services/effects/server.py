@@ -1,7 +1,6 @@
 """The effects service's gRPC face."""
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -61,8 +60,6 @@ def effect_info(effect: engine.Effect) -> effects_pb2.EffectInfo:
 class EffectsServicer(effects_pb2_grpc.EffectsServicer):
     def __init__(self, runtime: ServiceRuntime):
         self.runtime = runtime
-        self.executor = ThreadPoolExecutor(max_workers=runtime.config.max_concurrent_requests,
-                                           thread_name_prefix="effects")
         self.downstreams = Downstreams(runtime.config)
 
     @rpc()
@@ -95,8 +92,9 @@ class EffectsServicer(effects_pb2_grpc.EffectsServicer):
         return StepPlan(EffectsOp(chain, self.runtime.config.effects_tile_size), report,
                         steps_used=len(chain_steps), observe=observe)
 
-    @rpc(limited=True)
+    @rpc()
     async def ApplyEffects(self, request_iterator, context):
-        async for reply in serve_stream(request_iterator, context, config=self.runtime.config, executor=self.executor,
-                                        downstreams=self.downstreams, plan_step=self.plan_step):
+        async for reply in serve_stream(request_iterator, context, method="ApplyEffects", config=self.runtime.config,
+                                        limiter=self.runtime.limiter, downstreams=self.downstreams,
+                                        plan_step=self.plan_step):
             yield reply

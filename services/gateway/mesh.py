@@ -20,7 +20,7 @@ from imagemesh.v1 import (bgremoval_pb2, bgremoval_pb2_grpc, common_pb2, effects
 from services.common import logs, wire
 from services.common.imageio import DecodedImage
 from services.common.server import CHANNEL_OPTIONS, channel_target, replica_count
-from services.common.streaming import STEP_METHODS, STEP_ADDRESS_SETTINGS
+from services.common.streaming import STEP_ADDRESS_SETTINGS, STEP_METHODS, Sender
 from services.common.tiles import GridAssembler, Rect, grid
 
 from .errors import HttpError, from_rpc_error
@@ -97,20 +97,15 @@ class ImageAssembler:
         return self.received == self.info.width * self.info.height
 
 
-def _input_stream(image: DecodedImage, steps: list[pipeline_pb2.Step], accepted: asyncio.Event):
-    """The start message, then (once the service has accepted it, see
-    streaming.ACCEPT_BEFORE_TILES) the image's tiles."""
+def image_messages(image: DecodedImage, steps: list[pipeline_pb2.Step]):
+    """The start message of a stream carrying `image`, and its tiles (made as they are sent)."""
     pixels = image.pixels
     header = wire.grid_header(image.width, image.height, image.mode, pixels.dtype, icc_profile=image.icc_profile,
                               source_format=image.format)
     whole = Rect(0, 0, image.width, image.height)
-
-    async def requests():
-        yield pipeline_pb2.StreamRequest(start=pipeline_pb2.StreamStart(image=header, steps=steps))
-        await accepted.wait()
-        for rect in grid(image.width, image.height, header.tile_width, header.tile_height):
-            yield pipeline_pb2.StreamRequest(tile=wire.tile(rect, pixels[rect.relative_to(whole)]))
-    return requests()
+    tiles = (pipeline_pb2.StreamRequest(tile=wire.tile(rect, pixels[rect.relative_to(whole)]))
+             for rect in grid(image.width, image.height, header.tile_width, header.tile_height))
+    return pipeline_pb2.StreamRequest(start=pipeline_pb2.StreamStart(image=header, steps=steps)), tiles
 
 
 class MeshClient:
@@ -190,20 +185,42 @@ class MeshClient:
                     raise
                 await backoff(attempt, "call", exc)
 
-    async def _call(self, image: DecodedImage, steps: list[pipeline_pb2.Step]):
+    def _open(self, steps: list[pipeline_pb2.Step]) -> tuple[str, grpc.aio.StreamStreamCall]:
+        """A stream to the first step's service (its requests to be written by a Sender)."""
         kind = steps[0].WhichOneof("op")
         service = STEP_SERVICE[kind]
         method = self.channels[service].stream_stream(
             STEP_METHODS[kind], request_serializer=pipeline_pb2.StreamRequest.SerializeToString,
             response_deserializer=pipeline_pb2.StreamResponse.FromString)
-        accepted = asyncio.Event()
-        call = method(_input_stream(image, steps, accepted), timeout=self.timeout, metadata=_metadata())
+        return service, method(timeout=self.timeout, metadata=_metadata())
+
+    async def validate(self, image: DecodedImage, steps: list[pipeline_pb2.Step]) -> pipeline_pb2.StreamResult:
+        """Check a request along its whole chain, each service as it checks a real one
+        (parameters, models, output sizes), without running it: the StreamResult, or HttpError."""
+        start, _ = image_messages(image, steps)
+        start.start.validate_only = True
+        service, call = self._open(steps)
+        sender = Sender(call, start, ())
+        try:
+            async for reply in call:
+                if reply.WhichOneof("part") == "result":
+                    return reply.result
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc, service) from None
+        finally:
+            call.cancel()
+            await sender.close()
+        raise HttpError(502, "upstream_incomplete", f"the {service} ended its check without an answer")
+
+    async def _call(self, image: DecodedImage, steps: list[pipeline_pb2.Step]):
+        service, call = self._open(steps)
+        sender = Sender(call, *image_messages(image, steps))
         info, received, finished = None, 0, False
         try:
             async for reply in call:
                 part = reply.WhichOneof("part")
                 if part == "result":
-                    accepted.set()
+                    sender.accepted.set()
                     info = wire.HeaderInfo(reply.result.image, reply.result.image.width * reply.result.image.height)
                     yield reply.result
                 elif part == "tile":
@@ -219,6 +236,7 @@ class MeshClient:
             raise from_rpc_error(exc, service) from None
         finally:
             call.cancel()  # a caller that stops listening stops the work
+            await sender.close()
         if not finished:
             raise HttpError(502, "upstream_incomplete", f"the {service} ended its stream before the image was complete")
 
@@ -326,13 +344,13 @@ class MeshClient:
         assemblers: dict[int, ImageAssembler] = {}
         done: dict[int, dict] = {}
         request_id = ""
-        accepted = asyncio.Event()
+        call = self.bgremoval.RemoveBackgroundCandidates(timeout=self.timeout, metadata=_metadata())
+        sender = Sender(call, *image_messages(image, steps))
         try:
-            async for reply in self.bgremoval.RemoveBackgroundCandidates(
-                    _input_stream(image, steps, accepted), timeout=self.timeout, metadata=_metadata()):
+            async for reply in call:
                 part = reply.WhichOneof("part")
                 if part == "accepted":
-                    accepted.set()
+                    sender.accepted.set()
                 elif part == "start":
                     assemblers[reply.start.candidate] = ImageAssembler(reply.start.image)
                 elif part == "tile":
@@ -343,6 +361,9 @@ class MeshClient:
                     request_id = reply.summary.request_id
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc, "bgremoval") from None
+        finally:
+            call.cancel()
+            await sender.close()
         if not request_id or len(done) != len(options.models) or not all(a.complete for a in assemblers.values()):
             raise HttpError(502, "upstream_incomplete", "the bgremoval service ended its stream early")
         return request_id, [(report_dict(done[i]), Processed(a.pixels, a.info.mode, a.info.msg.icc_profile, [done[i]]))

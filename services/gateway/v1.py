@@ -207,6 +207,7 @@ def register(app: FastAPI, gw: Gateway, protected: list) -> None:
         steps = parse_steps(req.fields.structured("steps"))
         fmt, quality = gw.output_options(req.fields)
         image, _ = await gw.decode(req.data)
+        await gw.mesh.validate(image, steps)  # refused now for anything /v1/process would refuse before running
         job = gw.jobs.submit(image, steps, fmt, quality)
         status_url = f"{base_url(request)}/v1/jobs/{job.id}"
         return JSONResponse({"id": job.id, "status": job.status, "status_url": status_url}, status_code=202,

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -59,8 +58,6 @@ class UpscalerServicer(upscaler_pb2_grpc.UpscalerServicer):
     def __init__(self, runtime: ServiceRuntime, registry: ModelRegistry):
         self.runtime = runtime
         self.registry = registry
-        self.executor = ThreadPoolExecutor(max_workers=runtime.config.max_concurrent_requests,
-                                           thread_name_prefix="upscale")
         self.downstreams = Downstreams(runtime.config)
 
     @rpc()
@@ -90,8 +87,9 @@ class UpscalerServicer(upscaler_pb2_grpc.UpscalerServicer):
             seconds.observe(elapsed)
         return StepPlan(op, report, observe=observe)
 
-    @rpc(limited=True)
+    @rpc()
     async def Upscale(self, request_iterator, context):
-        async for reply in serve_stream(request_iterator, context, config=self.runtime.config, executor=self.executor,
-                                        downstreams=self.downstreams, plan_step=self.plan_step):
+        async for reply in serve_stream(request_iterator, context, method="Upscale", config=self.runtime.config,
+                                        limiter=self.runtime.limiter, downstreams=self.downstreams,
+                                        plan_step=self.plan_step):
             yield reply

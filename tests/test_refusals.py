@@ -1,0 +1,111 @@
+"""Requests the mesh refuses: refused at once, with the right status, and leaving
+nothing behind (no task, no log line under another request's id)."""
+import io
+import json
+import threading
+import time
+
+import grpc
+import httpx
+import pytest
+from PIL import Image
+
+from imagemesh.v1 import pipeline_pb2
+
+from conftest import start_gateway, start_service
+
+
+def png(array) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(array).save(out, "PNG")
+    return out.getvalue()
+
+
+# Each is refused by a service at stream start; the status the gateway answers.
+REFUSED = [
+    ("/v1/upscale", {"scale": "20"}, 400),
+    ("/v1/upscale", {"model": "no-such-model"}, 404),
+    ("/v1/upscale", {"model": "RealESRGAN_x4plus"}, 503),  # known, its file is absent: not ready
+    ("/v1/effects", {"effect": "no-such-effect"}, 400),
+    ("/v1/effects", {"effect": "sepia", "strength": "7"}, 400),
+    ("/v1/process", {"steps": json.dumps([{"op": "upscale", "scale": 2}, {"op": "effect", "effect": "nope"}])}, 400),
+]
+
+
+@pytest.fixture(scope="module")
+def own_gateway(tmp_path_factory, mesh, mesh_ports):
+    """A gateway of this module's own, so that its log holds only these requests."""
+    service = start_gateway(tmp_path_factory, mesh_ports, RATE_LIMIT_PER_MINUTE="0")
+    yield service
+    service.stop()
+
+
+def test_refused_streams_leave_no_task_and_no_error_in_the_log(own_gateway, photo):
+    data = png(photo[:32, :32])
+    with httpx.Client(base_url=own_gateway.url, timeout=60) as client:
+        for round_ in range(3):
+            for path, fields, status in REFUSED:
+                reply = client.post(path, files={"file": ("p.png", data)}, data=fields,
+                                    headers={"X-Request-ID": f"refused-{round_}-{status}"})
+                assert reply.status_code == status, (path, fields, reply.text)
+                assert reply.json()["error"]["request_id"] == f"refused-{round_}-{status}"
+        time.sleep(1.5)  # the leaked tasks were collected about a second later
+        for index in range(3):  # requests that succeed, under ids of their own, while collection runs
+            reply = client.post("/v1/effects", files={"file": ("p.png", data)}, data={"effect": "invert"},
+                                headers={"X-Request-ID": f"fine-{index}"})
+            assert reply.status_code == 200
+        time.sleep(1.0)
+    records = [json.loads(line) for line in own_gateway.logs().splitlines() if line.startswith("{")]
+    problems = [r for r in records if r["level"] in ("error", "critical")]
+    assert not problems, problems
+    assert "Task was destroyed" not in own_gateway.logs()
+    for record in records:  # every request line carries its own request's id
+        if record["msg"] == "request" and record["path"] != "/healthz":
+            assert record.get("request_id", "").startswith(("refused-", "fine-")), record
+
+
+def test_a_stream_that_never_sends_its_start_is_refused_after_the_start_timeout(tmp_path_factory, model_dir):
+    service = start_service("effects", tmp_path_factory, model_dir, STREAM_START_TIMEOUT_SECONDS="1")
+    release = threading.Event()
+
+    def silent():  # opens the stream, then sends nothing until released
+        release.wait(60)
+        yield from ()
+    try:
+        with grpc.insecure_channel(service.address) as channel:
+            method = channel.stream_stream("/imagemesh.v1.Effects/ApplyEffects",
+                                           request_serializer=pipeline_pb2.StreamRequest.SerializeToString,
+                                           response_deserializer=pipeline_pb2.StreamResponse.FromString)
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as refused:
+                list(method(silent(), timeout=120))
+            waited = time.monotonic() - started
+        assert refused.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "StreamStart" in refused.value.details()
+        assert waited < 30, f"held {waited:.0f} s, not the configured 1 s"
+    finally:
+        release.set()
+        service.stop()
+
+
+# Chains a service refuses before running, wherever the refusing step stands in the chain.
+CHAIN_REFUSALS = [
+    ([{"op": "upscale", "scale": 20}], 400),
+    ([{"op": "effect", "effect": "no-such-effect"}], 400),
+    ([{"op": "upscale", "model": "no-such-model"}], 404),
+    ([{"op": "upscale", "model": "RealESRGAN_x4plus"}], 503),
+    ([{"op": "effect", "effect": "sepia"}, {"op": "upscale", "scale": 20}], 400),
+    ([{"op": "remove_background", "model": "keyer"}, {"op": "effect", "effect": "sepia", "params": {"strength": 9}}],
+     400),
+    ([{"op": "upscale", "scale": 8}, {"op": "effect", "effect": "invert"}, {"op": "upscale", "scale": 8},
+      {"op": "effect", "effect": "invert"}, {"op": "upscale", "scale": 2}], 413),  # 16384x12288 at the end
+]
+
+
+@pytest.mark.parametrize("steps,status", CHAIN_REFUSALS)
+def test_a_job_is_refused_at_submission_for_whatever_process_refuses(http, photo, steps, status):
+    files = {"file": ("p.png", png(photo))}
+    process = http.post("/v1/process", files=files, data={"steps": json.dumps(steps)})
+    job = http.post("/v1/jobs", files=files, data={"steps": json.dumps(steps)})
+    assert process.status_code == job.status_code == status, (process.text, job.text)
+    assert job.json()["error"]["code"] == process.json()["error"]["code"]
