@@ -44,7 +44,8 @@ async def main() -> None:
     registry = SegmenterRegistry(Path(config.model_dir), threads=config.bgremoval_threads or available_cpus(),
                                  device=device)
     store = ChoiceStore(Path(config.bgremoval_db))
-    cache = ResultCache(config.bgremoval_cache_bytes, config.bgremoval_cache_ttl_seconds, lambda c: c.nbytes)
+    cache = ResultCache(config.bgremoval_cache_bytes, config.bgremoval_cache_ttl_seconds, lambda c: c.nbytes,
+                        service="bgremoval")
     servicer = BackgroundRemovalServicer(runtime, registry, store, cache)
     try:
         await serve(runtime, lambda server: bgremoval_pb2_grpc.add_BackgroundRemovalServicer_to_server(

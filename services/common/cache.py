@@ -6,11 +6,15 @@ import time
 from collections import OrderedDict
 from typing import Any, Callable
 
+from . import metrics
+
 
 class ResultCache:
     def __init__(self, max_bytes: int, ttl_seconds: float, size_of: Callable[[Any], int],
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, service: str = ""):
         self.max_bytes, self.ttl, self.size_of, self.clock = max_bytes, ttl_seconds, size_of, clock
+        self._hit = metrics.CACHE_LOOKUPS.labels(service, "hit")
+        self._miss = metrics.CACHE_LOOKUPS.labels(service, "miss")
         self._entries: OrderedDict[str, tuple[float, int, Any]] = OrderedDict()
         self._lock = threading.Lock()
         self.bytes = self.hits = self.misses = 0
@@ -24,10 +28,12 @@ class ResultCache:
             if entry is not None and entry[0] > self.clock():
                 self._entries.move_to_end(key)
                 self.hits += 1
+                self._hit.inc()
                 return entry[2]
             if entry is not None:
                 self._drop(key)
             self.misses += 1
+            self._miss.inc()
             return None
 
     def put(self, key: str, value: Any) -> None:

@@ -22,6 +22,7 @@ from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import Gauge
 
 from imagemesh.v1 import common_pb2
 
@@ -81,13 +82,14 @@ class StreamLimiter:
             raise Overloaded(f"{self.service} is busy ({self.open} requests open); retry later")
         return Admission(self, method, next(self._admissions))
 
-    async def _acquire(self, order: int) -> None:
+    async def _acquire(self, order: int, in_flight: Gauge) -> None:
         if self._free and not self._waiting:
             self._free -= 1
             return
         waiter = asyncio.get_running_loop().create_future()
         heapq.heappush(self._waiting, (order, waiter))
         self._count_waiting()
+        in_flight.dec()  # queued, not in flight, while it waits
         try:
             await waiter
         except asyncio.CancelledError:
@@ -95,6 +97,7 @@ class StreamLimiter:
                 self._release()  # granted as it was cancelled: pass the slot on
             raise
         finally:
+            in_flight.inc()
             self._count_waiting()
 
     def _release(self) -> None:
@@ -110,8 +113,9 @@ class StreamLimiter:
 
 
 class Admission:
-    """One admitted stream: counted in flight until its own work is done (`finish`),
-    not while it only relays the next service's answer."""
+    """One admitted stream: in flight until its own work is done (`finish`), not
+    while it only relays the next service's answer, nor while it waits for a compute
+    slot (then it counts in the queue depth)."""
 
     def __init__(self, limiter: StreamLimiter, method: str, order: int):
         self.limiter, self.order = limiter, order
@@ -122,7 +126,7 @@ class Admission:
 
     async def compute(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn(*args)` on the service's thread pool once a compute slot is free."""
-        await self.limiter._acquire(self.order)
+        await self.limiter._acquire(self.order, self._in_flight)
         try:
             return await asyncio.get_running_loop().run_in_executor(self.limiter.executor, fn, *args)
         finally:

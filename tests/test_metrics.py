@@ -1,0 +1,98 @@
+"""What the metrics say while the mesh works: what autoscalers and dashboards read."""
+import io
+import json
+import re
+import threading
+import time
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from conftest import free_port, start_gateway, start_service
+
+
+def png(array) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(array).save(out, "PNG")
+    return out.getvalue()
+
+
+def gauge(service, name: str) -> float:
+    text = httpx.get(service.metrics_url, timeout=5).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
+def sample_while(work, services: dict, names: tuple[str, ...]) -> list[dict]:
+    """Run `work()` in a thread and sample the gauges of every service until it ends."""
+    samples, done = [], threading.Event()
+    thread = threading.Thread(target=lambda: (work(), done.set()))
+    thread.start()
+    deadline = time.monotonic() + 300
+    while not done.is_set() and time.monotonic() < deadline:
+        samples.append({(service, name): gauge(services[service], name) for service in services for name in names})
+        time.sleep(0.02)
+    thread.join(10)
+    return samples
+
+
+def test_a_service_that_only_relays_a_pipeline_is_not_in_flight(mesh, http, photo):
+    """Keying takes milliseconds; the upscale after it, seconds: the background-removal
+    service must not count the upscaler's time as its own."""
+    steps = [{"op": "remove_background", "model": "keyer"}, {"op": "upscale", "scale": 4,
+                                                              "model": "realesr-general-x4v3"}]
+    replies = []
+    samples = sample_while(lambda: replies.append(http.post(
+        "/v1/process", files={"file": ("p.png", png(np.tile(photo, (2, 2, 1))))},
+        data={"steps": json.dumps(steps), "format": "png"})),
+        {"bgremoval": mesh["bgremoval"], "upscaler": mesh["upscaler"]}, ("imagemesh_grpc_requests_in_flight",))
+    assert replies[0].status_code == 200, replies[0].text
+    upscaling = [s for s in samples if s[("upscaler", "imagemesh_grpc_requests_in_flight")] > 0]
+    assert upscaling, "the upscale was never seen in flight"
+    assert all(s[("bgremoval", "imagemesh_grpc_requests_in_flight")] == 0 for s in upscaling[len(upscaling) // 2:])
+
+
+def test_queued_streams_count_in_the_queue_not_in_flight(tmp_path_factory, model_dir, photo):
+    upscaler = start_service("upscaler", tmp_path_factory, model_dir, MAX_CONCURRENT_REQUESTS="1",
+                             UPSCALER_BACKEND="torch-fp32")
+    try:
+        ports = {"upscaler": int(upscaler.address.rsplit(":", 1)[1]), "bgremoval": free_port(),
+                 "effects": free_port()}  # only the upscaler is called
+        gateway = start_gateway(tmp_path_factory, ports, RATE_LIMIT_PER_MINUTE="0")
+        data = png(np.tile(photo, (2, 2, 1)))
+        replies = []
+
+        def two_at_once():
+            threads = [threading.Thread(target=lambda: replies.append(httpx.post(
+                f"{gateway.url}/v1/upscale", files={"file": ("p.png", data)},
+                data={"scale": "4", "model": "realesr-general-x4v3", "tile": "64"}, timeout=300)))
+                for _ in range(2)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        try:
+            samples = sample_while(two_at_once, {"upscaler": upscaler},
+                                   ("imagemesh_grpc_requests_in_flight", "imagemesh_queue_depth"))
+        finally:
+            gateway.stop()
+        assert [r.status_code for r in replies] == [200, 200]
+        queued = [s for s in samples if s[("upscaler", "imagemesh_queue_depth")] > 0]
+        assert queued, "the second request was never seen waiting"
+        for s in samples:  # one slot: at most one stream computes; a waiting one is not also in flight
+            assert s[("upscaler", "imagemesh_grpc_requests_in_flight")] + s[("upscaler", "imagemesh_queue_depth")] <= 2
+        assert max(s[("upscaler", "imagemesh_queue_depth")] for s in samples) <= 1
+    finally:
+        upscaler.stop()
+
+
+def test_series_exist_before_the_first_event_and_buckets_reach_minutes(mesh, gateway):
+    for name, service in mesh.items():
+        text = httpx.get(service.metrics_url).text
+        assert re.search(rf'^imagemesh_requests_rejected_total{{service="{name}"}} ', text, re.M), name
+        assert re.search(rf'^imagemesh_queue_depth{{service="{name}"}} ', text, re.M), name
+    text = httpx.get(mesh["upscaler"].metrics_url).text
+    assert 'imagemesh_inference_seconds_bucket{backend=' in text and 'le="300.0"' in text
+    assert 'imagemesh_grpc_request_duration_seconds_bucket' in text and 'le="900.0"' in text
+    cache = httpx.get(mesh["bgremoval"].metrics_url).text
+    assert 'imagemesh_cache_lookups_total{result="hit",service="bgremoval"}' in cache
