@@ -161,8 +161,9 @@ class GrpcClient:
         from services.common import imageio
         from services.common.errors import ServiceError
         from services.gateway.errors import HttpError, from_service_error
-        from services.gateway.inputs import parse_steps
+        from services.gateway.inputs import Fields
         from services.gateway.mesh import MeshClient
+        from services.gateway.steps import parse_steps
 
         async def run() -> Result:
             mesh = MeshClient(self.config)
@@ -172,7 +173,7 @@ class GrpcClient:
                 async def report(done: int, total: int) -> None:
                     if progress:
                         progress(done, total)
-                result = await mesh.process(decoded, parse_steps(steps), report)
+                result = await mesh.process(decoded, parse_steps(Fields({"steps": steps})), report)
                 fmt = imageio.choose_format(format, decoded.format, result.mode in ("LA", "RGBA"))
                 data = imageio.encode(result.pixels, result.mode, fmt, icc_profile=result.icc_profile)
                 height, width = result.pixels.shape[:2]

@@ -196,7 +196,7 @@ def test_openapi_describes_every_route(gateway):
     paths = spec["paths"]
     for path, method in (("/v1/upscale", "post"), ("/v1/remove-background", "post"), ("/v1/effects", "post"),
                          ("/v1/process", "post"), ("/v1/jobs", "post"), ("/v1/jobs/{job_id}/events", "get"),
-                         ("/upscale", "post"), ("/upscale", "get"), ("/upscale-base64", "post"),
+                         ("/upscale", "post"), ("/upscale-base64", "post"),
                          ("/remove-background", "post"), ("/process", "post"), ("/api/v2/process", "post"),
                          ("/health", "get"), ("/status", "get"), ("/models", "get"), ("/model-info", "get"),
                          ("/stats", "get"), ("/download/{file_id}", "get"), ("/", "get")):

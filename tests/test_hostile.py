@@ -17,7 +17,8 @@ from imagemesh.v1 import common_pb2
 from services.common import imageio, wire
 from services.common.errors import ServiceError
 from services.gateway.errors import HttpError
-from services.gateway.inputs import Fields, parse_steps
+from services.gateway.inputs import Fields
+from services.gateway.steps import parse_steps
 
 LIMITS = dict(max_bytes=2_000_000, max_pixels=4_000_000)
 
@@ -188,7 +189,7 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers(-10**12, 10**12) | s
 @given(JSON)
 def test_step_parser_only_ever_answers_400(value):
     try:
-        parse_steps(value)
+        parse_steps(Fields({"steps": value}))
     except HttpError as exc:
         assert exc.status == 400
 

@@ -14,6 +14,7 @@ from imagemesh.v1 import bgremoval_pb2, bgremoval_pb2_grpc, common_pb2, pipeline
 
 from services.common import logs, metrics, wire
 from services.common.cache import ResultCache
+from services.common.contract import MAX_KEYER_TOLERANCE
 from services.common.errors import InvalidArgument, LimitExceeded, ModelNotFound
 from services.common.server import Admission, ServiceRuntime, rpc
 from services.common.streaming import Downstreams, StepPlan, output_header, read_start, serve_stream
@@ -74,8 +75,8 @@ class BackgroundRemovalServicer(bgremoval_pb2_grpc.BackgroundRemovalServicer):
         self.downstreams = Downstreams(config)
 
     def removal_options(self, o: pipeline_pb2.RemoveBackgroundOptions, info: wire.HeaderInfo) -> engine.RemovalOptions:
-        if o.keyer_tolerance > 255:
-            raise InvalidArgument("keyer_tolerance must be between 1 and 255", field="keyer_tolerance")
+        if o.keyer_tolerance > MAX_KEYER_TOLERANCE:
+            raise InvalidArgument(f"keyer_tolerance must be between 1 and {MAX_KEYER_TOLERANCE}", field="keyer_tolerance")
         if o.alpha_matting and info.width * info.height > self.runtime.config.bgremoval_matting_max_pixels:
             raise LimitExceeded(f"alpha_matting is limited to {self.runtime.config.bgremoval_matting_max_pixels} "
                                 f"pixels; this image has {info.width * info.height}", reason="image_too_large",

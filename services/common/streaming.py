@@ -19,11 +19,11 @@ import numpy as np
 from imagemesh.v1 import common_pb2, pipeline_pb2
 
 from . import logs, wire
+from .contract import MAX_STEPS
 from .errors import InvalidArgument, LimitExceeded, ServiceError, StreamTimeout
 from .server import CHANNEL_OPTIONS, Admission, StreamLimiter, channel_target
 from .tiles import GridAssembler, Rect, TileBuffer
 
-MAX_STEPS = 16
 QUEUE_MESSAGES = 8
 _END = object()
 # ACCEPT_BEFORE_TILES: a sender waits for the StreamResult header before it

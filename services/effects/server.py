@@ -52,7 +52,7 @@ def effect_info(effect: engine.Effect) -> effects_pb2.EffectInfo:
     return effects_pb2.EffectInfo(
         name=effect.name, description=effect.description, whole_image=effect.whole_image(*defaults),
         params=[effects_pb2.EffectParameter(name=p.name, default=p.default, minimum=p.minimum, maximum=p.maximum,
-                                            description=p.description) for p in effect.params],
+                                            description=p.description, integer=p.integer) for p in effect.params],
         options=[effects_pb2.EffectChoice(name=c.name, default=c.default, values=list(c.values),
                                           description=c.description) for c in effect.choices])
 

@@ -1,22 +1,25 @@
 """REST/JSON in front of the gRPC services: the app, its middleware and errors."""
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI, Request, Security
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.openapi.utils import get_openapi
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.common import logs, metrics
 from services.common.config import Config
 from services.common.errors import ServiceError
 
-from . import compat, v1, web
 from .core import Gateway, error_response
+from .deps import api_routes
 from .errors import HttpError, from_service_error
+from .fields import complete
+from .routes import compat, health, jobs, v1, web
 
 logger = logging.getLogger("imagemesh.gateway")
 
@@ -62,6 +65,47 @@ class RequestContext:
             logs.request_id_var.reset(token)
 
 
+def allowed_methods(app: FastAPI, path: str) -> list[str]:
+    """Every method some route takes at `path` (Starlette's 405 names only the first route's)."""
+    methods = set()
+    for route in api_routes(app):
+        if route.include_in_schema and route.path_regex.match(path):
+            methods |= route.methods
+    if "GET" in methods:
+        methods.add("HEAD")
+    return sorted(methods)
+
+
+def openapi_for(app: FastAPI, config: Config, gw: Gateway):
+    """The schema of this gateway as configured: bearer security only where tokens are
+    set (with its 401), image_url only where URL fetching is on, and each effect's
+    parameters from the effects service's catalogue (kept once it was read)."""
+    def schema() -> dict:
+        if app.openapi_schema:
+            return app.openapi_schema
+        document = copy.deepcopy(get_openapi(title=app.title, version=app.version, description=app.description,
+                                             routes=app.routes))  # the routes' declarations stay as they are
+        auth = bool(config.api_tokens.strip())
+        for path_item in document.get("paths", {}).values():
+            for operation in path_item.values():
+                if not auth:
+                    operation.pop("security", None)
+                    if "security" not in operation:
+                        operation.get("responses", {}).pop("401", None)
+                for media in operation.get("requestBody", {}).get("content", {}).values():
+                    body = media.get("schema", {})
+                    if not config.url_fetch_enabled and "image_url" in body.get("properties", {}):
+                        del body["properties"]["image_url"]
+                        body["oneOf"] = [alt for alt in body.get("oneOf", []) if alt["required"] != ["image_url"]]
+        if not auth:
+            document.get("components", {}).pop("securitySchemes", None)
+        document = complete(document, gw.effects)
+        if gw.effects is not None:
+            app.openapi_schema = document
+        return document
+    return schema
+
+
 def create_app(config: Config) -> FastAPI:
     gw = Gateway(config)
 
@@ -71,18 +115,13 @@ def create_app(config: Config) -> FastAPI:
         yield
         await gw.stop()
 
-    app = FastAPI(title="imagemesh", version="1.0", lifespan=lifespan, description=(
+    app = FastAPI(title="imagemesh", version="1.0", lifespan=lifespan, openapi_url=None, docs_url=None,
+                  redoc_url=None, description=(
         "AI image processing over a gRPC mesh: Real-ESRGAN upscaling, background removal and effects, "
         "alone or as pipelines that stream tile by tile through the services. The `/v1` routes are the "
         "primary API; the others keep clients of earlier services working."))
     app.state.gateway = gw
-
-    bearer = HTTPBearer(auto_error=False, description="one of the gateway's API_TOKENS (when any are set)")
-
-    async def guarded(request: Request, _: HTTPAuthorizationCredentials | None = Security(bearer)) -> str:
-        return await gw.guard(request)
-    protected = [Depends(guarded)]
-
+    app.openapi = openapi_for(app, config, gw)  # type: ignore[method-assign]
     app.add_middleware(RequestContext)
 
     @app.exception_handler(HttpError)
@@ -103,9 +142,13 @@ def create_app(config: Config) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def on_starlette_error(request: Request, exc: StarletteHTTPException):
         reason = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, reason, str(exc.detail), getattr(exc, "headers", None))
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:
+            headers["Allow"] = ", ".join(allowed_methods(app, request.url.path))
+        return error_response(exc.status_code, reason, str(exc.detail), headers)
 
-    v1.register(app, gw, protected)
-    compat.register(app, gw, protected)
-    web.register(app, gw, protected)
+    for module in (health, v1, jobs, compat, web):
+        app.include_router(module.router)
+    app.mount("/static", web.static_files, name="static")
+    app.mount("/docs/assets", web.swagger_files, name="docs-assets")
     return app

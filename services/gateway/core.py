@@ -7,12 +7,14 @@ import asyncio
 import base64
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Awaitable, Callable
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
+
+from google.protobuf.json_format import MessageToDict
 
 from imagemesh.v1 import common_pb2, pipeline_pb2
 
@@ -21,7 +23,9 @@ from services.common.config import Config
 from services.common.tiles import BandAssembler
 
 from .auth import RateLimiter, TokenAuth
-from .inputs import Fields, ImageRequest, read_image_request, remove_background_options
+from .fields import FORMAT, QUALITY
+from .inputs import Fields, ImageRequest, read_image_request
+from .steps import remove_background_options
 from .jobs import JobManager
 from .errors import HttpError
 from .mesh import MeshClient, Processed
@@ -30,8 +34,6 @@ from .urlfetch import UrlFetcher
 
 logger = logging.getLogger("imagemesh.gateway")
 
-FORMAT_CHOICES = ("auto", "png", "jpeg", "webp")
-FORMAT_ALIASES = {"jpg": "jpeg"}
 SWEEP_SECONDS = 30
 
 
@@ -77,11 +79,12 @@ class Gateway:
         self.auth = TokenAuth(config.api_tokens)
         self.limiter = RateLimiter(config.rate_limit_per_minute, config.rate_limit_burst)
         self.fetcher = UrlFetcher(max_bytes=config.max_upload_bytes, timeout_seconds=config.url_fetch_timeout_seconds,
-                                  allowlist=config.url_fetch_allowlist)
+                                  allowlist=config.url_fetch_allowlist, enabled=config.url_fetch_enabled)
         self.store = ResultStore(config.result_dir, config.result_ttl_seconds)
         self.jobs = JobManager(self.run_to_store, workers=config.max_concurrent_jobs, queue_size=config.job_queue_size)
         self.mesh: MeshClient | None = None
         self._sweeper: asyncio.Task | None = None
+        self.effects: list[dict] | None = None  # the effects catalogue, once read
 
     async def start(self) -> None:
         self.mesh = MeshClient(self.config)  # grpc.aio channels belong to the serving event loop
@@ -98,6 +101,15 @@ class Gateway:
             await run_in_threadpool(self.store.sweep)
             self.jobs.forget_expired(time.time())
             await asyncio.sleep(SWEEP_SECONDS)
+
+    async def load_effects(self) -> None:
+        """Read the effects catalogue once (it changes only with the effects service's code)."""
+        if self.effects is None:
+            try:
+                reply = await self.mesh.list_effects()
+            except HttpError:
+                return  # not reachable yet: the schema stays generic until it is
+            self.effects = MessageToDict(reply, preserving_proto_field_name=True)["effects"]
 
     async def guard(self, request: Request) -> str:
         """Auth, then the rate limit; a FastAPI dependency of every processing route."""
@@ -116,8 +128,8 @@ class Gateway:
 
     @staticmethod
     def output_options(fields: Fields, format_field: str = "format", default_format: str = "auto") -> tuple[str, int]:
-        return (fields.text(format_field, default_format, FORMAT_CHOICES, FORMAT_ALIASES),
-                fields.number("quality", 92, integer=True, minimum=1, maximum=100))
+        """The output format (from `format_field`: earlier services call it output_format) and quality."""
+        return (replace(FORMAT, name=format_field, default=default_format).read(fields), QUALITY.read(fields))
 
     async def encode(self, result: Processed, requested_format: str, source_format: str,
                      quality: int) -> tuple[str, bytes, float]:
@@ -139,9 +151,10 @@ class Gateway:
         return StoredRun(stored, width, height, result.steps, timings)
 
     async def answer(self, request: Request, req: ImageRequest, steps: list[pipeline_pb2.Step], started: float,
-                     extra_json: Callable[[Processed], dict] = lambda result: {}):
+                     extra_json: Callable[[Processed], dict] = lambda result: {}, *, format_field: str = "format",
+                     default_format: str = "auto"):
         """Decode, process, encode; the image, or JSON when the client asks for it."""
-        requested_format, quality = self.output_options(req.fields)
+        requested_format, quality = self.output_options(req.fields, format_field, default_format)
         image, decode_ms = await self.decode(req.data)
         wants_json = "application/json" in request.headers.get("accept", "")
         mesh_started = time.perf_counter()

@@ -9,17 +9,14 @@ import math
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
+import jsonschema
 from fastapi import Request
 from starlette.datastructures import UploadFile
-
-from imagemesh.v1 import pipeline_pb2
 
 from .errors import HttpError
 
 # Base64 grows data by 4/3; JSON and multipart add a little framing.
 _ENVELOPE_FACTOR, _ENVELOPE_SLACK = 1.4, 64 * 1024
-MAX_STEPS = 16
-ALPHA_MODES = {"lanczos": pipeline_pb2.ALPHA_MODE_LANCZOS, "model": pipeline_pb2.ALPHA_MODE_MODEL}
 TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off", "")
 
 
@@ -28,17 +25,25 @@ def bad(message: str) -> HttpError:
 
 
 class Fields:
-    """Typed reads of request fields (form strings or JSON values); `where` prefixes messages."""
+    """Typed reads of request fields; `where` prefixes messages. A form's values are
+    text ("4", "true"); a JSON body's carry their own types, which must be right."""
 
-    def __init__(self, values: dict[str, Any], where: str = ""):
-        self.values, self.where = values, where
+    def __init__(self, values: dict[str, Any], where: str = "", *, form: bool = False):
+        self.values, self.where, self.form = values, where, form
 
     def _name(self, name: str) -> str:
         return f"{self.where}{name}"
 
+    def _get(self, name: str) -> Any:
+        """The given value; None when absent. JSON's null is not a value of any field."""
+        value = self.values.get(name)
+        if value is None and name in self.values:
+            raise bad(f"{self._name(name)} must not be null; leave it out for its default")
+        return value
+
     def text(self, name: str, default: str, choices: tuple[str, ...] | None = None,
              aliases: dict[str, str] | None = None) -> str:
-        value = self.values.get(name)
+        value = self._get(name)
         if value is None or value == "":
             return default
         if not isinstance(value, str):
@@ -51,40 +56,44 @@ class Fields:
             return value.lower()
         return value
 
-    def number(self, name: str, default: float, *, integer: bool = False,
-               minimum: float | None = None, maximum: float | None = None) -> float:
-        value = self.values.get(name)
+    def number(self, name: str, default: float, *, integer: bool = False, minimum: float | None = None,
+               maximum: float | None = None, also: tuple[float, ...] = ()) -> float:
+        value = self._get(name)
         if value is None or value == "":
             return default
         kind = "an integer" if integer else "a number"
-        if isinstance(value, bool):
-            raise bad(f"{self._name(name)} must be {kind}")
+        if isinstance(value, bool) or isinstance(value, str) and not self.form:
+            raise bad(f"{self._name(name)} must be {kind}; got {value!r}")
         try:
             number = float(value)
         except (TypeError, ValueError):
             raise bad(f"{self._name(name)} must be {kind}; got {value!r}") from None
         if not math.isfinite(number) or (integer and not number.is_integer()):
             raise bad(f"{self._name(name)} must be {kind}; got {value!r}")
-        if minimum is not None and number < minimum or maximum is not None and number > maximum:
+        if number not in also and (minimum is not None and number < minimum or
+                                   maximum is not None and number > maximum):
             bounds = " and ".join(text for text in (minimum is not None and f"at least {minimum:g}",
                                                     maximum is not None and f"at most {maximum:g}") if text)
-            raise bad(f"{self._name(name)} must be {bounds}; got {value}")
+            alternatives = "".join(f"{v:g} or " for v in also)
+            raise bad(f"{self._name(name)} must be {alternatives}{bounds}; got {value}")
         return int(number) if integer else number
 
     def boolean(self, name: str, default: bool = False) -> bool:
-        value = self.values.get(name)
+        value = self._get(name)
         if value is None:
             return default
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.strip().lower() in TRUE + FALSE:
+        if self.form and isinstance(value, str) and value.strip().lower() in TRUE + FALSE:
             return value.strip().lower() in TRUE
         raise bad(f"{self._name(name)} must be true or false; got {value!r}")
 
     def structured(self, name: str, default: Any = None) -> Any:
-        """A JSON value, given as JSON in a form field or directly in a JSON body."""
-        value = self.values.get(name, default)
-        if isinstance(value, str):
+        """A JSON value: JSON text in a form field, the value itself in a JSON body."""
+        value = self._get(name)
+        if value is None or value == "" and self.form:  # absent, or an empty form field: none given
+            return default
+        if isinstance(value, str) and self.form:
             try:
                 return json.loads(value)
             except ValueError:
@@ -93,7 +102,7 @@ class Fields:
 
     def names(self, name: str) -> list[str]:
         """A list of names: a JSON list, or comma-separated."""
-        value = self.values.get(name)
+        value = self._get(name)
         if value is None or value == "":
             return []
         if isinstance(value, str) and value.strip().startswith("["):
@@ -109,6 +118,14 @@ class Fields:
 class ImageRequest:
     data: bytes
     fields: Fields
+
+
+def check_json(value: Any, schema: dict, name: str) -> None:
+    """A JSON value checked against its documented schema: a 400 naming the first problem."""
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(value))
+    if error is not None:
+        where = ".".join(str(part) for part in (name, *error.absolute_path))
+        raise bad(f"{where}: {error.message[:200]}")
 
 
 def decode_base64(text: Any, field: str) -> bytes:
@@ -134,13 +151,12 @@ async def read_image_request(request: Request, max_bytes: int, fetch_url: Callab
             form = await request.form(max_files=2, max_fields=64)
         except Exception:
             raise bad("the multipart body is malformed") from None
-        fields = Fields({k: v for k, v in form.items() if isinstance(v, str)})
+        fields = Fields({k: v for k, v in form.items() if isinstance(v, str)}, form=True)
         upload = form.get("file")
+        one_source(fields.values, ("file",), isinstance(upload, UploadFile))
         if isinstance(upload, UploadFile):
             return ImageRequest(await upload.read(max_bytes + 1), fields)
-        if fields.values.get("image_url"):
-            return ImageRequest(await fetch_url(fields.text("image_url", "")), fields)
-        raise bad("multipart field 'file' (the image) or 'image_url' is required")
+        return ImageRequest(await fetch_url(fields.text("image_url", "")), fields)
     if content_type == "application/json":
         try:
             body = json.loads(await request.body())
@@ -157,75 +173,16 @@ async def image_from_json(body: Any, fetch_url: Callable[[str], Awaitable[bytes]
     if not isinstance(body, dict):
         raise bad("the JSON body must be an object")
     fields = Fields(body)
+    one_source(body, base64_fields)
     for name in base64_fields:
         if name in body:
             return ImageRequest(decode_base64(body[name], name), fields)
-    if body.get("image_url"):
-        return ImageRequest(await fetch_url(fields.text("image_url", "")), fields)
-    raise bad(f"JSON field {' or '.join(repr(f) for f in base64_fields)} (the image, base64) or 'image_url' is required")
+    return ImageRequest(await fetch_url(fields.text("image_url", "")), fields)
 
 
-# --- steps ----------------------------------------------------------------
-
-def upscale_step(f: Fields) -> pipeline_pb2.Step:
-    return pipeline_pb2.Step(upscale=pipeline_pb2.UpscaleOptions(
-        model=f.text("model", "auto"), scale=f.number("scale", 4.0),
-        tile_size=f.number("tile", 0, integer=True, minimum=0, maximum=4096),
-        alpha_mode=ALPHA_MODES[f.text("alpha", "lanczos", tuple(ALPHA_MODES))]))
-
-
-def remove_background_options(f: Fields, models: list[str] | None = None) -> pipeline_pb2.RemoveBackgroundOptions:
-    return pipeline_pb2.RemoveBackgroundOptions(
-        model=f.text("model", "auto"), models=models or [], only_mask=f.boolean("only_mask"),
-        bgcolor=f.text("bgcolor", ""), post_process=f.boolean("post_process"), refine=f.boolean("refine"),
-        alpha_matting=f.boolean("alpha_matting"), bypass_cache=not f.boolean("use_cache", True),
-        keyer_tolerance=f.number("tolerance", 0, integer=True, minimum=0, maximum=255),
-        keyer_all_similar=f.boolean("all_similar"))
-
-
-def effect_step(f: Fields, params: Any) -> pipeline_pb2.Step:
-    """Numbers (and booleans) are parameters, strings are named options."""
-    effect = f.text("effect", "")
-    if not effect:
-        raise bad(f"{f.where}effect is required")
-    if params is None:
-        params = {}
-    if not isinstance(params, dict):
-        raise bad(f"{f.where}params must be an object")
-    numbers, options = {}, {}
-    for key, value in params.items():
-        if isinstance(value, bool):
-            numbers[key] = float(value)
-        elif isinstance(value, (int, float)):
-            numbers[key] = float(value)
-        elif isinstance(value, str):
-            try:
-                numbers[key] = float(value)
-            except ValueError:
-                options[key] = value
-        else:
-            raise bad(f"{f.where}params.{key} must be a number or a string")
-    return pipeline_pb2.Step(effect=pipeline_pb2.EffectOptions(effect=effect, params=numbers, options=options))
-
-
-def parse_steps(value: Any) -> list[pipeline_pb2.Step]:
-    """`steps`: [{"op": "remove_background", ...}, {"op": "upscale", "scale": 4}, {"op": "effect", ...}]."""
-    if not isinstance(value, list) or not value:
-        raise bad("steps must be a non-empty JSON list of steps")
-    if len(value) > MAX_STEPS:
-        raise bad(f"steps may hold at most {MAX_STEPS} steps, got {len(value)}")
-    steps = []
-    for index, raw in enumerate(value):
-        if not isinstance(raw, dict):
-            raise bad(f"steps[{index}] must be an object")
-        f = Fields(raw, f"steps[{index}].")
-        op = f.text("op", "", ("upscale", "remove_background", "effect"))
-        if op == "upscale":
-            steps.append(upscale_step(f))
-        elif op == "remove_background":
-            steps.append(pipeline_pb2.Step(remove_background=remove_background_options(f)))
-        elif op == "effect":
-            steps.append(effect_step(f, raw.get("params")))
-        else:
-            raise bad(f"steps[{index}].op is required: upscale, remove_background or effect")
-    return steps
+def one_source(values: dict, image_fields: tuple[str, ...], uploaded: bool = False) -> None:
+    """Exactly one of the image fields, or image_url: a request with two would be ambiguous."""
+    given = [name for name in (*image_fields, "image_url") if name in values or name == "file" and uploaded]
+    if len(given) != 1:
+        names = " or ".join(repr(name) for name in (*image_fields, "image_url"))
+        raise bad(f"send the image in exactly one of {names}" + (f"; got {', '.join(given)}" if given else ""))

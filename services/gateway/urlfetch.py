@@ -96,12 +96,14 @@ async def check_url(url: str, resolver: Resolver, allowlist=()) -> Target:
 
 class UrlFetcher:
     def __init__(self, *, max_bytes: int, timeout_seconds: float, allowlist: str = "",
-                 resolver: Resolver = system_resolver):
-        self.max_bytes, self.timeout = max_bytes, timeout_seconds
+                 resolver: Resolver = system_resolver, enabled: bool = True):
+        self.max_bytes, self.timeout, self.enabled = max_bytes, timeout_seconds, enabled
         self.allowlist = parse_allowlist(allowlist)
         self.resolver = resolver
 
     async def fetch(self, url: str) -> bytes:
+        if not self.enabled:
+            raise refused("this gateway does not fetch image_url (URL_FETCH_ENABLED=false); send the image itself")
         try:
             return await asyncio.wait_for(self._fetch(url), self.timeout)
         except asyncio.TimeoutError:

@@ -28,7 +28,6 @@ from services.common.tiles import Rect, grid
 
 Model = Callable[[np.ndarray], np.ndarray]  # float32 NCHW RGB in [0, 1] -> same at native scale
 
-MIN_SCALE, MAX_SCALE = 1.0, 8.0
 UNSHARP_SIGMA, UNSHARP_AMOUNT, UNSHARP_MARGIN = 1.0, 0.5, 4
 TILE_CHOICES = (1024, 768, 512, 384, 256, 192, 128, 96, 64)
 

@@ -8,27 +8,27 @@ import numpy as np
 from imagemesh.v1 import common_pb2, pipeline_pb2, upscaler_pb2_grpc
 
 from services.common import metrics
+from services.common.contract import MAX_SCALE, MAX_TILE_HALO, MAX_TILE_SIZE, MIN_SCALE, MIN_TILE_SIZE
 from services.common.errors import InvalidArgument
 from services.common.server import ServiceRuntime, rpc
 from services.common.streaming import Downstreams, StepPlan, serve_stream
 from services.common.tiles import Rect
 from services.common.wire import HeaderInfo
 
-from .engine import MAX_SCALE, MIN_SCALE, Plan, UpscaleEngine
+from .engine import Plan, UpscaleEngine
 from .models import ModelRegistry
 
-MAX_TILE_SIZE = 2048
-MAX_HALO = 256
 
 
 def validate_options(options: pipeline_pb2.UpscaleOptions) -> None:
     scale = options.scale
     if not math.isfinite(scale) or not MIN_SCALE <= scale <= MAX_SCALE:
         raise InvalidArgument(f"scale must be between {MIN_SCALE:g} and {MAX_SCALE:g}, got {scale:g}", field="scale")
-    if options.tile_size and not 16 <= options.tile_size <= MAX_TILE_SIZE:
-        raise InvalidArgument(f"tile_size must be 0 (automatic) or between 16 and {MAX_TILE_SIZE}", field="tile_size")
-    if options.tile_halo > MAX_HALO:
-        raise InvalidArgument(f"tile_halo must be at most {MAX_HALO}", field="tile_halo")
+    if options.tile_size and not MIN_TILE_SIZE <= options.tile_size <= MAX_TILE_SIZE:
+        raise InvalidArgument(f"tile_size must be 0 (automatic) or between {MIN_TILE_SIZE} and {MAX_TILE_SIZE}",
+                              field="tile_size")
+    if options.tile_halo > MAX_TILE_HALO:
+        raise InvalidArgument(f"tile_halo must be at most {MAX_TILE_HALO}", field="tile_halo")
 
 
 class UpscaleOp:

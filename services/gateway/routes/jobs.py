@@ -1,0 +1,97 @@
+"""Jobs: a pipeline run in the background, its status, progress events and result."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from ..core import Gateway
+from ..deps import PROTECTED, gateway
+from ..errors import HttpError
+from ..fields import IMAGE_TYPES, OUTPUT, PROCESSING_ERRORS, STEPS, errors, image_body, json_answer
+from ..steps import parse_steps
+
+router = APIRouter(tags=["jobs"], dependencies=PROTECTED)
+EVENT_KEEPALIVE_SECONDS = 15
+JOB_SCHEMA = {"type": "object", "required": ["id", "status", "status_url"], "properties": {
+    "id": {"type": "string"}, "status": {"type": "string", "enum": ["queued", "running", "done", "failed"]},
+    "status_url": {"type": "string"}, "progress": {"type": "object"}, "steps": {"type": "array"},
+    "timings_ms": {"type": "object"}, "result_url": {"type": "string"}, "expires_at": {"type": "string"},
+    "error": {"type": "object"}}}
+
+
+# One server-sent event (keep-alive comments aside).
+EVENT_SCHEMA = {"type": "object", "required": ["event", "data"], "properties": {
+    "event": {"type": "string", "enum": ["progress", "done", "failed"]},
+    "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": JOB_SCHEMA}}}
+
+
+def base_url(request: Request) -> str:
+    return str(request.base_url).rstrip("/")
+
+
+@router.post("/v1/jobs", status_code=202,
+             summary="Start a pipeline as a job (the body of /v1/process): checked along the whole chain, "
+                     "then its id at once",
+             openapi_extra={"requestBody": image_body({"steps": STEPS, **OUTPUT}, ("steps",))},
+             responses={202: json_answer("the job: {id, status, status_url}", JOB_SCHEMA),
+                        **errors(*PROCESSING_ERRORS)})
+async def submit_job(request: Request, gw: Gateway = Depends(gateway)):
+    req = await gw.read(request)
+    steps = parse_steps(req.fields)
+    fmt, quality = gw.output_options(req.fields)
+    image, _ = await gw.decode(req.data)
+    await gw.mesh.validate(image, steps)  # refused now for anything /v1/process would refuse before running
+    job = gw.jobs.submit(image, steps, fmt, quality)
+    status_url = f"{base_url(request)}/v1/jobs/{job.id}"
+    return JSONResponse({"id": job.id, "status": job.status, "status_url": status_url}, status_code=202,
+                        headers={"Location": status_url})
+
+
+@router.get("/v1/jobs/{job_id}", summary="A job's status, progress, timings and, when done, result_url",
+            responses={200: json_answer("the job", JOB_SCHEMA), **errors(401, 404, 429)})
+async def job_status(job_id: str, request: Request, gw: Gateway = Depends(gateway)):
+    return gw.jobs.get(job_id).view(base_url(request))
+
+
+@router.get("/v1/jobs/{job_id}/events", summary="Server-sent events: `progress` while it runs, then `done` or `failed`",
+            response_class=Response,
+            responses={200: {"description": "an event stream; each event's data is the job as JSON",
+                             "content": {"text/event-stream": {"schema": EVENT_SCHEMA}}},
+                       **errors(401, 404, 429)})
+async def job_events(job_id: str, request: Request, gw: Gateway = Depends(gateway)):
+    job = gw.jobs.get(job_id)
+    root = base_url(request)
+
+    async def stream():
+        seen = -1
+        while True:
+            async with job.changed:
+                try:
+                    await asyncio.wait_for(job.changed.wait_for(lambda: job.version != seen),
+                                           EVENT_KEEPALIVE_SECONDS)
+                except asyncio.TimeoutError:
+                    yield ": keep-alive\n\n"
+                    continue
+                seen = job.version
+                view = job.view(root)
+            event = job.status if job.status in ("done", "failed") else "progress"
+            yield f"event: {event}\ndata: {json.dumps(view)}\n\n"
+            if event != "progress":
+                return
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@router.get("/v1/jobs/{job_id}/result", summary="The finished image", response_class=Response,
+            responses={200: {"description": "the image", "content": IMAGE_TYPES}, **errors(401, 404, 409, 429)})
+async def job_result(job_id: str, gw: Gateway = Depends(gateway)):
+    job = gw.jobs.get(job_id)
+    if job.status != "done":
+        raise HttpError(409, "job_not_done", f"the job is {job.status}")
+    stored = gw.store.get(job.result.file_id)
+    if stored is None:
+        raise HttpError(404, "result_expired", "the job's result has expired")
+    return gw.stored_response(stored)
