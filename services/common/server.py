@@ -31,6 +31,9 @@ from .config import Config
 from .errors import Overloaded, ServiceError
 
 ERROR_TRAILER = "imagemesh-error-bin"
+# Set by a service on the streams it opens to forward a pipeline; Envoy removes it
+# from outside calls (deploy/envoy), so only the mesh itself can mark a hop.
+HOP_HEADER = "x-imagemesh-hop"
 # Liveness (the process answers) is its own health entry: SERVING from the
 # start, so that a liveness probe never kills a pod that is loading models.
 LIVENESS = "liveness"
@@ -76,8 +79,11 @@ class StreamLimiter:
         metrics.REJECTED.labels(service).inc(0)  # the series exists before the first rejection
         metrics.QUEUE_DEPTH.labels(service).set(0)
 
-    def admit(self, method: str) -> "Admission":
-        if self.open >= self.max_open:
+    def admit(self, method: str, hop: bool = False) -> "Admission":
+        """Admit a stream, or refuse it when the service is full. A later hop of a request
+        admitted upstream (`hop`) is part of work already taken on: refusing it would fail
+        that request midway, so it is admitted, and computes through the same slots."""
+        if self.open >= self.max_open and not hop:
             metrics.REJECTED.labels(self.service).inc()
             raise Overloaded(f"{self.service} is busy ({self.open} requests open); retry later")
         return Admission(self, method, next(self._admissions))

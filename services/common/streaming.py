@@ -21,7 +21,7 @@ from imagemesh.v1 import common_pb2, pipeline_pb2
 from . import logs, wire
 from .contract import MAX_STEPS
 from .errors import InvalidArgument, LimitExceeded, ServiceError, StreamTimeout
-from .server import CHANNEL_OPTIONS, Admission, StreamLimiter, channel_target
+from .server import CHANNEL_OPTIONS, HOP_HEADER, Admission, StreamLimiter, channel_target
 from .tiles import GridAssembler, Rect, TileBuffer
 
 QUEUE_MESSAGES = 8
@@ -201,8 +201,17 @@ class Downstreams:
                                                                            options=CHANNEL_OPTIONS)
         method = channel.stream_stream(STEP_METHODS[kind], request_serializer=pipeline_pb2.StreamRequest.SerializeToString,
                                        response_deserializer=pipeline_pb2.StreamResponse.FromString)
-        metadata = ((logs.REQUEST_ID_HEADER, logs.request_id_var.get()),)
+        metadata = ((logs.REQUEST_ID_HEADER, logs.request_id_var.get()), (HOP_HEADER, "1"))
         return method(timeout=timeout, metadata=metadata)
+
+
+def check_output_size(width: int, height: int, limit: int, step: str = "") -> None:
+    """Refuse an output over the limit. A service checks each step's output with
+    this before it builds anything for it (a plan's jobs grow with the output)."""
+    if width * height > limit:
+        where = f" after {step}" if step else ""
+        raise LimitExceeded(f"the output{where} would be {width}x{height} = {width * height} pixels; "
+                            f"the limit is {limit}", reason="output_too_large")
 
 
 async def read_start(requests: AsyncIterator, timeout: float) -> pipeline_pb2.StreamStart:
@@ -234,9 +243,7 @@ async def serve_stream(request_iterator, context: grpc.aio.ServicerContext, *, m
     info = wire.HeaderInfo(start.image, config.max_input_pixels)
     plan = plan_step(start, info)
     op = plan.op
-    if op.out_width * op.out_height > config.max_output_pixels:
-        raise LimitExceeded(f"the output would be {op.out_width}x{op.out_height} = {op.out_width * op.out_height} "
-                            f"pixels; the limit is {config.max_output_pixels}", reason="output_too_large")
+    check_output_size(op.out_width, op.out_height, config.max_output_pixels)
     rest = list(start.steps[plan.steps_used:])
     out: asyncio.Queue = asyncio.Queue(QUEUE_MESSAGES)
 
@@ -304,7 +311,8 @@ async def serve_stream(request_iterator, context: grpc.aio.ServicerContext, *, m
             if isinstance(exc, asyncio.CancelledError):
                 raise
 
-    admission = None if start.validate_only else limiter.admit(method)
+    hop = any(key == HOP_HEADER for key, _ in context.invocation_metadata() or ())
+    admission = None if start.validate_only else limiter.admit(method, hop)
     producer = asyncio.create_task(produce())
     try:
         while (item := await out.get()) is not _END:

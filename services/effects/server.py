@@ -9,7 +9,7 @@ from imagemesh.v1 import effects_pb2, effects_pb2_grpc, pipeline_pb2
 from services.common import metrics
 from services.common.errors import InvalidArgument
 from services.common.server import ServiceRuntime, rpc
-from services.common.streaming import Downstreams, StepPlan, serve_stream
+from services.common.streaming import Downstreams, StepPlan, check_output_size, serve_stream
 from services.common.tiles import Rect, grid
 from services.common.wire import HeaderInfo
 
@@ -68,11 +68,15 @@ class EffectsServicer(effects_pb2_grpc.EffectsServicer):
 
     def plan_step(self, start: pipeline_pb2.StreamStart, info: HeaderInfo) -> StepPlan:
         chain_steps = []
-        for step in start.steps:
+        scale = 1
+        for index, step in enumerate(start.steps):
             if step.WhichOneof("op") != "effect":
                 break
             effect = engine.get(step.effect.effect)
             params, options = effect.resolve(dict(step.effect.params), dict(step.effect.options))
+            scale *= effect.scale(params, options)  # each step's size, before anything is built for it
+            check_output_size(info.width * scale, info.height * scale, self.runtime.config.max_output_pixels,
+                              f"step {index + 1} ({effect.name})")
             chain_steps.append(engine.ChainStep(effect, params, options))
         if not chain_steps:
             raise InvalidArgument("the first step sent to the effects service must be an effect step", field="steps")
