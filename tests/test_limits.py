@@ -64,3 +64,59 @@ def test_chains_through_the_same_service_never_wait_on_themselves(http, photo, n
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         codes = list(pool.map(one, range(4)))
     assert codes == [200] * 4, codes  # four requests are well within a service's open limit (18)
+
+
+DEEP = "[" * 100000 + "]" * 100000
+
+
+@pytest.mark.parametrize("case", [
+    dict(json={"image_base64": "AA==", "steps": "x"}, raw='{"steps": ' + DEEP + "}"),
+    dict(data={"steps": DEEP}),
+    dict(data={"effect": "sepia", "params": DEEP}, route="/v1/effects"),
+    dict(data={"effects": DEEP}, route="/api/v2/process"),
+    dict(data={"effects": '["sepia"]', "effect_params": '{"sepia": ' + DEEP + "}"}, route="/api/v2/process"),
+    dict(data={"models": DEEP}, route="/v1/remove-background"),
+    dict(raw_json='{"scale": 4, "tile": ' + "9" * 4000 + ', "image_base64": "AA=="}', route="/v1/upscale"),
+    dict(data={"tile": "9" * 4000}, route="/v1/upscale"),
+    dict(data={"image_url": "http://[::1/"}, route="/v1/upscale", no_file=True),
+], ids=["json-body", "steps", "params", "effects", "effect_params", "models", "json-int", "form-int", "bad-url"])
+def test_hostile_values_are_a_400_with_a_json_body(http, photo, case):
+    route = case.get("route", "/v1/process")
+    if "raw" in case or "raw_json" in case:
+        body = case.get("raw") or case["raw_json"]
+        reply = http.post(route, content=body, headers={"content-type": "application/json"})
+    else:
+        files = None if case.get("no_file") else {"file": ("p.png", png(photo[:16, :16]))}
+        reply = http.post(route, files=files, data=case["data"])
+    assert reply.status_code == 400, reply.text[:300]
+    assert reply.json()["error"]["code"] in ("invalid_argument", "url_not_allowed")
+
+
+@pytest.mark.parametrize("request_id", ["caf\xe9", "a\x7fb", "\x01", "x" * 65, "a b"])
+def test_an_unsafe_request_id_is_replaced_not_echoed(http, photo, request_id):
+    reply = http.post("/v1/effects", files={"file": ("p.png", png(photo[:16, :16]))}, data={"effect": "invert"},
+                      headers=[(b"x-request-id", request_id.encode("latin-1"))])
+    assert reply.status_code == 200
+    echoed = reply.headers["x-request-id"]
+    assert echoed != request_id and len(echoed) == 32 and echoed.isalnum()
+
+
+@pytest.mark.parametrize("field", ["model", "bgcolor"])
+def test_a_long_value_is_a_400_quoting_a_short_prefix(http, photo, field):
+    route = "/v1/upscale" if field == "model" else "/v1/remove-background"
+    reply = http.post(route, files={"file": ("p.png", png(photo[:16, :16]))},
+                      data={field: "z" * 10000, **({"model": "keyer"} if field == "bgcolor" else {})})
+    assert reply.status_code in (400, 404), reply.text[:300]
+    assert len(reply.json()["error"]["message"]) < 1100 and "z" * 100 not in reply.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("extra", [16, 2 << 20])
+def test_an_icc_profile_over_the_limit_is_a_413(http, extra):
+    import os
+
+    from services.common.imageio import MAX_ICC_BYTES
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(out, "PNG", icc_profile=os.urandom(MAX_ICC_BYTES + extra))
+    reply = http.post("/v1/effects", files={"file": ("p.png", out.getvalue())}, data={"effect": "invert"})
+    assert reply.status_code == 413, reply.text
+    assert reply.json()["error"]["code"] == "icc_profile_too_large"

@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 from PIL import ImageColor
 
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, quoted
 from services.common.imageio import to_8bit
 
 from .models import Segmenter, SegmenterSpec
@@ -41,7 +41,7 @@ def parse_colour(text: str) -> tuple[int, int, int]:
     try:
         return ImageColor.getrgb(text)[:3]
     except ValueError:
-        raise InvalidArgument(f"bgcolor {text!r} is not a colour ('#rrggbb', 'r,g,b' or a name)",
+        raise InvalidArgument(f"bgcolor {quoted(text)} is not a colour ('#rrggbb', 'r,g,b' or a name)",
                               field="bgcolor") from None
 
 

@@ -15,7 +15,7 @@ from imagemesh.v1 import bgremoval_pb2, bgremoval_pb2_grpc, common_pb2, pipeline
 from services.common import logs, metrics, wire
 from services.common.cache import ResultCache
 from services.common.contract import MAX_KEYER_TOLERANCE
-from services.common.errors import InvalidArgument, LimitExceeded, ModelNotFound
+from services.common.errors import InvalidArgument, LimitExceeded, ModelNotFound, quoted
 from services.common.server import Admission, ServiceRuntime, rpc
 from services.common.streaming import Downstreams, StepPlan, output_header, read_start, serve_stream
 from services.common.tiles import GridAssembler, Rect, TileBuffer, grid
@@ -198,10 +198,10 @@ class BackgroundRemovalServicer(bgremoval_pb2_grpc.BackgroundRemovalServicer):
             raise InvalidArgument("request_id and model are required", field="request_id")
         offered = self.store.candidates(request.request_id)
         if not offered:
-            raise ModelNotFound(f"no candidates were made under request_id {request.request_id!r}",
+            raise ModelNotFound(f"no candidates were made under request_id {quoted(request.request_id)}",
                                 reason="request_not_found", field="request_id")
         if request.model not in offered:
-            raise InvalidArgument(f"{request.model!r} was not a candidate of that request; candidates: "
+            raise InvalidArgument(f"{quoted(request.model)} was not a candidate of that request; candidates: "
                                   f"{', '.join(offered)}", field="model")
         self.store.record_choice(request.request_id, request.model)
         return bgremoval_pb2.RecordChoiceResponse(request_id=request.request_id, model=request.model)

@@ -3,11 +3,27 @@ and servicers alike and turned into a status (and an HTTP code) in one place."""
 import grpc
 
 
+# An error message travels in gRPC metadata (8 KiB at most) and HTTP headers: what
+# a client sent is quoted in part (quoted), and no message is longer than this.
+MAX_MESSAGE_CHARS = 1000
+
+
+def quoted(value: object, limit: int = 40) -> str:
+    """A client's value for an error message: its repr, cut to `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def capped(message: str) -> str:
+    return message if len(message) <= MAX_MESSAGE_CHARS else message[:MAX_MESSAGE_CHARS] + "..."
+
+
 class ServiceError(Exception):
     code = grpc.StatusCode.INTERNAL
     reason = "internal"
 
     def __init__(self, message: str, *, reason: str | None = None, field: str = ""):
+        message = capped(message)
         super().__init__(message)
         self.message = message
         if reason:

@@ -134,6 +134,12 @@ def decode(data: bytes, *, max_bytes: int, max_pixels: int) -> DecodedImage:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             img = Image.open(io.BytesIO(data))
+    except ValueError as exc:
+        if "Decompressed data too large" in str(exc):  # Pillow's own bound on a PNG's ICC or text chunk
+            raise LimitExceeded(f"the image's ICC profile or a text chunk is over {MAX_ICC_BYTES} bytes",
+                                reason="icc_profile_too_large") from None
+        raise UndecodableImage("the data is not an image in a supported format "
+                               "(PNG, JPEG, WebP, GIF, BMP or TIFF)") from None
     except Exception:  # Pillow raises many types for non-images
         raise UndecodableImage("the data is not an image in a supported format "
                                "(PNG, JPEG, WebP, GIF, BMP or TIFF)") from None

@@ -2,6 +2,7 @@
 import contextvars
 import json
 import logging
+import re
 import sys
 import time
 import uuid
@@ -11,8 +12,17 @@ request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id
 REQUEST_ID_HEADER = "x-request-id"
 
 
+_SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,64}")
+
+
 def new_request_id() -> str:
     return uuid.uuid4().hex
+
+
+def request_id_or_new(given: str) -> str:
+    """The caller's request id when it is a safe token (it is echoed in headers and
+    metadata and logged), else a new one."""
+    return given if _SAFE_REQUEST_ID.fullmatch(given) else new_request_id()
 
 
 class JsonFormatter(logging.Formatter):

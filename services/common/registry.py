@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import ModelNotFound, ModelNotReady
+from .errors import ModelNotFound, ModelNotReady, quoted
 
 AUTO = "auto"
 
@@ -26,7 +26,7 @@ class Registry:
             name = self.default_model()
         model = self.models.get(name)
         if model is None:
-            raise ModelNotFound(f"unknown model {name!r}; known: auto, {', '.join(self.models)}", field="model")
+            raise ModelNotFound(f"unknown model {quoted(name)}; known: auto, {', '.join(self.models)}", field="model")
         if not model.ready:
-            raise ModelNotReady(f"model {name!r} is not ready: {model.reason}", field="model")
+            raise ModelNotReady(f"model {quoted(name)} is not ready: {model.reason}", field="model")
         return model

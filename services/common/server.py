@@ -189,7 +189,7 @@ class ServiceRuntime:
 
     @contextlib.asynccontextmanager
     async def call(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-        request_id = _metadata_value(context, logs.REQUEST_ID_HEADER) or logs.new_request_id()
+        request_id = logs.request_id_or_new(_metadata_value(context, logs.REQUEST_ID_HEADER))
         token = logs.request_id_var.set(request_id)
         started = time.perf_counter()
         code = grpc.StatusCode.OK

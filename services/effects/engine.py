@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, quoted
 
 BT709 = np.array([0.2126, 0.7152, 0.0722], np.float32)
 # Kodak Tri-X is panchromatic: a little less red and more blue than the eye.
@@ -96,7 +96,7 @@ class Effect:
         for c in self.choices:
             value = options.get(c.name, c.default).lower()
             if value not in c.values:
-                raise InvalidArgument(f"{self.name}.{c.name} must be one of {', '.join(c.values)}, got {value!r}",
+                raise InvalidArgument(f"{self.name}.{c.name} must be one of {', '.join(c.values)}, got {quoted(value)}",
                                       field=f"options.{c.name}")
             chosen[c.name] = value
         return resolved, chosen
@@ -371,7 +371,7 @@ EFFECTS: dict[str, Effect] = {e.name: e for e in (
 def get(name: str) -> Effect:
     effect = EFFECTS.get(name)
     if effect is None:
-        raise InvalidArgument(f"unknown effect {name!r}; valid effects: {', '.join(EFFECTS)}", field="effect")
+        raise InvalidArgument(f"unknown effect {quoted(name)}; valid effects: {', '.join(EFFECTS)}", field="effect")
     return effect
 
 

@@ -36,8 +36,7 @@ class RequestContext:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        given = dict(scope.get("headers") or ()).get(b"x-request-id", b"").decode("latin-1")[:64]
-        request_id = given or logs.new_request_id()
+        request_id = logs.request_id_or_new(dict(scope.get("headers") or ()).get(b"x-request-id", b"").decode("latin-1"))
         token = logs.request_id_var.set(request_id)
         started = time.perf_counter()
         metrics.HTTP_IN_FLIGHT.inc()

@@ -5,7 +5,7 @@ import grpc
 
 from imagemesh.v1 import common_pb2
 
-from services.common.errors import ServiceError
+from services.common.errors import ServiceError, capped
 from services.common.server import ERROR_TRAILER
 
 _BY_CODE = {
@@ -24,6 +24,7 @@ RETRY_AFTER_SECONDS = 2
 
 class HttpError(Exception):
     def __init__(self, status: int, reason: str, message: str, headers: dict | None = None):
+        message = capped(message)
         super().__init__(message)
         self.status, self.reason, self.message, self.headers = status, reason, message, headers or {}
 

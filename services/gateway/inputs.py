@@ -13,6 +13,8 @@ import jsonschema
 from fastapi import Request
 from starlette.datastructures import UploadFile
 
+from services.common.errors import quoted
+
 from .errors import HttpError
 
 # Base64 grows data by 4/3; JSON and multipart add a little framing.
@@ -22,6 +24,16 @@ TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off", "")
 
 def bad(message: str) -> HttpError:
     return HttpError(400, "invalid_argument", message)
+
+
+def load_json(text: str | bytes, what: str) -> Any:
+    """Parse JSON from a client: a 400 for anything that is not (nesting too deep included)."""
+    try:
+        return json.loads(text)
+    except (ValueError, UnicodeDecodeError):
+        raise bad(f"{what} is not valid JSON") from None
+    except RecursionError:
+        raise bad(f"{what} is nested too deeply") from None
 
 
 class Fields:
@@ -52,7 +64,7 @@ class Fields:
         value = (aliases or {}).get(value.lower(), value)
         if choices is not None:
             if value.lower() not in choices:
-                raise bad(f"{self._name(name)} must be one of {', '.join(choices)}; got {value!r}")
+                raise bad(f"{self._name(name)} must be one of {', '.join(choices)}; got {quoted(value)}")
             return value.lower()
         return value
 
@@ -63,13 +75,13 @@ class Fields:
             return default
         kind = "an integer" if integer else "a number"
         if isinstance(value, bool) or isinstance(value, str) and not self.form:
-            raise bad(f"{self._name(name)} must be {kind}; got {value!r}")
+            raise bad(f"{self._name(name)} must be {kind}; got {quoted(value)}")
         try:
             number = float(value)
-        except (TypeError, ValueError):
-            raise bad(f"{self._name(name)} must be {kind}; got {value!r}") from None
+        except (TypeError, ValueError, OverflowError):
+            raise bad(f"{self._name(name)} must be {kind}; got {quoted(value)}") from None
         if not math.isfinite(number) or (integer and not number.is_integer()):
-            raise bad(f"{self._name(name)} must be {kind}; got {value!r}")
+            raise bad(f"{self._name(name)} must be {kind}; got {quoted(value)}")
         if number not in also and (minimum is not None and number < minimum or
                                    maximum is not None and number > maximum):
             bounds = " and ".join(text for text in (minimum is not None and f"at least {minimum:g}",
@@ -86,7 +98,7 @@ class Fields:
             return value
         if self.form and isinstance(value, str) and value.strip().lower() in TRUE + FALSE:
             return value.strip().lower() in TRUE
-        raise bad(f"{self._name(name)} must be true or false; got {value!r}")
+        raise bad(f"{self._name(name)} must be true or false; got {quoted(value)}")
 
     def structured(self, name: str, default: Any = None) -> Any:
         """A JSON value: JSON text in a form field, the value itself in a JSON body."""
@@ -94,10 +106,7 @@ class Fields:
         if value is None or value == "" and self.form:  # absent, or an empty form field: none given
             return default
         if isinstance(value, str) and self.form:
-            try:
-                return json.loads(value)
-            except ValueError:
-                raise bad(f"{self._name(name)} is not valid JSON") from None
+            return load_json(value, self._name(name))
         return value
 
     def names(self, name: str) -> list[str]:
@@ -122,7 +131,10 @@ class ImageRequest:
 
 def check_json(value: Any, schema: dict, name: str) -> None:
     """A JSON value checked against its documented schema: a 400 naming the first problem."""
-    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(value))
+    try:
+        error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(value))
+    except RecursionError:
+        raise bad(f"{name} is nested too deeply") from None
     if error is not None:
         where = ".".join(str(part) for part in (name, *error.absolute_path))
         raise bad(f"{where}: {error.message[:200]}")
@@ -158,11 +170,7 @@ async def read_image_request(request: Request, max_bytes: int, fetch_url: Callab
             return ImageRequest(await upload.read(max_bytes + 1), fields)
         return ImageRequest(await fetch_url(fields.text("image_url", "")), fields)
     if content_type == "application/json":
-        try:
-            body = json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError):
-            raise bad("the body is not valid JSON") from None
-        return await image_from_json(body, fetch_url, base64_fields)
+        return await image_from_json(load_json(await request.body(), "the body"), fetch_url, base64_fields)
     raise HttpError(415, "unsupported_media_type",
                     "send multipart/form-data with a 'file' field, or application/json with "
                     f"{' or '.join(repr(f) for f in base64_fields)} or 'image_url'")

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 from services.common import logs
+from services.common.errors import quoted
 from services.common.imageio import DecodedImage
 
 from .errors import HttpError
@@ -98,7 +99,7 @@ class JobManager:
     def get(self, job_id: str) -> Job:
         job = self.jobs.get(job_id)
         if job is None:
-            raise HttpError(404, "job_not_found", f"no job {job_id!r} (unknown, or its result expired)")
+            raise HttpError(404, "job_not_found", f"no job {quoted(job_id)} (unknown, or its result expired)")
         return job
 
     def forget_expired(self, now: float) -> None:

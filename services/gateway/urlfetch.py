@@ -16,6 +16,8 @@ from urllib.parse import urljoin, urlsplit
 
 import httpx
 
+from services.common.errors import quoted
+
 from .errors import HttpError
 
 MAX_REDIRECTS = 5
@@ -65,7 +67,11 @@ class Target:
 
 
 async def check_url(url: str, resolver: Resolver, allowlist=()) -> Target:
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (parsed lazily: a bad port or bracket raises here)
+    except ValueError:
+        raise refused("image_url is not a valid URL") from None
     if parts.scheme not in ("http", "https"):
         raise refused("image_url must be an http or https URL")
     if not parts.hostname:
@@ -84,13 +90,13 @@ async def check_url(url: str, resolver: Resolver, allowlist=()) -> Target:
         try:
             addresses = await resolver(host, port)
         except (OSError, UnicodeError):
-            raise refused(f"image_url host {host!r} does not resolve") from None
+            raise refused(f"image_url host {quoted(host)} does not resolve") from None
     if not addresses:
-        raise refused(f"image_url host {host!r} does not resolve")
+        raise refused(f"image_url host {quoted(host)} does not resolve")
     for text in addresses:
         problem = address_problem(ipaddress.ip_address(text.split("%")[0]), allowlist)
         if problem:
-            raise refused(f"image_url host {host!r} resolves to a {problem} address ({text}); refused")
+            raise refused(f"image_url host {quoted(host)} resolves to a {problem} address ({text}); refused")
     return Target(url, host, port, addresses[0].split("%")[0])
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import json
 import resource
 import time
 
@@ -21,7 +20,7 @@ from ..deps import PROTECTED, gateway
 from ..errors import HttpError
 from ..fields import (CANDIDATES, CATALOGUE, FORMAT, IMAGE_ANSWER, IMAGE_TYPES, PROCESSING_ERRORS, QUALITY, REMOVAL_ANSWER, REMOVE,
                       UPSCALE, Field, complete, errors, group, image_body, json_answer)
-from ..inputs import Fields, bad, check_json, image_from_json
+from ..inputs import Fields, bad, check_json, image_from_json, load_json
 from ..jobs import _iso
 from ..steps import effect_step, remove_background_options, upscale_step
 from .v1 import cache_hit_rate
@@ -184,12 +183,9 @@ async def upscale(request: Request, gw: Gateway = Depends(gateway)):
     if content_type == "multipart/form-data":
         req = await gw.read(request)
         return await seed_upscale_json(gw, req.fields, req.data, started)
-    raw = await request.body()
-    try:  # curl -d sends JSON as application/x-www-form-urlencoded: the body says what it is
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise HttpError(400, "invalid_argument", "send multipart/form-data with 'file', or a JSON body with "
-                        "'image' (base64) or 'image_url'") from None
+    # curl -d sends JSON as application/x-www-form-urlencoded: the body says what it is
+    body = load_json(await request.body(), "the body (multipart/form-data with 'file', or JSON with 'image' or "
+                                           "'image_url')")
     return await download_answer(gw, request, body, started)
 
 

@@ -1,7 +1,6 @@
 """The primary API: /v1 image routes, catalogues and background-removal choices."""
 from __future__ import annotations
 
-import json
 import time
 
 from fastapi import APIRouter, Depends, Request
@@ -13,7 +12,7 @@ from ..core import Gateway
 from ..deps import PROTECTED, gateway
 from ..fields import (CANDIDATES, EFFECT, IMAGE_ANSWER, OUTPUT, REMOVAL_ANSWER, REMOVE, STEPS, UPSCALE, errors,
                       image_body, json_answer)
-from ..inputs import Fields, bad
+from ..inputs import Fields, bad, load_json
 from ..steps import effect_step, parse_steps, remove_background_options, upscale_step
 
 router = APIRouter(tags=["v1"])
@@ -80,10 +79,7 @@ async def remove_background(request: Request, gw: Gateway = Depends(gateway)):
                  "type": "object", "required": ["request_id", "model"], "properties": {
                      "request_id": {"type": "string", "minLength": 1}, "model": {"type": "string", "minLength": 1}}}}}}})
 async def record_choice(request: Request, gw: Gateway = Depends(gateway)):
-    try:
-        body = json.loads(await request.body())
-    except (ValueError, UnicodeDecodeError):
-        raise bad("the body must be JSON {request_id, model}") from None
+    body = load_json(await request.body(), "the body")
     if not isinstance(body, dict):
         raise bad("the body must be JSON {request_id, model}")
     fields = Fields(body)
