@@ -120,3 +120,47 @@ def test_an_icc_profile_over_the_limit_is_a_413(http, extra):
     reply = http.post("/v1/effects", files={"file": ("p.png", out.getvalue())}, data={"effect": "invert"})
     assert reply.status_code == 413, reply.text
     assert reply.json()["error"]["code"] == "icc_profile_too_large"
+
+
+def thin_png(width: int, height: int) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(np.tile(np.arange(256, dtype=np.uint8), -(-width * height // 256))[:width * height]
+                    .reshape(height, width)).save(out, "PNG")
+    return out.getvalue()
+
+
+def test_a_thin_image_is_processed_in_linear_time(http):
+    """1x1000000 took 104 s when every tile rescanned every pending job; within one minute now."""
+    reply = http.post("/v1/effects", files={"file": ("thin.png", thin_png(1, 1_000_000))},
+                      data={"effect": "invert", "format": "png"}, timeout=60)
+    assert reply.status_code == 200, reply.text[:300]
+    out = np.asarray(Image.open(io.BytesIO(reply.content)))
+    assert out.shape[:2] == (1_000_000, 1)
+    source = np.asarray(Image.open(io.BytesIO(thin_png(1, 1_000_000))))
+    assert np.array_equal(out.reshape(-1), 255 - source.reshape(-1))
+
+
+def test_an_image_beyond_the_tile_count_is_a_413(http):
+    reply = http.post("/v1/effects", files={"file": ("thin.png", thin_png(1, 40_000_000))},
+                      data={"effect": "invert"}, timeout=120)
+    assert reply.status_code == 413 and reply.json()["error"]["code"] == "too_many_tiles", reply.text[:300]
+
+
+def test_tiny_tiles_are_refused_over_grpc(mesh):
+    import grpc
+
+    from imagemesh.v1 import pipeline_pb2
+    from services.common import wire
+    from services.common.tiles import grid
+    image = np.zeros((64, 64, 3), np.uint8)
+    header = wire.header(64, 64, "RGB", np.uint8, tile_width=1, tile_height=1)
+    requests = [pipeline_pb2.StreamRequest(start=pipeline_pb2.StreamStart(
+        image=header, steps=[pipeline_pb2.Step(effect=pipeline_pb2.EffectOptions(effect="invert"))]))]
+    requests += [pipeline_pb2.StreamRequest(tile=wire.tile(r, image[r.y0:r.y1, r.x0:r.x1])) for r in grid(64, 64, 1, 1)]
+    with grpc.insecure_channel(mesh["effects"].address) as channel:
+        call = channel.stream_stream("/imagemesh.v1.Effects/ApplyEffects",
+                                     request_serializer=pipeline_pb2.StreamRequest.SerializeToString,
+                                     response_deserializer=pipeline_pb2.StreamResponse.FromString)
+        with pytest.raises(grpc.RpcError) as refused:
+            list(call(iter(requests[:1]), timeout=30))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "too small" in refused.value.details()

@@ -6,3 +6,5 @@ MIN_TILE_SIZE, MAX_TILE_SIZE = 16, 2048   # inference tile edge; 0 means automat
 MAX_TILE_HALO = 256
 MAX_STEPS = 16                            # steps of one pipeline
 MAX_KEYER_TOLERANCE = 255                 # the keyer's colour distance; 0 means its default
+MAX_TILES_PER_IMAGE = 65536              # cells of one image's grid: work and memory per pixel stay bounded
+MIN_TILE_EDGE = 16                        # a grid cell's edge, unless the image itself is narrower

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Protocol, Sequence
 
@@ -143,7 +144,6 @@ async def render_stream(plan: StepPlan, info: wire.HeaderInfo, requests: AsyncIt
     buffer = TileBuffer(info.width, info.height, info.channels, info.dtype, info.msg.tile_width, info.msg.tile_height)
     assembler = GridAssembler(op.out_width, op.out_height, wire.MODE_CHANNELS[op.out_mode], op.out_dtype,
                               out_header.tile_width, out_header.tile_height)
-    pending = list(op.jobs)
     compute = 0.0
 
     async def run(fn, *args):
@@ -161,24 +161,47 @@ async def render_stream(plan: StepPlan, info: wire.HeaderInfo, requests: AsyncIt
         for cell, pixels in assembler.add(op.output_rect(job), out):
             await emit(wire.tile(cell, pixels))
 
+    # Each job waits for the input cells its context touches; each cell is kept until
+    # the last job that needs it has rendered: work per tile stays constant, whatever
+    # the number of jobs (a rescan of every pending job per tile was quadratic).
+    contexts = [] if op.whole_image else [op.context_rect(job) for job in op.jobs]
+    missing = [0] * len(contexts)
+    needed_by: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for index, context in enumerate(contexts):
+        for key in buffer.cell_keys(context):
+            needed_by[key].append(index)
+            missing[index] += 1
+    users = {key: len(jobs) for key, jobs in needed_by.items()}
+    rendered = 0
+
     async for message in requests:
         if message.WhichOneof("part") != "tile":
             raise InvalidArgument("only tiles may follow the start message", field="tile")
-        buffer.add(*wire.tile_pixels(message.tile, info))
+        rect, pixels = wire.tile_pixels(message.tile, info)
+        buffer.add(rect, pixels)
         if op.whole_image:
             if buffer.complete:
                 whole = buffer.read(Rect(0, 0, info.width, info.height))
                 buffer.release([])
                 await run(op.prepare, whole)
-                for job in pending:
+                for job in op.jobs:
                     await render(job, whole)
-                pending = []
+                rendered = len(op.jobs)
             continue
-        for job in [j for j in pending if buffer.covers(op.context_rect(j))]:
-            await render(job, buffer.read(op.context_rect(job)))
-            pending.remove(job)
-        buffer.release([op.context_rect(j) for j in pending])
-    if pending or not buffer.complete:
+        key = (rect.x0 // buffer.tile_width, rect.y0 // buffer.tile_height)
+        if not users.get(key):
+            buffer.drop(key)
+        for index in needed_by.get(key, ()):
+            missing[index] -= 1
+            if missing[index]:
+                continue
+            await render(op.jobs[index], buffer.read(contexts[index]))
+            rendered += 1
+            for used in buffer.cell_keys(contexts[index]):
+                users[used] -= 1
+                if not users[used]:
+                    buffer.drop(used)
+    if rendered < len(op.jobs) or not buffer.complete:
         raise InvalidArgument(f"the stream ended with {buffer.missing} input tiles missing", field="tile")
     report.compute_ms = compute * 1000
     report.total_ms = (time.perf_counter() - started) * 1000
@@ -244,6 +267,7 @@ async def serve_stream(request_iterator, context: grpc.aio.ServicerContext, *, m
     plan = plan_step(start, info)
     op = plan.op
     check_output_size(op.out_width, op.out_height, config.max_output_pixels)
+    wire.HeaderInfo(output_header(op, info), config.max_output_pixels)  # its grid within the contract too
     rest = list(start.steps[plan.steps_used:])
     out: asyncio.Queue = asyncio.Queue(QUEUE_MESSAGES)
 

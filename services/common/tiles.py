@@ -129,26 +129,31 @@ class TileBuffer:
         self._received.add(key)
         self._cells[key] = pixels
 
-    def _keys(self, rect: Rect) -> Iterator[tuple[int, int]]:
+    def cell_keys(self, rect: Rect) -> Iterator[tuple[int, int]]:
+        """The (column, row) of every grid cell that `rect` touches."""
         for row in range(rect.y0 // self.tile_height, (rect.y1 - 1) // self.tile_height + 1):
             for column in range(rect.x0 // self.tile_width, (rect.x1 - 1) // self.tile_width + 1):
                 yield column, row
 
     def covers(self, rect: Rect) -> bool:
-        return all(key in self._received for key in self._keys(rect))
+        return all(key in self._received for key in self.cell_keys(rect))
 
     def read(self, rect: Rect) -> np.ndarray:
         """Pixels of a covered region (cells must not have been released)."""
         out = np.empty((rect.height, rect.width, self.channels), self.dtype)
-        for key in self._keys(rect):
+        for key in self.cell_keys(rect):
             cell = self.cell_rect(*key)
             part = Rect(max(cell.x0, rect.x0), max(cell.y0, rect.y0), min(cell.x1, rect.x1), min(cell.y1, rect.y1))
             out[part.relative_to(rect)] = self._cells[key][part.relative_to(cell)]
         return out
 
+    def drop(self, key: tuple[int, int]) -> None:
+        """Forget a received cell that no region still needs."""
+        self._cells.pop(key, None)
+
     def release(self, still_needed: list[Rect]) -> None:
         """Drop every received cell that none of the `still_needed` regions touches."""
-        keep = {key for rect in still_needed for key in self._keys(rect)}
+        keep = {key for rect in still_needed for key in self.cell_keys(rect)}
         for key in [key for key in self._cells if key not in keep]:
             del self._cells[key]
 

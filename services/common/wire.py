@@ -5,6 +5,7 @@ import numpy as np
 
 from imagemesh.v1 import common_pb2
 
+from .contract import MAX_TILES_PER_IMAGE, MIN_TILE_EDGE
 from .errors import InvalidArgument, LimitExceeded
 from .tiles import MAX_TILE_BYTES, Rect, wire_tile_size
 
@@ -33,6 +34,22 @@ def grid_header(width: int, height: int, mode: str, dtype: np.dtype, *, icc_prof
                   tile_width=cell, tile_height=cell)
 
 
+def check_grid(width: int, height: int, tile_width: int, tile_height: int, bytes_per_pixel: int) -> None:
+    """A declared tile grid within the contract: cells under MAX_TILE_BYTES, at least
+    MIN_TILE_EDGE on a side (or the image's own edge), at most MAX_TILES_PER_IMAGE of them."""
+    if tile_width * tile_height * bytes_per_pixel > MAX_TILE_BYTES:
+        raise InvalidArgument(f"tiles of {tile_width}x{tile_height} exceed {MAX_TILE_BYTES} bytes; send smaller tiles",
+                              field="image.tile_width")
+    if tile_width < min(MIN_TILE_EDGE, width) or tile_height < min(MIN_TILE_EDGE, height):
+        raise InvalidArgument(f"tiles of {tile_width}x{tile_height} are too small: at least {MIN_TILE_EDGE} pixels "
+                              "on a side (or the image's own edge)", field="image.tile_width")
+    cells = -(-width // tile_width) * -(-height // tile_height)
+    if cells > MAX_TILES_PER_IMAGE:
+        raise LimitExceeded(f"a {width}x{height} image is {cells} tiles of {tile_width}x{tile_height}; at most "
+                            f"{MAX_TILES_PER_IMAGE} (an image this long and thin is beyond the limit)",
+                            reason="too_many_tiles", field="image")
+
+
 class HeaderInfo:
     """A validated ImageHeader in numpy terms."""
 
@@ -52,10 +69,9 @@ class HeaderInfo:
         self.channels = MODE_CHANNELS[self.mode]
         self.wire_dtype = _WIRE_DTYPE[msg.sample_type]
         self.dtype = self.wire_dtype.newbyteorder("=")
-        if msg.tile_width and msg.tile_height and \
-                msg.tile_width * msg.tile_height * self.channels * self.dtype.itemsize > MAX_TILE_BYTES:
-            raise InvalidArgument(f"tiles of {msg.tile_width}x{msg.tile_height} exceed {MAX_TILE_BYTES} bytes; "
-                                  "send smaller tiles", field="image.tile_width")
+        if msg.tile_width and msg.tile_height:
+            check_grid(msg.width, msg.height, msg.tile_width, msg.tile_height,
+                       self.channels * self.dtype.itemsize)
 
 
 def tile(rect: Rect, pixels: np.ndarray) -> common_pb2.Tile:
