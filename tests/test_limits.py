@@ -164,3 +164,76 @@ def test_tiny_tiles_are_refused_over_grpc(mesh):
         with pytest.raises(grpc.RpcError) as refused:
             list(call(iter(requests[:1]), timeout=30))
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "too small" in refused.value.details()
+
+
+@pytest.fixture(scope="module")
+def small_gateway(tmp_path_factory, mesh, mesh_ports):
+    """A gateway taking images of 1 MB at most, and abandoning answers nobody reads after 2 s."""
+    from conftest import start_gateway
+    service = start_gateway(tmp_path_factory, mesh_ports, RATE_LIMIT_PER_MINUTE="0", MAX_UPLOAD_BYTES="1000000",
+                            CLIENT_WRITE_TIMEOUT_SECONDS="2")
+    yield service
+    service.stop()
+
+
+def chunks(total: int, prefix: bytes = b"", suffix: bytes = b""):
+    yield prefix
+    block = b"A" * (1 << 20)
+    for _ in range(total // len(block)):
+        yield block
+    yield suffix
+
+
+BOUNDARY = "imagemeshboundary"
+CHUNKED = {
+    "json upscale": ("/v1/upscale", "application/json", b'{"image_base64": "', b'"}'),
+    "seed base64": ("/upscale-base64", "application/json", b'{"image_base64": "', b'"}'),
+    "multipart": ("/v1/upscale", f"multipart/form-data; boundary={BOUNDARY}",
+                  f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n'.encode(),
+                  f"\r\n--{BOUNDARY}--\r\n".encode()),
+    "choice": ("/v1/remove-background/choice", "application/json", b'{"request_id": "', b'", "model": "keyer"}'),
+}
+
+
+@pytest.mark.parametrize("name", list(CHUNKED))
+def test_a_chunked_body_is_refused_at_the_limit_not_read_whole(small_gateway, name):
+    route, content_type, prefix, suffix = CHUNKED[name]
+    before = rss_mb(small_gateway)
+    try:
+        reply = httpx.post(f"{small_gateway.url}{route}", content=chunks(64 << 20, prefix, suffix),
+                           headers={"content-type": content_type}, timeout=60)
+        status, code = reply.status_code, reply.json()["error"]["code"]
+    except httpx.RemoteProtocolError:  # the server answered and closed while we were still sending
+        status, code = 413, "upload_too_large"
+    assert (status, code) == (413, "upload_too_large")
+    assert rss_mb(small_gateway) - before < 40, "the body was read far past the limit"
+    assert httpx.get(f"{small_gateway.url}/healthz").status_code == 200
+
+
+def test_a_client_that_stops_reading_does_not_hold_the_services(small_gateway, mesh, photo):
+    """An 8x answer nobody reads: abandoned after the write timeout, the upscale cancelled."""
+    import socket
+
+    from test_resilience import in_flight
+    data = png(np.tile(photo, (4, 4, 1)))  # 512x384: a 4096x3072 answer, far more than socket buffers hold
+    body = (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"p.png\"\r\n\r\n".encode()
+            + data + f"\r\n--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"scale\"\r\n\r\n8\r\n"
+            f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nlanczos\r\n"
+            f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"format\"\r\n\r\npng\r\n--{BOUNDARY}--\r\n".encode())
+    host, port = small_gateway.url.removeprefix("http://").split(":")
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.connect((host, int(port)))
+    try:
+        client.sendall(f"POST /v1/upscale HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; "
+                       f"boundary={BOUNDARY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        deadline = time.monotonic() + 60
+        while in_flight(mesh["upscaler"]) == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(4)  # the write timeout (2 s) passes while we read nothing
+        while in_flight(mesh["upscaler"]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert in_flight(mesh["upscaler"]) == 0
+        assert "client stopped reading" in small_gateway.logs()
+    finally:
+        client.close()

@@ -10,7 +10,11 @@ import httpx
 import pytest
 from PIL import Image
 
-from imagemesh.v1 import pipeline_pb2
+import numpy as np
+
+from imagemesh.v1 import common_pb2, pipeline_pb2
+from services.common import wire
+from services.common.tiles import Rect
 
 from conftest import start_gateway, start_service
 
@@ -109,3 +113,58 @@ def test_a_job_is_refused_at_submission_for_whatever_process_refuses(http, photo
     job = http.post("/v1/jobs", files=files, data={"steps": json.dumps(steps)})
     assert process.status_code == job.status_code == status, (process.text, job.text)
     assert job.json()["error"]["code"] == process.json()["error"]["code"]
+
+
+def test_a_stream_that_goes_quiet_after_its_start_is_ended(tmp_path_factory, model_dir):
+    service = start_service("effects", tmp_path_factory, model_dir, STREAM_IDLE_TIMEOUT_SECONDS="15")
+    release = threading.Event()
+    image = np.zeros((32, 32, 3), np.uint8)
+
+    def start_then_nothing():
+        header = wire.header(32, 32, "RGB", np.uint8, tile_width=32, tile_height=32)
+        yield pipeline_pb2.StreamRequest(start=pipeline_pb2.StreamStart(
+            image=header, steps=[pipeline_pb2.Step(effect=pipeline_pb2.EffectOptions(effect="invert"))]))
+        release.wait(120)
+        yield pipeline_pb2.StreamRequest(tile=wire.tile(Rect(0, 0, 32, 32), image))
+    try:
+        with grpc.insecure_channel(service.address) as channel:
+            method = channel.stream_stream("/imagemesh.v1.Effects/ApplyEffects",
+                                           request_serializer=pipeline_pb2.StreamRequest.SerializeToString,
+                                           response_deserializer=pipeline_pb2.StreamResponse.FromString)
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as ended:
+                list(method(start_then_nothing(), timeout=300))
+            waited = time.monotonic() - started
+        assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "nothing arrived" in ended.value.details()
+        assert waited < 60
+    finally:
+        release.set()
+        service.stop()
+
+
+def test_a_sender_still_computing_sends_heartbeats(monkeypatch):
+    """What keeps a pipeline's next service from taking a busy hop for an idle client."""
+    import asyncio
+
+    from services.common import streaming
+    monkeypatch.setattr(streaming, "HEARTBEAT_SECONDS", 0.05)
+    written = []
+
+    class Call:
+        async def write(self, message):
+            written.append(message.WhichOneof("part"))
+
+        async def done_writing(self):
+            written.append("done")
+
+    async def slow_tiles():
+        await asyncio.sleep(0.3)  # computing
+        yield pipeline_pb2.StreamRequest(tile=common_pb2.Tile())
+
+    async def run():
+        sender = streaming.Sender(Call(), pipeline_pb2.StreamRequest(start=pipeline_pb2.StreamStart()), slow_tiles())
+        sender.accepted.set()
+        await asyncio.wait_for(sender._task, 5)
+    asyncio.run(run())
+    assert written[0] == "start" and written[-2:] == ["tile", "done"]
+    assert written.count("heartbeat") >= 3

@@ -17,7 +17,8 @@ from services.common.cache import ResultCache
 from services.common.contract import MAX_KEYER_TOLERANCE
 from services.common.errors import InvalidArgument, LimitExceeded, ModelNotFound, quoted
 from services.common.server import Admission, ServiceRuntime, rpc
-from services.common.streaming import Downstreams, StepPlan, output_header, read_start, serve_stream
+from services.common.streaming import (Downstreams, StepPlan, output_header, read_start, serve_stream,
+                                       within_idle_timeout)
 from services.common.tiles import GridAssembler, Rect, TileBuffer, grid
 
 from . import engine
@@ -127,6 +128,7 @@ class BackgroundRemovalServicer(bgremoval_pb2_grpc.BackgroundRemovalServicer):
         started = time.perf_counter()
         requests = aiter(request_iterator)
         start = await read_start(requests, self.runtime.config.stream_start_timeout_seconds)
+        requests = within_idle_timeout(requests, self.runtime.config.stream_idle_timeout_seconds)
         steps = start.steps
         if len(steps) != 1 or steps[0].WhichOneof("op") != "remove_background":
             raise InvalidArgument("candidates take exactly one remove_background step", field="steps")

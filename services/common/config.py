@@ -120,4 +120,6 @@ SERVICE_SETTINGS = COMMON_SETTINGS + ADDRESS_SETTINGS + [
     Setting("DRAIN_SECONDS", float, 30.0, "grace period for in-flight streams on SIGTERM", minimum=0),
     Setting("STREAM_START_TIMEOUT_SECONDS", float, 10.0,
             "a stream whose StreamStart has not arrived this long after it opened is refused", minimum=0.1),
+    Setting("STREAM_IDLE_TIMEOUT_SECONDS", float, 60.0,
+            "a stream that sends nothing (not even a heartbeat) for this long is ended", minimum=15),
 ]

@@ -27,6 +27,8 @@ from .tiles import GridAssembler, Rect, TileBuffer
 
 QUEUE_MESSAGES = 8
 _END = object()
+HEARTBEAT_SECONDS = 10.0
+HEARTBEAT = pipeline_pb2.StreamRequest(heartbeat=pipeline_pb2.Heartbeat())
 # ACCEPT_BEFORE_TILES: a sender waits for the StreamResult header before it
 # sends tiles. The service checks the start message (and hears from the next
 # steps' services) before that header, so a refusal arrives while nothing is
@@ -59,14 +61,33 @@ class Sender:
             await call.write(start)
             await self.accepted.wait()
             if isinstance(rest, AsyncIterable):
-                async for message in rest:
-                    await call.write(message)
+                await self._write_with_heartbeats(call, aiter(rest))
             else:
                 for message in rest:
                     await call.write(message)
             await call.done_writing()
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
             pass  # the call has ended: its reader reports how
+
+    @staticmethod
+    async def _write_with_heartbeats(call: grpc.aio.StreamStreamCall, rest: AsyncIterator) -> None:
+        """The messages as they come, and a heartbeat whenever none has come for a while
+        (the next tile is still being computed)."""
+        upcoming: asyncio.Future | None = None
+        try:
+            while True:
+                upcoming = upcoming or asyncio.ensure_future(anext(rest, _END))
+                done, _ = await asyncio.wait({upcoming}, timeout=HEARTBEAT_SECONDS)
+                if not done:
+                    await call.write(HEARTBEAT)
+                    continue
+                message, upcoming = upcoming.result(), None
+                if message is _END:
+                    return
+                await call.write(message)
+        finally:
+            if upcoming is not None:
+                upcoming.cancel()
 
     async def close(self) -> None:
         self._task.cancel()
@@ -249,6 +270,21 @@ async def read_start(requests: AsyncIterator, timeout: float) -> pipeline_pb2.St
     return first.start
 
 
+async def within_idle_timeout(requests: AsyncIterator, seconds: float) -> AsyncIterator:
+    """The stream's messages after its start, heartbeats left out; a client that sends
+    nothing at all for `seconds` is not kept waiting for."""
+    while True:
+        try:
+            message = await asyncio.wait_for(anext(requests, None), seconds)
+        except asyncio.TimeoutError:
+            raise StreamTimeout(f"nothing arrived for {seconds:g} s; the stream is ended "
+                                "(a sender still computing sends heartbeats)", field="tile") from None
+        if message is None:
+            return
+        if message.WhichOneof("part") != "heartbeat":
+            yield message
+
+
 async def serve_stream(request_iterator, context: grpc.aio.ServicerContext, *, method: str, config,
                        limiter: StreamLimiter, downstreams: "Downstreams",
                        plan_step: Callable[[pipeline_pb2.StreamStart, wire.HeaderInfo], StepPlan]):
@@ -257,6 +293,7 @@ async def serve_stream(request_iterator, context: grpc.aio.ServicerContext, *, m
     started = time.perf_counter()
     requests = aiter(request_iterator)
     start = await read_start(requests, config.stream_start_timeout_seconds)
+    requests = within_idle_timeout(requests, config.stream_idle_timeout_seconds)
     if not start.steps:
         raise InvalidArgument("steps must hold at least one step", field="steps")
     if len(start.steps) > MAX_STEPS:

@@ -20,6 +20,8 @@ SETTINGS = cfg.COMMON_SETTINGS + cfg.ADDRESS_SETTINGS + [
     cfg.Setting("RATE_LIMIT_PER_MINUTE", float, 120.0, "processing requests per token (or address) a minute; 0: off",
                 minimum=0),
     cfg.Setting("RATE_LIMIT_BURST", int, 30, "requests allowed at once above the rate", minimum=1),
+    cfg.Setting("CLIENT_WRITE_TIMEOUT_SECONDS", float, 60.0,
+                "an answer whose client reads nothing for this long is abandoned (its work cancelled)", minimum=1),
     cfg.Setting("URL_FETCH_ENABLED", bool, True, "fetch images from image_url (false: only uploads and base64)"),
     cfg.Setting("URL_FETCH_TIMEOUT_SECONDS", float, 30.0, "time to fetch an image_url, redirects included", minimum=1),
     cfg.Setting("URL_FETCH_ALLOWLIST", str, "", "comma-separated addresses/networks image_url may reach even if "

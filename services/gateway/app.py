@@ -1,6 +1,7 @@
 """REST/JSON in front of the gRPC services: the app, its middleware and errors."""
 from __future__ import annotations
 
+import asyncio
 import copy
 import logging
 import time
@@ -19,19 +20,31 @@ from .core import Gateway, error_response
 from .deps import api_routes
 from .errors import HttpError, from_service_error
 from .fields import complete
+from .inputs import SMALL_BODY_BYTES, body_limit
 from .routes import compat, health, jobs, v1, web
 
 logger = logging.getLogger("imagemesh.gateway")
 
 
+class ClientStalled(Exception):
+    """The client stopped reading its answer."""
+
+
+# Routes that take no image read at most SMALL_BODY_BYTES.
+SMALL_BODY_ROUTES = ("/v1/remove-background/choice",)
+
+
 class RequestContext:
     """Request id (the caller's X-Request-ID, or a new one) for logs and answers, HTTP
-    metrics, a log line per request, and a JSON 500 for anything unexpected. Plain
-    ASGI, so that streamed answers pass straight through and endpoints can tell
-    when their client has gone away."""
+    metrics, a log line per request, a bound on every request body (counted as it
+    arrives, chunked or not: 413 past it), and a JSON 500 for anything unexpected.
+    Plain ASGI, so that streamed answers pass straight through and endpoints can
+    tell when their client has gone away."""
 
-    def __init__(self, app):
+    def __init__(self, app, max_upload_bytes: int, write_timeout: float):
         self.app = app
+        self.body_limit = body_limit(max_upload_bytes)
+        self.write_timeout = write_timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -41,14 +54,33 @@ class RequestContext:
         started = time.perf_counter()
         metrics.HTTP_IN_FLIGHT.inc()
         state = {"status": 500, "started": False}
+        limit = SMALL_BODY_BYTES if scope["path"] in SMALL_BODY_ROUTES else self.body_limit
+        received = 0
+
+        async def receive_within_limit():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise HttpError(413, "upload_too_large", f"the request body is over {limit} bytes")
+            return message
 
         async def send_with_id(message):
             if message["type"] == "http.response.start":
                 state["status"], state["started"] = message["status"], True
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
-            await send(message)
+            try:  # a client that stops reading must not hold the services' streams for ever
+                await asyncio.wait_for(send(message), self.write_timeout)
+            except asyncio.TimeoutError:
+                raise ClientStalled(f"the client read nothing for {self.write_timeout:g} s") from None
         try:
-            await self.app(scope, receive, send_with_id)
+            await self.app(scope, receive_within_limit, send_with_id)
+        except ClientStalled as exc:
+            logs.log(logger, logging.INFO, "client stopped reading: answer abandoned", error=str(exc))
+        except HttpError as exc:  # raised outside an endpoint (the body limit, in a parser)
+            if not state["started"]:
+                await error_response(exc.status, exc.reason, exc.message, exc.headers)(scope, receive, send_with_id)
         except Exception:
             logger.exception("unhandled error")
             if not state["started"]:
@@ -121,7 +153,8 @@ def create_app(config: Config) -> FastAPI:
         "primary API; the others keep clients of earlier services working."))
     app.state.gateway = gw
     app.openapi = openapi_for(app, config, gw)  # type: ignore[method-assign]
-    app.add_middleware(RequestContext)
+    app.add_middleware(RequestContext, max_upload_bytes=config.max_upload_bytes,
+                       write_timeout=config.client_write_timeout_seconds)
 
     @app.exception_handler(HttpError)
     async def on_http_error(request: Request, exc: HttpError):

@@ -19,6 +19,12 @@ from .errors import HttpError
 
 # Base64 grows data by 4/3; JSON and multipart add a little framing.
 _ENVELOPE_FACTOR, _ENVELOPE_SLACK = 1.4, 64 * 1024
+SMALL_BODY_BYTES = 64 * 1024  # routes that take no image
+
+
+def body_limit(max_upload_bytes: int) -> int:
+    """The most a request carrying an image of `max_upload_bytes` may send, framing included."""
+    return int(max_upload_bytes * _ENVELOPE_FACTOR + _ENVELOPE_SLACK)
 TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off", "")
 
 
@@ -155,12 +161,14 @@ async def read_image_request(request: Request, max_bytes: int, fetch_url: Callab
                              base64_fields: tuple[str, ...] = ("image_base64",)) -> ImageRequest:
     """The image (an upload, base64 in JSON, or `image_url`) and the request's other fields."""
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > max_bytes * _ENVELOPE_FACTOR + _ENVELOPE_SLACK:
+    if declared and declared.isdigit() and int(declared) > body_limit(max_bytes):
         raise HttpError(413, "upload_too_large", f"the request is {declared} bytes; images may be {max_bytes} bytes")
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
         try:
             form = await request.form(max_files=2, max_fields=64)
+        except HttpError:
+            raise  # over the body limit (RequestContext)
         except Exception:
             raise bad("the multipart body is malformed") from None
         fields = Fields({k: v for k, v in form.items() if isinstance(v, str)}, form=True)
