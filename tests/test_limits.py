@@ -237,3 +237,65 @@ def test_a_client_that_stops_reading_does_not_hold_the_services(small_gateway, m
         assert "client stopped reading" in small_gateway.logs()
     finally:
         client.close()
+
+
+def gradient_png16(width: int, height: int) -> bytes:
+    """A 16-bit RGBA picture that compresses well: a small upload, a large decoded image."""
+    from services.common import imageio
+    ramp = (np.arange(width, dtype=np.uint32) * 65535 // max(1, width - 1)).astype(np.uint16)
+    pixels = np.broadcast_to(ramp[None, :, None], (height, width, 4)).copy()
+    return imageio.encode_png(pixels, "RGBA")
+
+
+@pytest.fixture(scope="module")
+def budget_gateway(tmp_path_factory, mesh, mesh_ports):
+    from conftest import start_gateway
+    service = start_gateway(tmp_path_factory, mesh_ports, RATE_LIMIT_PER_MINUTE="0",
+                            GATEWAY_MAX_PIXEL_BYTES=str(160 << 20), MAX_CONCURRENT_JOBS="1", JOB_QUEUE_SIZE="8")
+    yield service
+    service.stop()
+
+
+def held_bytes(gateway) -> float:
+    text = httpx.get(f"{gateway.url}/metrics").text
+    return float(next(line.split()[1] for line in text.splitlines()
+                      if line.startswith("imagemesh_gateway_pixel_bytes ")))
+
+
+def test_the_gateway_bounds_the_decoded_pixels_it_holds(budget_gateway):
+    url = budget_gateway.url
+    too_big = gradient_png16(5000, 5000)  # 200 MB decoded: more than the whole budget
+    reply = httpx.post(f"{url}/v1/effects", files={"file": ("a.png", too_big)}, data={"effect": "invert"}, timeout=60)
+    assert reply.status_code == 413 and reply.json()["error"]["code"] == "too_large_for_gateway"
+
+    data = gradient_png16(1500, 1500)  # 18 MB decoded, as much again for a JPEG answer assembled whole
+
+    def one(_):
+        return httpx.post(f"{url}/v1/effects", files={"file": ("a.png", data)},
+                          data={"effect": "invert", "format": "jpeg"}, timeout=120)
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        replies = list(pool.map(one, range(6)))
+    codes = sorted(r.status_code for r in replies)
+    assert set(codes) <= {200, 429} and 200 in codes, codes
+    assert all(r.headers.get("retry-after") for r in replies if r.status_code == 429)
+    assert held_bytes(budget_gateway) == 0  # every answer's share given back
+
+
+def test_queued_jobs_hold_no_decoded_pixels(budget_gateway):
+    url = budget_gateway.url
+    data = gradient_png16(2000, 2000)  # 32 MB decoded each
+    before = rss_mb(budget_gateway)
+    steps = json.dumps([{"op": "effect", "effect": "invert"}])
+    ids = []
+    for _ in range(6):
+        reply = httpx.post(f"{url}/v1/jobs", files={"file": ("a.png", data)}, data={"steps": steps}, timeout=60)
+        assert reply.status_code == 202, reply.text
+        ids.append(reply.json()["id"])
+    assert rss_mb(budget_gateway) - before < 120, "queued jobs hold their decoded images"  # six would be 192 MB
+    deadline = time.monotonic() + 180
+    for job_id in ids:
+        while httpx.get(f"{url}/v1/jobs/{job_id}").json()["status"] not in ("done", "failed"):
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert httpx.get(f"{url}/v1/jobs/{job_id}").json()["status"] == "done"
+    assert held_bytes(budget_gateway) == 0

@@ -60,6 +60,21 @@ def check_pixels(width: int, height: int, max_pixels: int, what: str = "image") 
                             reason="image_too_large")
 
 
+def decoded_bytes(data: bytes, max_pixels: int) -> int:
+    """At most how many bytes `decode` will hold for these bytes, from the header alone
+    (an image over `max_pixels` is refused here already)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = Image.open(io.BytesIO(data))
+    except Exception:
+        return len(data)  # not an image: decode will say so
+    check_pixels(img.width, img.height, max_pixels)
+    sample = 2 if img.mode.startswith("I;16") or img.mode in ("I", "F") or \
+        img.format == "PNG" and _png_bit_depth(data) == 16 else 1
+    return img.width * img.height * 4 * sample
+
+
 def orient(pixels: np.ndarray, orientation: int) -> np.ndarray:
     """Apply an EXIF orientation (1-8) so that the image comes out upright."""
     ops = {
@@ -266,11 +281,17 @@ class PngWriter:
         return _png_chunk(b"IDAT", self._compressor.flush()) + _png_chunk(b"IEND", b"")
 
 
+ENCODE_BAND_ROWS = 256
+
+
 def encode_png(pixels: np.ndarray, mode: str, icc_profile: bytes = b"", level: int = DEFAULT_PNG_LEVEL) -> bytes:
     """A whole PNG, 8- or 16-bit by the pixels' type, with the ICC profile kept
     (Pillow cannot write 16-bit colour)."""
     writer = PngWriter(pixels.shape[1], pixels.shape[0], mode, 8 * pixels.dtype.itemsize, icc_profile, level)
-    return writer.start() + writer.rows(pixels) + writer.finish()
+    parts = [writer.start()]
+    for top in range(0, pixels.shape[0], ENCODE_BAND_ROWS):  # no whole-image copy for the filtered rows
+        parts.append(writer.rows(pixels[top:top + ENCODE_BAND_ROWS]))
+    return b"".join(parts + [writer.finish()])
 
 
 def encode(pixels: np.ndarray, mode: str, fmt: str, *, icc_profile: bytes = b"", quality: int = 92,
@@ -279,10 +300,18 @@ def encode(pixels: np.ndarray, mode: str, fmt: str, *, icc_profile: bytes = b"",
         raise InvalidArgument(f"format must be one of {', '.join(OUTPUT_FORMATS)}", field="format")
     if fmt == "png":
         return encode_png(pixels, mode, icc_profile, png_level)
-    if fmt == "jpeg":
-        pixels, mode = composite(pixels, mode, background)
-    pixels = to_8bit(pixels)
-    img = Image.fromarray(pixels[:, :, 0] if mode == "L" else pixels, mode)
+    # One 8-bit copy for the encoder, filled band by band: compositing and depth
+    # conversion never hold more than a band in float or 32-bit.
+    out_mode = mode[:-1] if fmt == "jpeg" and mode in ("LA", "RGBA") else mode
+    height, width = pixels.shape[:2]
+    eight_bit = np.empty((height, width, len(out_mode)), np.uint8)
+    for top in range(0, height, ENCODE_BAND_ROWS):
+        band = pixels[top:top + ENCODE_BAND_ROWS]
+        if out_mode != mode:
+            band, _ = composite(band, mode, background)
+        eight_bit[top:top + ENCODE_BAND_ROWS] = to_8bit(band)
+    mode = out_mode
+    img = Image.fromarray(eight_bit[:, :, 0] if mode == "L" else eight_bit, mode)
     options: dict = {"icc_profile": icc_profile} if icc_profile else {}
     if fmt == "jpeg":
         options.update(quality=quality, optimize=False)

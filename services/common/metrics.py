@@ -26,6 +26,8 @@ MODEL_READY = Gauge("imagemesh_model_ready", "1 when the model is loaded and ser
 HTTP_REQUESTS = Counter("imagemesh_http_requests", "HTTP requests handled by the gateway", ["route", "method", "status"])
 HTTP_SECONDS = Histogram("imagemesh_http_request_duration_seconds", "HTTP request duration", ["route", "method"],
                          buckets=DURATION_BUCKETS)
+GATEWAY_PIXEL_BYTES = Gauge("imagemesh_gateway_pixel_bytes",
+                            "bytes of decoded pixels the gateway holds (GATEWAY_MAX_PIXEL_BYTES bounds it)")
 HTTP_IN_FLIGHT = Gauge("imagemesh_http_requests_in_flight", "HTTP requests being handled by the gateway")
 
 

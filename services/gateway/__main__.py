@@ -20,6 +20,9 @@ SETTINGS = cfg.COMMON_SETTINGS + cfg.ADDRESS_SETTINGS + [
     cfg.Setting("RATE_LIMIT_PER_MINUTE", float, 120.0, "processing requests per token (or address) a minute; 0: off",
                 minimum=0),
     cfg.Setting("RATE_LIMIT_BURST", int, 30, "requests allowed at once above the rate", minimum=1),
+    cfg.Setting("GATEWAY_MAX_PIXEL_BYTES", int, 2 << 30,
+                "bytes of decoded pixels the gateway holds at once (inputs being sent, outputs being assembled); "
+                "a request past it is refused (429), a job waits", minimum=1 << 20),
     cfg.Setting("CLIENT_WRITE_TIMEOUT_SECONDS", float, 60.0,
                 "an answer whose client reads nothing for this long is abandoned (its work cancelled)", minimum=1),
     cfg.Setting("URL_FETCH_ENABLED", bool, True, "fetch images from image_url (false: only uploads and base64)"),

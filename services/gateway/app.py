@@ -17,6 +17,7 @@ from services.common.config import Config
 from services.common.errors import ServiceError
 
 from .core import Gateway, error_response
+from .budget import request_holds
 from .deps import api_routes
 from .errors import HttpError, from_service_error
 from .fields import complete
@@ -74,6 +75,7 @@ class RequestContext:
                 await asyncio.wait_for(send(message), self.write_timeout)
             except asyncio.TimeoutError:
                 raise ClientStalled(f"the client read nothing for {self.write_timeout:g} s") from None
+        holds = request_holds.set([])
         try:
             await self.app(scope, receive_within_limit, send_with_id)
         except ClientStalled as exc:
@@ -87,6 +89,9 @@ class RequestContext:
                 await error_response(500, "internal", "internal error; quote the request id when reporting it")(
                     scope, receive, send_with_id)
         finally:
+            for hold in request_holds.get() or ():  # its answer has ended: its pixels are gone
+                hold.release()
+            request_holds.reset(holds)
             metrics.HTTP_IN_FLIGHT.dec()
             route = getattr(scope.get("route"), "path", "unmatched")
             metrics.HTTP_REQUESTS.labels(route, scope["method"], str(state["status"])).inc()

@@ -23,12 +23,13 @@ from services.common.config import Config
 from services.common.tiles import BandAssembler
 
 from .auth import RateLimiter, TokenAuth
+from .budget import PixelBudget
+from .errors import HttpError
 from .fields import FORMAT, QUALITY
 from .inputs import Fields, ImageRequest, read_image_request
-from .steps import remove_background_options
 from .jobs import JobManager
-from .errors import HttpError
 from .mesh import MeshClient, Processed
+from .steps import remove_background_options
 from .store import ResultStore, Stored
 from .urlfetch import UrlFetcher
 
@@ -63,6 +64,12 @@ def error_response(status: int, reason: str, message: str, headers: dict | None 
                         status_code=status, headers=headers)
 
 
+def output_bytes(header: common_pb2.ImageHeader) -> int:
+    """What an output assembled whole takes in the gateway: its pixels and an 8-bit copy."""
+    info = wire.HeaderInfo(header, header.width * header.height)
+    return info.width * info.height * info.channels * (info.dtype.itemsize + 1)
+
+
 @dataclass
 class StoredRun:
     stored: Stored
@@ -81,7 +88,8 @@ class Gateway:
         self.fetcher = UrlFetcher(max_bytes=config.max_upload_bytes, timeout_seconds=config.url_fetch_timeout_seconds,
                                   allowlist=config.url_fetch_allowlist, enabled=config.url_fetch_enabled)
         self.store = ResultStore(config.result_dir, config.result_ttl_seconds)
-        self.jobs = JobManager(self.run_to_store, workers=config.max_concurrent_jobs, queue_size=config.job_queue_size)
+        self.budget = PixelBudget(config.gateway_max_pixel_bytes)
+        self.jobs = JobManager(self.run_job, workers=config.max_concurrent_jobs, queue_size=config.job_queue_size)
         self.mesh: MeshClient | None = None
         self._sweeper: asyncio.Task | None = None
         self.effects: list[dict] | None = None  # the effects catalogue, once read
@@ -120,7 +128,11 @@ class Gateway:
     async def read(self, request: Request, base64_fields: tuple[str, ...] = ("image_base64",)) -> ImageRequest:
         return await read_image_request(request, self.config.max_upload_bytes, self.fetcher.fetch, base64_fields)
 
-    async def decode(self, data: bytes) -> tuple[imageio.DecodedImage, float]:
+    async def decode(self, data: bytes, held: bool = False) -> tuple[imageio.DecodedImage, float]:
+        """Decode an upload; its pixels count in the budget until the request's answer
+        ends (unless the caller `held` room already, as a job does)."""
+        if not held:
+            self.budget.take_for_request(imageio.decoded_bytes(data, self.config.max_input_pixels))
         started = time.perf_counter()
         image = await run_in_threadpool(imageio.decode, data, max_bytes=self.config.max_upload_bytes,
                                         max_pixels=self.config.max_input_pixels)
@@ -139,11 +151,26 @@ class Gateway:
                                        quality=quality, png_level=self.config.png_compression_level)
         return fmt, body, round((time.perf_counter() - started) * 1000, 1)
 
+    def hold_output(self, header: common_pb2.ImageHeader) -> None:
+        """Room for an output assembled whole (and its 8-bit copy for the encoder)."""
+        self.budget.take_for_request(output_bytes(header))
+
+    async def run_job(self, data: bytes, steps: list[pipeline_pb2.Step], fmt: str, quality: int, needs: int,
+                      progress: Callable[[int, int], Awaitable[None]] | None = None) -> StoredRun:
+        """A job's run: waits for room for its pixels (known at submission), decodes, runs."""
+        hold = await self.budget.wait_for(needs)
+        try:
+            image, _ = await self.decode(data, held=True)
+            return await self.run_to_store(image, steps, fmt, quality, progress, held=True)
+        finally:
+            hold.release()
+
     async def run_to_store(self, image: imageio.DecodedImage, steps: list[pipeline_pb2.Step], fmt: str, quality: int,
-                           progress: Callable[[int, int], Awaitable[None]] | None = None) -> StoredRun:
+                           progress: Callable[[int, int], Awaitable[None]] | None = None,
+                           held: bool = False) -> StoredRun:
         """Process and keep the encoded result in the store (jobs, download links)."""
         started = time.perf_counter()
-        result = await self.mesh.process(image, steps, progress)
+        result = await self.mesh.process(image, steps, progress, None if held else self.hold_output)
         out_format, body, encode_ms = await self.encode(result, fmt, image.format, quality)
         stored = await run_in_threadpool(self.store.put, body, out_format)
         height, width = result.pixels.shape[:2]
@@ -163,6 +190,7 @@ class Gateway:
         has_alpha = header.image.color_mode in (common_pb2.COLOR_MODE_GRAY_ALPHA, common_pb2.COLOR_MODE_RGBA)
         if not wants_json and imageio.choose_format(requested_format, image.format, has_alpha) == "png":
             return self.streamed_png(header, events, decode_ms)
+        self.hold_output(header.image)
         result = await until_disconnected(request, self.mesh.collect(header, events, mesh_started))
         fmt, body, encode_ms = await self.encode(result, requested_format, image.format, quality)
         height, width = result.pixels.shape[:2]
@@ -208,6 +236,9 @@ class Gateway:
         options = remove_background_options(req.fields, models)
         requested_format, quality = self.output_options(req.fields, format_field)
         image, decode_ms = await self.decode(req.data)
+        channels = 4  # a cut-out keeps or gains alpha
+        self.budget.take_for_request(len(models) * image.width * image.height * channels *
+                                     (image.pixels.dtype.itemsize + 1))
         request_id, results = await self.mesh.candidates(image, options)
         out = []
         for report, result in results:

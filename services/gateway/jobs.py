@@ -11,14 +11,13 @@ from typing import Awaitable, Callable
 
 from services.common import logs
 from services.common.errors import quoted
-from services.common.imageio import DecodedImage
 
 from .errors import HttpError
 from .store import Stored
 
 logger = logging.getLogger("imagemesh.gateway.jobs")
 
-# (image, steps, format, quality, progress callback) -> core.StoredRun
+# (upload, steps, format, quality, bytes needed, progress callback) -> core.StoredRun
 Runner = Callable[..., Awaitable]
 
 
@@ -65,10 +64,11 @@ def _iso(epoch: float | None) -> str | None:
 @dataclass
 class _Work:
     job: Job
-    image: DecodedImage
+    data: bytes  # the upload as sent: a queued job holds no decoded pixels
     steps: list
     fmt: str
     quality: int
+    needs: int   # bytes of decoded pixels its run will hold
 
 
 class JobManager:
@@ -86,10 +86,10 @@ class JobManager:
             task.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
 
-    def submit(self, image: DecodedImage, steps: list, fmt: str, quality: int) -> Job:
+    def submit(self, data: bytes, steps: list, fmt: str, quality: int, needs: int) -> Job:
         job = Job(secrets.token_hex(16), logs.request_id_var.get())
         try:
-            self.queue.put_nowait(_Work(job, image, steps, fmt, quality))
+            self.queue.put_nowait(_Work(job, data, steps, fmt, quality, needs))
         except asyncio.QueueFull:
             raise HttpError(429, "queue_full", f"{self.queue.maxsize} jobs are already waiting; retry later",
                             {"Retry-After": "5"}) from None
@@ -119,7 +119,7 @@ class JobManager:
                 job.tiles_done, job.tiles_total = done, total
                 await job.touch()
             try:
-                run = await self.run(work.image, work.steps, work.fmt, work.quality, progress)
+                run = await self.run(work.data, work.steps, work.fmt, work.quality, work.needs, progress)
                 job.result, job.steps, job.timings_ms = run.stored, run.steps, run.timings_ms
                 job.status = "done"
             except HttpError as exc:

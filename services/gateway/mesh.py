@@ -241,16 +241,25 @@ class MeshClient:
             raise HttpError(502, "upstream_incomplete", f"the {service} ended its stream before the image was complete")
 
     async def process(self, image: DecodedImage, steps: list[pipeline_pb2.Step],
-                      progress: Callable[[int, int], Awaitable[None]] | None = None) -> Processed:
+                      progress: Callable[[int, int], Awaitable[None]] | None = None,
+                      reserve: Callable[[common_pb2.ImageHeader], None] | None = None) -> Processed:
         """The whole output image. A single call is retried whole when its replica
         fails, even midway (nothing has gone to the client yet); bands retry themselves.
-        `progress(tiles_done, tiles_total)` follows the tiles as they arrive."""
+        `progress(tiles_done, tiles_total)` follows the tiles as they arrive; `reserve(header)`
+        is called once the output's size is known, before it is assembled."""
         scale = self._band_scale(image, steps)
         for attempt in range(RETRIES + 1):
             started = time.perf_counter()
             events = self._stream_bands(image, steps, scale) if scale else self._call(image, steps)
             try:
-                return await self.collect(await anext(events), events, started, progress)
+                result = await anext(events)
+                if reserve and attempt == 0:
+                    try:
+                        reserve(result.image)
+                    except HttpError:
+                        await events.aclose()  # no room: the call ends here
+                        raise
+                return await self.collect(result, events, started, progress)
             except HttpError as exc:
                 if scale or not retryable(exc) or attempt == RETRIES:
                     raise

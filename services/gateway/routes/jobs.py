@@ -7,7 +7,9 @@ import json
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from ..core import Gateway
+from services.common import imageio
+
+from ..core import Gateway, output_bytes
 from ..deps import PROTECTED, gateway
 from ..errors import HttpError
 from ..fields import IMAGE_TYPES, OUTPUT, PROCESSING_ERRORS, STEPS, errors, image_body, json_answer
@@ -43,8 +45,13 @@ async def submit_job(request: Request, gw: Gateway = Depends(gateway)):
     steps = parse_steps(req.fields)
     fmt, quality = gw.output_options(req.fields)
     image, _ = await gw.decode(req.data)
-    await gw.mesh.validate(image, steps)  # refused now for anything /v1/process would refuse before running
-    job = gw.jobs.submit(image, steps, fmt, quality)
+    result = await gw.mesh.validate(image, steps)  # refused now for anything /v1/process would refuse
+    needs = imageio.decoded_bytes(req.data, gw.config.max_input_pixels) + output_bytes(result.image)
+    if needs > gw.budget.limit:
+        raise HttpError(413, "too_large_for_gateway", f"this job needs {needs} bytes of decoded pixels; the "
+                        f"gateway holds at most {gw.budget.limit} (GATEWAY_MAX_PIXEL_BYTES)")
+    del image  # the queue keeps the upload, decoded again when the job runs
+    job = gw.jobs.submit(req.data, steps, fmt, quality, needs)
     status_url = f"{base_url(request)}/v1/jobs/{job.id}"
     return JSONResponse({"id": job.id, "status": job.status, "status_url": status_url}, status_code=202,
                         headers={"Location": status_url})
