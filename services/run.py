@@ -1,9 +1,9 @@
 """python -m services.run: the whole mesh in the foreground on loopback.
 
 Starts every service and the gateway as child processes. Ctrl-C or SIGTERM
-drains and stops them all; if one dies, the others are stopped too. Children
-get SIGKILL from the kernel if this process is killed outright, so nothing is
-left orphaned."""
+drains and stops them all; one that dies is restarted with backoff (one that
+cannot start for its configuration stops the mesh). Children get SIGKILL from
+the kernel if this process is killed outright, so nothing is left orphaned."""
 from __future__ import annotations
 
 import ctypes
@@ -20,6 +20,8 @@ SERVICES = {"upscaler": (50051, 9051), "bgremoval": (50052, 9052), "effects": (5
 REPLICA_PORT_STEP = 10
 STOP_GRACE_SECONDS = 35
 PR_SET_PDEATHSIG = 1
+CONFIG_ERROR = 2  # a service's exit code for a bad setting: restarting would not help
+MAX_BACKOFF_SECONDS, STEADY_SECONDS = 30.0, 60.0
 # State of a mesh started here, kept in the checkout so that two meshes on one
 # machine never share a database or a result folder (each path can be set).
 STATE_DIR = Path(__file__).resolve().parent.parent / "var"
@@ -29,6 +31,39 @@ STATE_DEFAULTS = {"RESULT_DIR": STATE_DIR / "results", "BGREMOVAL_DB": STATE_DIR
 
 def _die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def say(message: str) -> None:
+    print(f"imagemesh: {message}", file=sys.stderr, flush=True)
+
+
+class Child:
+    """One process of the mesh, restarted with backoff when it dies (as Kubernetes
+    restarts a pod): 1 s, 2 s, 4 s ... at most MAX_BACKOFF_SECONDS, back to 1 s once
+    it has run for STEADY_SECONDS."""
+
+    def __init__(self, module: str, env: dict):
+        self.module, self.env = module, env
+        self.label = module.removeprefix("services.") + (f" :{env.get(module.removeprefix('services.').upper() + '_PORT')}"
+                                                          if module != "services.gateway" else "")
+        self.restarts = 0
+        self.backoff = 1.0
+        self.restart_at: float | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.process = subprocess.Popen([sys.executable, "-m", self.module], env=self.env,
+                                        preexec_fn=_die_with_parent)
+        self.started = time.monotonic()
+        self.restart_at = None
+
+    def schedule_restart(self) -> None:
+        if time.monotonic() - self.started >= STEADY_SECONDS:
+            self.backoff = 1.0
+        say(f"{self.label} exited with {self.process.returncode}; restarting in {self.backoff:g} s")
+        self.restart_at = time.monotonic() + self.backoff
+        self.restarts += 1
+        self.backoff = min(MAX_BACKOFF_SECONDS, self.backoff * 2)
 
 
 def main() -> int:
@@ -48,8 +83,7 @@ def main() -> int:
             plans.append((f"services.{name}", {f"{upper}_PORT": str(replica_port),
                                                f"{upper}_METRICS_PORT": str(metrics_port and metrics_port + i * REPLICA_PORT_STEP)}))
     plans.append(("services.gateway", {}))
-    children = [subprocess.Popen([sys.executable, "-m", module], env={**env, **own}, preexec_fn=_die_with_parent)
-                for module, own in plans]
+    children = [Child(module, {**env, **own}) for module, own in plans]
     stopping = False
 
     def stop(signum=None, frame=None):
@@ -59,27 +93,30 @@ def main() -> int:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     port = env.get("GATEWAY_PORT", "8080")
-    print(f"imagemesh: gateway on http://127.0.0.1:{port} (MODEL_DIR={env['MODEL_DIR']}); Ctrl-C stops",
-          file=sys.stderr, flush=True)
+    say(f"gateway on http://127.0.0.1:{port} (MODEL_DIR={env['MODEL_DIR']}); Ctrl-C stops")
     exit_code = 0
     while not stopping:
         for child in children:
-            if child.poll() is not None:
-                print(f"imagemesh: {child.args[-1]} exited with {child.returncode}; stopping the mesh",
-                      file=sys.stderr, flush=True)
-                exit_code = child.returncode or 1
-                stopping = True
+            if child.process.poll() is None or child.restart_at is not None and time.monotonic() < child.restart_at:
+                continue
+            if child.restart_at is not None:
+                child.start()
+            elif child.process.returncode == CONFIG_ERROR and child.restarts == 0:
+                say(f"{child.label} cannot start (exit {CONFIG_ERROR}: its configuration); stopping the mesh")
+                exit_code, stopping = CONFIG_ERROR, True
+            else:
+                child.schedule_restart()
         time.sleep(0.2)
     for child in reversed(children):  # the gateway first, so no new work reaches the services
-        if child.poll() is None:
-            child.send_signal(signal.SIGTERM)
+        if child.process.poll() is None:
+            child.process.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + STOP_GRACE_SECONDS
     for child in children:
         try:
-            child.wait(timeout=max(0.1, deadline - time.monotonic()))
+            child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
+            child.process.kill()
+            child.process.wait()
     return exit_code
 
 

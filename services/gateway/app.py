@@ -19,16 +19,12 @@ from services.common.errors import ServiceError
 from .core import Gateway, error_response
 from .budget import request_holds
 from .deps import api_routes
-from .errors import HttpError, from_service_error
+from .errors import AnswerAborted, HttpError, from_service_error
 from .fields import complete
 from .inputs import SMALL_BODY_BYTES, body_limit
 from .routes import compat, health, jobs, v1, web
 
 logger = logging.getLogger("imagemesh.gateway")
-
-
-class ClientStalled(Exception):
-    """The client stopped reading its answer."""
 
 
 # Routes that take no image read at most SMALL_BODY_BYTES.
@@ -74,12 +70,12 @@ class RequestContext:
             try:  # a client that stops reading must not hold the services' streams for ever
                 await asyncio.wait_for(send(message), self.write_timeout)
             except asyncio.TimeoutError:
-                raise ClientStalled(f"the client read nothing for {self.write_timeout:g} s") from None
+                raise AnswerAborted(f"the client read nothing for {self.write_timeout:g} s") from None
         holds = request_holds.set([])
         try:
             await self.app(scope, receive_within_limit, send_with_id)
-        except ClientStalled as exc:
-            logs.log(logger, logging.INFO, "client stopped reading: answer abandoned", error=str(exc))
+        except AnswerAborted as exc:
+            logs.log(logger, logging.WARNING, "answer abandoned midway", error=str(exc))
         except HttpError as exc:  # raised outside an endpoint (the body limit, in a parser)
             if not state["started"]:
                 await error_response(exc.status, exc.reason, exc.message, exc.headers)(scope, receive, send_with_id)

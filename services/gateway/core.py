@@ -24,7 +24,7 @@ from services.common.tiles import BandAssembler
 
 from .auth import RateLimiter, TokenAuth
 from .budget import PixelBudget
-from .errors import HttpError
+from .errors import AnswerAborted, HttpError
 from .fields import FORMAT, QUALITY
 from .inputs import Fields, ImageRequest, read_image_request
 from .jobs import JobManager
@@ -217,10 +217,13 @@ class Gateway:
 
         async def body():
             yield writer.start()
-            async for item in events:
-                if isinstance(item, tuple):
-                    for band in bands.add(*item):
-                        yield await run_in_threadpool(writer.rows, band)
+            try:
+                async for item in events:
+                    if isinstance(item, tuple):
+                        for band in bands.add(*item):
+                            yield await run_in_threadpool(writer.rows, band)
+            except HttpError as exc:
+                raise AnswerAborted(f"the PNG was cut short: {exc.message}") from None
             yield writer.finish()
         steps = result.steps
         return StreamingResponse(body(), media_type=imageio.MEDIA_TYPES["png"], headers={

@@ -29,6 +29,12 @@ class HttpError(Exception):
         self.status, self.reason, self.message, self.headers = status, reason, message, headers or {}
 
 
+class AnswerAborted(Exception):
+    """An answer that cannot be finished once it has begun (its client stopped reading,
+    or a service failed midway): the connection is closed without the answer's end, so
+    the client sees it failed, never a truncated 200."""
+
+
 def _headers(status: int) -> dict:
     return {"Retry-After": str(RETRY_AFTER_SECONDS)} if status in (429, 503) else {}
 
