@@ -299,3 +299,17 @@ def test_queued_jobs_hold_no_decoded_pixels(budget_gateway):
             time.sleep(0.2)
         assert httpx.get(f"{url}/v1/jobs/{job_id}").json()["status"] == "done"
     assert held_bytes(budget_gateway) == 0
+
+
+def test_what_is_public_shows_no_server_detail(tmp_path_factory, mesh, mesh_ports, model_dir):
+    from conftest import start_gateway
+    guarded = start_gateway(tmp_path_factory, mesh_ports, API_TOKENS="tok")
+    try:
+        assert httpx.get(f"{guarded.url}/status").status_code == 401
+        status = httpx.get(f"{guarded.url}/status", headers={"Authorization": "Bearer tok"})
+        assert status.status_code == 200 and "jobs" in status.json()
+        for route in ("/v1/models", "/models", "/model-info", "/health"):
+            text = httpx.get(f"{guarded.url}{route}").text
+            assert str(model_dir) not in text and str(model_dir.resolve()) not in text, route
+    finally:
+        guarded.stop()

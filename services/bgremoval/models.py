@@ -136,7 +136,7 @@ class SegmenterRegistry(Registry):
         model = Segmenter(spec, spec.name)
         path = self.model_dir / spec.file
         if not path.is_file():
-            model.reason = f"no model file in {self.model_dir}: expected {spec.file}"
+            model.reason = f"no model file in MODEL_DIR: expected {spec.file}"
             return model
         try:
             if spec.sha256:

@@ -234,7 +234,7 @@ class ModelRegistry(Registry):
         path = self._pick_file(spec)
         if path is None:
             wanted = " or ".join(p for p in spec.files if self.backend != "torch" or p.endswith(".pth"))
-            model.reason = f"no model file in {self.model_dir}: expected {wanted} (run `make models`)"
+            model.reason = f"no model file in MODEL_DIR: expected {wanted} (run `make models`)"
             logs.log(logger, logging.INFO, "model not ready", model=spec.name, reason=model.reason)
             return model
         model.file_name = path.name

@@ -95,8 +95,8 @@ async def health(gw: Gateway = Depends(gateway)):
     return JSONResponse(body, status_code=200 if healthy else 503)
 
 
-@router.get("/status", summary="Detailed status: services, models, limits, jobs",
-            responses={200: json_answer("status"), **errors(503)})
+@router.get("/status", dependencies=PROTECTED, summary="Detailed status: services, models, limits, jobs, memory",
+            responses={200: json_answer("status"), **errors(401, 429, 503)})
 async def status(request: Request, gw: Gateway = Depends(gateway)):
     statuses = await gw.mesh.health()
     replies = await gw.mesh.list_models()
