@@ -22,7 +22,7 @@ from .deps import api_routes
 from .errors import AnswerAborted, HttpError, from_service_error
 from .fields import complete
 from .inputs import SMALL_BODY_BYTES, body_limit
-from .routes import compat, health, jobs, v1, web
+from .routes import compat, health, internal, jobs, v1, web
 
 logger = logging.getLogger("imagemesh.gateway")
 
@@ -180,7 +180,7 @@ def create_app(config: Config) -> FastAPI:
             headers["Allow"] = ", ".join(allowed_methods(app, request.url.path))
         return error_response(exc.status_code, reason, str(exc.detail), headers)
 
-    for module in (health, v1, jobs, compat, web):
+    for module in (health, v1, jobs, compat, web, internal):
         app.include_router(module.router)
     app.mount("/static", web.static_files, name="static")
     app.mount("/docs/assets", web.swagger_files, name="docs-assets")
