@@ -9,7 +9,7 @@ GENERATED := gen/.generated
 
 export MODEL_DIR
 
-.PHONY: setup protos run test test-deps models images bench loadtest clean
+.PHONY: setup protos run test lint test-deps models images bench loadtest clean
 
 REGISTRY ?= imagemesh
 TAG ?= latest
@@ -38,6 +38,10 @@ run: setup
 
 test: setup test-deps
 	$(PY) -m pytest -q
+
+# The quality gate CI runs before the tests (rules in pyproject.toml).
+lint: setup
+	$(VENV)/bin/ruff check services tests bench imagemesh_client
 
 # System packages the tests use: Debian's Chromium (the web page test) and
 # promtool, from the prometheus package (the alerting rules' tests).

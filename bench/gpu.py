@@ -23,7 +23,7 @@ import skimage.data
 import torch
 from PIL import Image
 
-from services.upscaler.models import ModelRegistry, SPECS_BY_NAME, build_module
+from services.upscaler.models import SPECS_BY_NAME, ModelRegistry, build_module
 
 MODELS = (("realesr-general-x4v3", "realesr-general-x4v3.fp16-derived.pth"),
           ("realesr-animevideov3", "realesr-animevideov3.pth"))

@@ -27,6 +27,7 @@ from PIL import Image
 
 from bench.run import DEFAULT_MODELS, ROOT, Process, free_port
 
+
 # A mix of what users send: upscales, background removal, effects, pipelines.
 def workload(image: bytes) -> list[tuple[str, dict]]:
     return [

@@ -28,10 +28,10 @@ import httpx
 import numpy as np
 import skimage.data
 import torch
+from imagemesh.v1 import pipeline_pb2
 from PIL import Image
 
 from bench.gpu import conv_flops_per_input_pixel
-from imagemesh.v1 import pipeline_pb2
 from services.bgremoval import engine as bg_engine
 from services.bgremoval.models import SegmenterRegistry
 from services.common import imageio, wire

@@ -7,11 +7,10 @@ exact in binary (3x) a pixel may round one level apart from the single run."""
 import httpx
 import numpy as np
 import pytest
+from conftest import free_port, mesh_addresses, psnr, start_gateway, start_service
 from skimage.transform import resize
 
 from services.common import imageio
-
-from conftest import free_port, mesh_addresses, psnr, start_gateway, start_service
 
 MODES = {"RGB": 3, "RGBA": 4, "L": 1, "LA": 2}
 

@@ -5,9 +5,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from PIL import Image
-
 from conftest import free_port, start_gateway
+from PIL import Image
 
 IMAGEMESH = str(Path(sys.executable).with_name("imagemesh"))
 

@@ -12,9 +12,8 @@ from http.server import ThreadingHTTPServer
 import httpx
 import pytest
 import requests
-from PIL import Image
-
 from conftest import start_gateway
+from PIL import Image
 from test_security import ImageServer
 
 pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")

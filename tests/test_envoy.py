@@ -12,12 +12,11 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-
+from conftest import ROOT, free_port, start_gateway
 from imagemesh.v1 import effects_pb2, pipeline_pb2
+
 from services.common import wire
 from services.common.tiles import Rect
-
-from conftest import ROOT, free_port, start_gateway
 
 ENVOY = Path(sys.executable).parent / "envoy"
 SHIPPED = ROOT / "deploy" / "envoy" / "envoy.yaml"

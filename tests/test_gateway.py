@@ -5,9 +5,8 @@ import io
 import cv2
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import psnr
+from PIL import Image
 from test_upscaler_engine import fp32_untiled
 
 

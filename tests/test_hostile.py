@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from imagemesh.v1 import common_pb2
 from PIL import Image
 
-from imagemesh.v1 import common_pb2
 from services.common import imageio, wire
 from services.common.errors import ServiceError
 from services.gateway.errors import HttpError

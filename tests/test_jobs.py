@@ -5,9 +5,8 @@ import time
 
 import httpx
 import numpy as np
-from PIL import Image
-
 from conftest import start_gateway
+from PIL import Image
 
 
 def png(array) -> bytes:

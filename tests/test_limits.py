@@ -148,8 +148,8 @@ def test_an_image_beyond_the_tile_count_is_a_413(http):
 
 def test_tiny_tiles_are_refused_over_grpc(mesh):
     import grpc
-
     from imagemesh.v1 import pipeline_pb2
+
     from services.common import wire
     from services.common.tiles import grid
     image = np.zeros((64, 64, 3), np.uint8)

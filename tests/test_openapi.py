@@ -8,7 +8,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import ROOT, start_gateway
 
 SCHEMATHESIS = Path(sys.executable).parent / "schemathesis"

@@ -7,15 +7,14 @@ import time
 import grpc
 import numpy as np
 import pytest
-from PIL import Image
-
-from imagemesh.v1 import pipeline_pb2
-from services.common import wire
-from services.common.tiles import grid
-
 from conftest import mesh_addresses, start_service
+from imagemesh.v1 import pipeline_pb2
+from PIL import Image
 from test_bgremoval import logo_on_white
 from test_upscaler_grpc import collect
+
+from services.common import wire
+from services.common.tiles import grid
 
 
 def png(array, mode=None) -> bytes:
@@ -164,7 +163,6 @@ def test_remove_background_single_model_png_and_jpeg(http):
 def test_candidates_choice_and_stats_survive_a_restart(tmp_path_factory, model_dir, portrait):
     """Several models in one request; the pick is recorded durably."""
     import httpx
-
     from conftest import free_port, start_gateway
     db = tmp_path_factory.mktemp("choices") / "bg.sqlite3"
     ports = {"upscaler": free_port(), "bgremoval": free_port(), "effects": free_port()}

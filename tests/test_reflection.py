@@ -10,7 +10,6 @@ import grpc
 import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-
 from imagemesh.v1 import bgremoval_pb2, effects_pb2, upscaler_pb2
 
 SERVICES = {"upscaler": upscaler_pb2.DESCRIPTOR.services_by_name["Upscaler"],

@@ -7,16 +7,14 @@ import time
 
 import grpc
 import httpx
+import numpy as np
 import pytest
+from conftest import start_gateway, start_service
+from imagemesh.v1 import common_pb2, pipeline_pb2
 from PIL import Image
 
-import numpy as np
-
-from imagemesh.v1 import common_pb2, pipeline_pb2
 from services.common import wire
 from services.common.tiles import Rect
-
-from conftest import start_gateway, start_service
 
 
 def png(array) -> bytes:

@@ -7,9 +7,8 @@ import time
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import free_port, mesh_addresses, start_gateway, start_service
+from PIL import Image
 
 
 def png(array) -> bytes:

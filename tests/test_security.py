@@ -14,13 +14,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import numpy as np
 import pytest
+from conftest import start_gateway
 from PIL import Image
 
 from services.gateway.auth import RateLimiter
 from services.gateway.errors import HttpError
 from services.gateway.urlfetch import address_problem, check_url, parse_allowlist
-
-from conftest import start_gateway
 
 TOKENS = ("tok-alpha-123", "tok-beta-456")
 

@@ -13,9 +13,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import ROOT, free_port
+from PIL import Image
 
 
 def child_pid(parent: int, module: str) -> int:

@@ -1,12 +1,11 @@
 import numpy as np
 import pytest
 import torch
+from conftest import psnr
 from PIL import Image
 
 from services.upscaler.engine import UpscaleEngine, output_size
 from services.upscaler.models import ModelRegistry, build_module
-
-from conftest import psnr
 
 
 @pytest.fixture(scope="module")

@@ -6,18 +6,16 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import psnr
 
-from services.common.errors import ModelNotFound, ModelNotReady
 from services import fetch_models
 from services.bgremoval.models import downloads as bgremoval_downloads
+from services.common.errors import ModelNotFound, ModelNotReady
 from services.common.fetch import Download, FetchError, fetch
 from services.upscaler import fetch as upscaler_fetch
 from services.upscaler.arch import RRDBNet
 from services.upscaler.backends import Candidate, cpu_has_bf16
-from services.upscaler.models import (SPECS, SPECS_BY_NAME, ModelRegistry, calibrate, calibration_tile,
-                                      sha256_of)
-
-from conftest import psnr
+from services.upscaler.models import SPECS, SPECS_BY_NAME, ModelRegistry, calibrate, calibration_tile, sha256_of
 
 UPSCALER_FILES = sorted({name for spec in SPECS for name in spec.files})
 

@@ -3,10 +3,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import start_gateway
 from PIL import Image
 from playwright.sync_api import sync_playwright
-
-from conftest import start_gateway
 
 BROWSER = next((p for p in ("/usr/lib/chromium/chromium", shutil.which("chromium")) if p and Path(p).exists()), None)
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",

@@ -3,7 +3,6 @@ import asyncio
 from pathlib import Path
 
 import onnxruntime as ort
-
 from imagemesh.v1 import bgremoval_pb2, bgremoval_pb2_grpc
 
 from services.common import config as cfg

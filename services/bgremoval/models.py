@@ -11,8 +11,8 @@ from pathlib import Path
 import onnxruntime as ort
 
 from services.common import logs, metrics
-from services.common.registry import Registry
 from services.common.fetch import Download, file_digest, onnx_parameter_count
+from services.common.registry import Registry
 
 logger = logging.getLogger("imagemesh.bgremoval.models")
 

@@ -9,7 +9,6 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-
 from imagemesh.v1 import bgremoval_pb2, bgremoval_pb2_grpc, common_pb2, pipeline_pb2
 
 from services.common import logs, metrics, wire
@@ -17,8 +16,14 @@ from services.common.cache import ResultCache
 from services.common.contract import MAX_KEYER_TOLERANCE
 from services.common.errors import InvalidArgument, LimitExceeded, ModelNotFound, quoted
 from services.common.server import Admission, ServiceRuntime, rpc
-from services.common.streaming import (Downstreams, StepPlan, output_header, read_start, serve_stream,
-                                       within_idle_timeout)
+from services.common.streaming import (
+    Downstreams,
+    StepPlan,
+    output_header,
+    read_start,
+    serve_stream,
+    within_idle_timeout,
+)
 from services.common.tiles import GridAssembler, Rect, TileBuffer, grid
 
 from . import engine

@@ -2,7 +2,6 @@
 and servicers alike and turned into a status (and an HTTP code) in one place."""
 import grpc
 
-
 # An error message travels in gRPC metadata (8 KiB at most) and HTTP headers: what
 # a client sent is quoted in part (quoted), and no message is longer than this.
 MAX_MESSAGE_CHARS = 1000

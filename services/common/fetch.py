@@ -32,8 +32,8 @@ class Download:
 
 def onnx_parameter_count(path: Path) -> int:
     """Weights stored in an ONNX file (its initializers)."""
-    import onnx
     import numpy as np
+    import onnx
     model = onnx.load(str(path), load_external_data=False)
     return int(sum(np.prod(t.dims, dtype=np.int64) for t in model.graph.initializer))
 

@@ -22,9 +22,8 @@ from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import Gauge
-
 from imagemesh.v1 import common_pb2
+from prometheus_client import Gauge
 
 from . import logs, metrics
 from .config import Config

@@ -16,7 +16,6 @@ from typing import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, 
 
 import grpc
 import numpy as np
-
 from imagemesh.v1 import common_pb2, pipeline_pb2
 
 from . import logs, wire

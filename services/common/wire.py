@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import numpy as np
-
 from imagemesh.v1 import common_pb2
 
 from .contract import MAX_TILES_PER_IMAGE, MIN_TILE_EDGE

@@ -1,9 +1,7 @@
 """The effects service's gRPC face."""
 from __future__ import annotations
 
-
 import numpy as np
-
 from imagemesh.v1 import effects_pb2, effects_pb2_grpc, pipeline_pb2
 
 from services.common import metrics

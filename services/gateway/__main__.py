@@ -6,8 +6,7 @@ from pathlib import Path
 import uvicorn
 
 from services.common import config as cfg
-from services.common import imageio
-from services.common import logs
+from services.common import imageio, logs
 
 from .app import create_app
 

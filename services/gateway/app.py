@@ -16,8 +16,8 @@ from services.common import logs, metrics
 from services.common.config import Config
 from services.common.errors import ServiceError
 
-from .core import Gateway, error_response
 from .budget import request_holds
+from .core import Gateway, error_response
 from .deps import api_routes
 from .errors import AnswerAborted, HttpError, from_service_error
 from .fields import complete

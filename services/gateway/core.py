@@ -12,11 +12,9 @@ from typing import Awaitable, Callable
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.concurrency import run_in_threadpool
-
 from google.protobuf.json_format import MessageToDict
-
 from imagemesh.v1 import common_pb2, pipeline_pb2
+from starlette.concurrency import run_in_threadpool
 
 from services.common import imageio, logs, wire
 from services.common.config import Config

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import grpc
-
 from imagemesh.v1 import common_pb2
 
 from services.common.errors import ServiceError, capped

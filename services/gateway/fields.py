@@ -9,8 +9,7 @@ from typing import Any
 
 from PIL import ImageColor
 
-from services.common.contract import (MAX_KEYER_TOLERANCE, MAX_SCALE, MAX_STEPS, MAX_TILE_SIZE, MIN_SCALE,
-                                      MIN_TILE_SIZE)
+from services.common.contract import MAX_KEYER_TOLERANCE, MAX_SCALE, MAX_STEPS, MAX_TILE_SIZE, MIN_SCALE, MIN_TILE_SIZE
 
 from .inputs import FALSE, TRUE, Fields
 

@@ -13,9 +13,15 @@ import grpc
 import numpy as np
 from google.protobuf.json_format import MessageToDict
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from imagemesh.v1 import (bgremoval_pb2, bgremoval_pb2_grpc, common_pb2, effects_pb2, effects_pb2_grpc,
-                          pipeline_pb2, upscaler_pb2_grpc)
+from imagemesh.v1 import (
+    bgremoval_pb2,
+    bgremoval_pb2_grpc,
+    common_pb2,
+    effects_pb2,
+    effects_pb2_grpc,
+    pipeline_pb2,
+    upscaler_pb2_grpc,
+)
 
 from services.common import logs, wire
 from services.common.imageio import DecodedImage

@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 from services.common import logs, metrics
-from services.common.registry import Registry
 from services.common.fetch import file_digest, onnx_parameter_count
+from services.common.registry import Registry
 
 from .arch import ARCHITECTURES
 from .backends import Backend, Candidate, OnnxBackend, export_onnx, torch_candidates
@@ -260,7 +260,7 @@ class ModelRegistry(Registry):
     def _choose_backend(self, spec: ModelSpec, path: Path, digest: str, model: LoadedModel) -> Backend:
         """The backend for this file: measured among the candidates UPSCALER_BACKEND allows."""
         if path.suffix == ".onnx":
-            if not self.backend in ("auto", "onnxruntime"):
+            if self.backend not in ("auto", "onnxruntime"):
                 raise ValueError(f"an .onnx file runs on onnxruntime, not {self.backend}")
             model.parameters = onnx_parameter_count(path)
             return OnnxBackend(path, self.threads, self.device)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-
 from imagemesh.v1 import common_pb2, pipeline_pb2, upscaler_pb2_grpc
 
 from services.common import metrics
@@ -17,7 +16,6 @@ from services.common.wire import HeaderInfo
 
 from .engine import Plan, UpscaleEngine
 from .models import ModelRegistry
-
 
 
 def validate_options(options: pipeline_pb2.UpscaleOptions) -> None:

@@ -5,12 +5,10 @@ from __future__ import annotations
 import base64
 import resource
 import time
-
 from dataclasses import replace
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
-
 from imagemesh.v1 import pipeline_pb2
 
 from services.common import metrics
@@ -18,8 +16,24 @@ from services.common import metrics
 from ..core import Gateway
 from ..deps import PROTECTED, gateway
 from ..errors import HttpError
-from ..fields import (CANDIDATES, CATALOGUE, FORMAT, IMAGE_ANSWER, IMAGE_TYPES, PROCESSING_ERRORS, QUALITY, REMOVAL_ANSWER, REMOVE,
-                      UPSCALE, Field, complete, errors, group, image_body, json_answer)
+from ..fields import (
+    CANDIDATES,
+    CATALOGUE,
+    FORMAT,
+    IMAGE_ANSWER,
+    IMAGE_TYPES,
+    PROCESSING_ERRORS,
+    QUALITY,
+    REMOVAL_ANSWER,
+    REMOVE,
+    UPSCALE,
+    Field,
+    complete,
+    errors,
+    group,
+    image_body,
+    json_answer,
+)
 from ..inputs import Fields, bad, check_json, image_from_json, load_json
 from ..jobs import _iso
 from ..steps import effect_step, remove_background_options, upscale_step

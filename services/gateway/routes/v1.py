@@ -5,13 +5,23 @@ import time
 
 from fastapi import APIRouter, Depends, Request
 from google.protobuf.json_format import MessageToDict
-
 from imagemesh.v1 import pipeline_pb2
 
 from ..core import Gateway
 from ..deps import PROTECTED, gateway
-from ..fields import (CANDIDATES, EFFECT, IMAGE_ANSWER, OUTPUT, REMOVAL_ANSWER, REMOVE, STEPS, UPSCALE, errors,
-                      image_body, json_answer)
+from ..fields import (
+    CANDIDATES,
+    EFFECT,
+    IMAGE_ANSWER,
+    OUTPUT,
+    REMOVAL_ANSWER,
+    REMOVE,
+    STEPS,
+    UPSCALE,
+    errors,
+    image_body,
+    json_answer,
+)
 from ..inputs import Fields, bad, load_json
 from ..steps import effect_step, parse_steps, remove_background_options, upscale_step
 
