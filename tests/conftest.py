@@ -90,6 +90,14 @@ def wait_for_grpc_serving(address: str, service: Service, timeout: float = 120) 
     raise RuntimeError(f"{address} not serving after {timeout}s:\n{service.logs()[-3000:]}")
 
 
+def effects_stream(channel: grpc.Channel):
+    """The effects service's streaming call on a channel, as any gRPC client makes it."""
+    from imagemesh.v1 import pipeline_pb2
+    return channel.stream_stream("/imagemesh.v1.Effects/ApplyEffects",
+                                 request_serializer=pipeline_pb2.StreamRequest.SerializeToString,
+                                 response_deserializer=pipeline_pb2.StreamResponse.FromString)
+
+
 SERVICE_MODULES = {"upscaler": "services.upscaler", "bgremoval": "services.bgremoval", "effects": "services.effects"}
 
 

@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-from conftest import ROOT, free_port, start_gateway
+from conftest import ROOT, effects_stream, free_port, start_gateway
 from imagemesh.v1 import effects_pb2, pipeline_pb2
 
 from services.common import wire
@@ -77,9 +77,7 @@ def invert(channel: grpc.Channel, metadata=()) -> list:
     start = pipeline_pb2.StreamRequest(start=pipeline_pb2.StreamStart(
         image=header, steps=[pipeline_pb2.Step(effect=pipeline_pb2.EffectOptions(effect="invert"))]))
     tile = pipeline_pb2.StreamRequest(tile=wire.tile(Rect(0, 0, 16, 16), image))
-    call = channel.stream_stream("/imagemesh.v1.Effects/ApplyEffects",
-                                 request_serializer=pipeline_pb2.StreamRequest.SerializeToString,
-                                 response_deserializer=pipeline_pb2.StreamResponse.FromString)
+    call = effects_stream(channel)
     return list(call(iter([start, tile]), timeout=30, metadata=metadata))
 
 

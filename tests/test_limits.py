@@ -1,14 +1,25 @@
 """No request takes a service down: each step's output is checked before any work,
-and chains through the same service (or crossing ones) never wait on themselves."""
+chains through the same service never wait on themselves, hostile values are a
+400, bodies, thin images, tiles, idle clients and the gateway's decoded pixels are
+all bounded, and what is public shows no server detail."""
 import concurrent.futures
 import io
 import json
+import os
+import socket
 import time
 
+import grpc
 import httpx
 import numpy as np
 import pytest
+from conftest import effects_stream, start_gateway
+from imagemesh.v1 import pipeline_pb2
 from PIL import Image
+
+from services.common import imageio, wire
+from services.common.imageio import MAX_ICC_BYTES
+from services.common.tiles import grid
 
 
 def png(array) -> bytes:
@@ -112,9 +123,7 @@ def test_a_long_value_is_a_400_quoting_a_short_prefix(http, photo, field):
 
 @pytest.mark.parametrize("extra", [16, 2 << 20])
 def test_an_icc_profile_over_the_limit_is_a_413(http, extra):
-    import os
 
-    from services.common.imageio import MAX_ICC_BYTES
     out = io.BytesIO()
     Image.new("RGB", (8, 8)).save(out, "PNG", icc_profile=os.urandom(MAX_ICC_BYTES + extra))
     reply = http.post("/v1/effects", files={"file": ("p.png", out.getvalue())}, data={"effect": "invert"})
@@ -147,20 +156,14 @@ def test_an_image_beyond_the_tile_count_is_a_413(http):
 
 
 def test_tiny_tiles_are_refused_over_grpc(mesh):
-    import grpc
-    from imagemesh.v1 import pipeline_pb2
 
-    from services.common import wire
-    from services.common.tiles import grid
     image = np.zeros((64, 64, 3), np.uint8)
     header = wire.header(64, 64, "RGB", np.uint8, tile_width=1, tile_height=1)
     requests = [pipeline_pb2.StreamRequest(start=pipeline_pb2.StreamStart(
         image=header, steps=[pipeline_pb2.Step(effect=pipeline_pb2.EffectOptions(effect="invert"))]))]
     requests += [pipeline_pb2.StreamRequest(tile=wire.tile(r, image[r.y0:r.y1, r.x0:r.x1])) for r in grid(64, 64, 1, 1)]
     with grpc.insecure_channel(mesh["effects"].address) as channel:
-        call = channel.stream_stream("/imagemesh.v1.Effects/ApplyEffects",
-                                     request_serializer=pipeline_pb2.StreamRequest.SerializeToString,
-                                     response_deserializer=pipeline_pb2.StreamResponse.FromString)
+        call = effects_stream(channel)
         with pytest.raises(grpc.RpcError) as refused:
             list(call(iter(requests[:1]), timeout=30))
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "too small" in refused.value.details()
@@ -169,7 +172,6 @@ def test_tiny_tiles_are_refused_over_grpc(mesh):
 @pytest.fixture(scope="module")
 def small_gateway(tmp_path_factory, mesh, mesh_ports):
     """A gateway taking images of 1 MB at most, and abandoning answers nobody reads after 2 s."""
-    from conftest import start_gateway
     service = start_gateway(tmp_path_factory, mesh_ports, RATE_LIMIT_PER_MINUTE="0", MAX_UPLOAD_BYTES="1000000",
                             CLIENT_WRITE_TIMEOUT_SECONDS="2")
     yield service
@@ -212,7 +214,6 @@ def test_a_chunked_body_is_refused_at_the_limit_not_read_whole(small_gateway, na
 
 def test_a_client_that_stops_reading_does_not_hold_the_services(small_gateway, mesh, photo):
     """An 8x answer nobody reads: abandoned after the write timeout, the upscale cancelled."""
-    import socket
 
     from test_resilience import in_flight
     data = png(np.tile(photo, (4, 4, 1)))  # 512x384: a 4096x3072 answer, far more than socket buffers hold
@@ -241,7 +242,6 @@ def test_a_client_that_stops_reading_does_not_hold_the_services(small_gateway, m
 
 def gradient_png16(width: int, height: int) -> bytes:
     """A 16-bit RGBA picture that compresses well: a small upload, a large decoded image."""
-    from services.common import imageio
     ramp = (np.arange(width, dtype=np.uint32) * 65535 // max(1, width - 1)).astype(np.uint16)
     pixels = np.broadcast_to(ramp[None, :, None], (height, width, 4)).copy()
     return imageio.encode_png(pixels, "RGBA")
@@ -249,7 +249,6 @@ def gradient_png16(width: int, height: int) -> bytes:
 
 @pytest.fixture(scope="module")
 def budget_gateway(tmp_path_factory, mesh, mesh_ports):
-    from conftest import start_gateway
     service = start_gateway(tmp_path_factory, mesh_ports, RATE_LIMIT_PER_MINUTE="0",
                             GATEWAY_MAX_PIXEL_BYTES=str(160 << 20), MAX_CONCURRENT_JOBS="1", JOB_QUEUE_SIZE="8")
     yield service
@@ -302,7 +301,6 @@ def test_queued_jobs_hold_no_decoded_pixels(budget_gateway):
 
 
 def test_what_is_public_shows_no_server_detail(tmp_path_factory, mesh, mesh_ports, model_dir):
-    from conftest import start_gateway
     guarded = start_gateway(tmp_path_factory, mesh_ports, API_TOKENS="tok")
     try:
         assert httpx.get(f"{guarded.url}/status").status_code == 401

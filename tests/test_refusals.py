@@ -9,7 +9,7 @@ import grpc
 import httpx
 import numpy as np
 import pytest
-from conftest import start_gateway, start_service
+from conftest import effects_stream, start_gateway, start_service
 from imagemesh.v1 import common_pb2, pipeline_pb2
 from PIL import Image
 
@@ -66,6 +66,15 @@ def test_refused_streams_leave_no_task_and_no_error_in_the_log(own_gateway, phot
             assert record.get("request_id", "").startswith(("refused-", "fine-")), record
 
 
+def ended_after(service, requests):
+    """How the effects service ended a stream of `requests`, and after how long."""
+    with grpc.insecure_channel(service.address) as channel:
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as ended:
+            list(effects_stream(channel)(requests, timeout=300))
+        return ended, time.monotonic() - started
+
+
 def test_a_stream_that_never_sends_its_start_is_refused_after_the_start_timeout(tmp_path_factory, model_dir):
     service = start_service("effects", tmp_path_factory, model_dir, STREAM_START_TIMEOUT_SECONDS="1")
     release = threading.Event()
@@ -74,14 +83,7 @@ def test_a_stream_that_never_sends_its_start_is_refused_after_the_start_timeout(
         release.wait(60)
         yield from ()
     try:
-        with grpc.insecure_channel(service.address) as channel:
-            method = channel.stream_stream("/imagemesh.v1.Effects/ApplyEffects",
-                                           request_serializer=pipeline_pb2.StreamRequest.SerializeToString,
-                                           response_deserializer=pipeline_pb2.StreamResponse.FromString)
-            started = time.monotonic()
-            with pytest.raises(grpc.RpcError) as refused:
-                list(method(silent(), timeout=120))
-            waited = time.monotonic() - started
+        refused, waited = ended_after(service, silent())
         assert refused.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert "StreamStart" in refused.value.details()
         assert waited < 30, f"held {waited:.0f} s, not the configured 1 s"
@@ -125,14 +127,7 @@ def test_a_stream_that_goes_quiet_after_its_start_is_ended(tmp_path_factory, mod
         release.wait(120)
         yield pipeline_pb2.StreamRequest(tile=wire.tile(Rect(0, 0, 32, 32), image))
     try:
-        with grpc.insecure_channel(service.address) as channel:
-            method = channel.stream_stream("/imagemesh.v1.Effects/ApplyEffects",
-                                           request_serializer=pipeline_pb2.StreamRequest.SerializeToString,
-                                           response_deserializer=pipeline_pb2.StreamResponse.FromString)
-            started = time.monotonic()
-            with pytest.raises(grpc.RpcError) as ended:
-                list(method(start_then_nothing(), timeout=300))
-            waited = time.monotonic() - started
+        ended, waited = ended_after(service, start_then_nothing())
         assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "nothing arrived" in ended.value.details()
         assert waited < 60
     finally:
