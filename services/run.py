@@ -1,6 +1,7 @@
 """python -m services.run: the whole mesh in the foreground on loopback.
 
-Starts every service and the gateway as child processes. Ctrl-C or SIGTERM
+Starts every service, the gateway and Envoy in front of them (the port users
+call: REST, the web page, gRPC and gRPC-Web) as child processes. Ctrl-C or SIGTERM
 drains and stops them all; one that dies is restarted with backoff (one that
 cannot start for its configuration stops the mesh). Children get SIGKILL from
 the kernel if this process is killed outright, so nothing is left orphaned."""
@@ -8,11 +9,17 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+import yaml
+
+from services.envoy import local_config
 
 # Services in start order, with their default ports; the gateway last.
 SERVICES = {"upscaler": (50051, 9051), "bgremoval": (50052, 9052), "effects": (50053, 9053)}
@@ -42,18 +49,15 @@ class Child:
     restarts a pod): 1 s, 2 s, 4 s ... at most MAX_BACKOFF_SECONDS, back to 1 s once
     it has run for STEADY_SECONDS."""
 
-    def __init__(self, module: str, env: dict):
-        self.module, self.env = module, env
-        self.label = module.removeprefix("services.") + (f" :{env.get(module.removeprefix('services.').upper() + '_PORT')}"
-                                                          if module != "services.gateway" else "")
+    def __init__(self, label: str, argv: list[str], env: dict):
+        self.label, self.argv, self.env = label, argv, env
         self.restarts = 0
         self.backoff = 1.0
         self.restart_at: float | None = None
         self.start()
 
     def start(self) -> None:
-        self.process = subprocess.Popen([sys.executable, "-m", self.module], env=self.env,
-                                        preexec_fn=_die_with_parent)
+        self.process = subprocess.Popen(self.argv, env=self.env, preexec_fn=_die_with_parent)
         self.started = time.monotonic()
         self.restart_at = None
 
@@ -71,19 +75,29 @@ def main() -> int:
     env.setdefault("MODEL_DIR", "./models")
     for name, path in STATE_DEFAULTS.items():
         env.setdefault(name, str(path))
-    plans = []  # (module, its own environment)
+    children = []
+    endpoints: dict[str, list[int]] = {}  # Envoy's clusters
     for name, (default_port, default_metrics) in SERVICES.items():
         upper = name.upper()
         port = int(env.get(f"{upper}_PORT", default_port))
         metrics_port = int(env.get(f"{upper}_METRICS_PORT", default_metrics))
         replicas = int(env.get(f"{upper}_REPLICAS", "1"))
-        ports = [port + i * REPLICA_PORT_STEP for i in range(replicas)]
-        env.setdefault(f"{upper}_ADDRESS", ",".join(f"127.0.0.1:{p}" for p in ports))
-        for i, replica_port in enumerate(ports):
-            plans.append((f"services.{name}", {f"{upper}_PORT": str(replica_port),
-                                               f"{upper}_METRICS_PORT": str(metrics_port and metrics_port + i * REPLICA_PORT_STEP)}))
-    plans.append(("services.gateway", {}))
-    children = [Child(module, {**env, **own}) for module, own in plans]
+        endpoints[name] = [port + i * REPLICA_PORT_STEP for i in range(replicas)]
+        env.setdefault(f"{upper}_ADDRESS", ",".join(f"127.0.0.1:{p}" for p in endpoints[name]))
+        for i, replica_port in enumerate(endpoints[name]):
+            own = {f"{upper}_PORT": str(replica_port),
+                   f"{upper}_METRICS_PORT": str(metrics_port and metrics_port + i * REPLICA_PORT_STEP)}
+            children.append(Child(f"{name} :{replica_port}", [sys.executable, "-m", f"services.{name}"],
+                                  {**env, **own}))
+    env.setdefault("GATEWAY_PORT", "8081")
+    env.setdefault("TRUSTED_PROXIES", "127.0.0.1")  # Envoy, below, names the client in X-Forwarded-For
+    endpoints["gateway"] = [int(env["GATEWAY_PORT"])]
+    children.append(Child("gateway", [sys.executable, "-m", "services.gateway"], env))
+    port = int(env.get("ENVOY_PORT", "8080"))
+    config = Path(tempfile.mkdtemp(prefix="imagemesh-envoy-")) / "envoy.yaml"  # removed when the mesh stops
+    config.write_text(yaml.safe_dump(local_config(endpoints, port, int(env.get("ENVOY_ADMIN_PORT", "9901")))))
+    children.append(Child("envoy", [str(Path(sys.executable).parent / "envoy"), "-c", str(config), "--base-id",
+                                    str(port), "--log-level", "warning"], env))
     stopping = False
 
     def stop(signum=None, frame=None):
@@ -92,8 +106,8 @@ def main() -> int:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    port = env.get("GATEWAY_PORT", "8080")
-    say(f"gateway on http://127.0.0.1:{port} (MODEL_DIR={env['MODEL_DIR']}); Ctrl-C stops")
+    say(f"mesh on http://127.0.0.1:{port} through Envoy (gateway :{env['GATEWAY_PORT']}, "
+        f"MODEL_DIR={env['MODEL_DIR']}); Ctrl-C stops")
     exit_code = 0
     while not stopping:
         for child in children:
@@ -107,7 +121,7 @@ def main() -> int:
             else:
                 child.schedule_restart()
         time.sleep(0.2)
-    for child in reversed(children):  # the gateway first, so no new work reaches the services
+    for child in reversed(children):  # Envoy and the gateway first, so no new work reaches the services
         if child.process.poll() is None:
             child.process.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + STOP_GRACE_SECONDS
@@ -117,6 +131,7 @@ def main() -> int:
         except subprocess.TimeoutExpired:
             child.process.kill()
             child.process.wait()
+    shutil.rmtree(config.parent, ignore_errors=True)
     return exit_code
 
 

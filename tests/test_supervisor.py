@@ -48,8 +48,9 @@ def supervised(model_dir, tmp_path):
            "RATE_LIMIT_PER_MINUTE": "0", "RESULT_DIR": str(tmp_path / "results"),
            "BGREMOVAL_DB": str(tmp_path / "db.sqlite3"), "ONNX_CACHE_DIR": str(tmp_path / "onnx"),
            "UPSCALER_BACKEND": "torch-fp32"}
-    for name in ("UPSCALER", "BGREMOVAL", "EFFECTS"):
+    for name in ("UPSCALER", "BGREMOVAL", "EFFECTS", "ENVOY"):
         env[f"{name}_PORT"], env[f"{name}_METRICS_PORT"] = str(free_port()), str(free_port())
+    env["ENVOY_ADMIN_PORT"] = str(free_port())
     log = open(tmp_path / "run.log", "wb")
     run = subprocess.Popen([sys.executable, "-m", "services.run"], cwd=ROOT, env=env, stdout=log, stderr=log)
     url = f"http://127.0.0.1:{env['GATEWAY_PORT']}"

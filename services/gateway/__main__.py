@@ -24,6 +24,8 @@ SETTINGS = cfg.COMMON_SETTINGS + cfg.ADDRESS_SETTINGS + [
                 "a request past it is refused (429), a job waits", minimum=1 << 20),
     cfg.Setting("CLIENT_WRITE_TIMEOUT_SECONDS", float, 60.0,
                 "an answer whose client reads nothing for this long is abandoned (its work cancelled)", minimum=1),
+    cfg.Setting("TRUSTED_PROXIES", str, "", "comma-separated addresses/networks of proxies (Envoy) whose "
+                "X-Forwarded-For names the client; empty: the peer is the client"),
     cfg.Setting("URL_FETCH_ENABLED", bool, True, "fetch images from image_url (false: only uploads and base64)"),
     cfg.Setting("URL_FETCH_TIMEOUT_SECONDS", float, 30.0, "time to fetch an image_url, redirects included", minimum=1),
     cfg.Setting("URL_FETCH_ALLOWLIST", str, "", "comma-separated addresses/networks image_url may reach even if "

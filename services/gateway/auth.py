@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import math
 import time
 from collections import OrderedDict
@@ -22,9 +23,26 @@ def digest(token: str) -> bytes:
     return hashlib.sha256(token.encode("utf-8")).digest()
 
 
+def client_address(request: Request, trusted_proxies: list) -> str:
+    """The caller's address: the peer's, or, when the peer is a trusted proxy (Envoy),
+    the address that proxy appended to X-Forwarded-For (the last entry: those before
+    it are whatever the client claimed)."""
+    peer = request.client.host if request.client else "unknown"
+    forwarded = request.headers.get("x-forwarded-for", "")
+    if forwarded and trusted_proxies:
+        try:
+            trusted = any(ipaddress.ip_address(peer) in network for network in trusted_proxies)
+        except ValueError:
+            trusted = False
+        if trusted:
+            return forwarded.split(",")[-1].strip() or peer
+    return peer
+
+
 class TokenAuth:
-    def __init__(self, tokens: str):
+    def __init__(self, tokens: str, trusted_proxies: list | None = None):
         self._digests = [digest(t.strip()) for t in tokens.split(",") if t.strip()]
+        self.trusted_proxies = trusted_proxies or []
 
     @property
     def enabled(self) -> bool:
@@ -33,7 +51,7 @@ class TokenAuth:
     def identify(self, request: Request) -> str:
         """The caller's identity for rate limiting; raises 401 when a token is needed and wrong."""
         if not self.enabled:
-            return f"addr:{request.client.host if request.client else 'unknown'}"
+            return f"addr:{client_address(request, self.trusted_proxies)}"
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():

@@ -29,7 +29,7 @@ from .jobs import JobManager
 from .mesh import MeshClient, Processed
 from .steps import remove_background_options
 from .store import ResultStore, Stored
-from .urlfetch import UrlFetcher
+from .urlfetch import UrlFetcher, parse_networks
 
 logger = logging.getLogger("imagemesh.gateway")
 
@@ -81,7 +81,7 @@ class Gateway:
     def __init__(self, config: Config):
         self.config = config
         self.started = time.time()
-        self.auth = TokenAuth(config.api_tokens)
+        self.auth = TokenAuth(config.api_tokens, parse_networks(config.trusted_proxies))
         self.limiter = RateLimiter(config.rate_limit_per_minute, config.rate_limit_burst)
         self.fetcher = UrlFetcher(max_bytes=config.max_upload_bytes, timeout_seconds=config.url_fetch_timeout_seconds,
                                   allowlist=config.url_fetch_allowlist, enabled=config.url_fetch_enabled)

@@ -29,7 +29,7 @@ def refused(message: str) -> HttpError:
     return HttpError(400, "url_not_allowed", message)
 
 
-def parse_allowlist(text: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+def parse_networks(text: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
     return [ipaddress.ip_network(part.strip(), strict=False) for part in text.split(",") if part.strip()]
 
 
@@ -104,7 +104,7 @@ class UrlFetcher:
     def __init__(self, *, max_bytes: int, timeout_seconds: float, allowlist: str = "",
                  resolver: Resolver = system_resolver, enabled: bool = True):
         self.max_bytes, self.timeout, self.enabled = max_bytes, timeout_seconds, enabled
-        self.allowlist = parse_allowlist(allowlist)
+        self.allowlist = parse_networks(allowlist)
         self.resolver = resolver
 
     async def fetch(self, url: str) -> bytes:
