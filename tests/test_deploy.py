@@ -183,6 +183,7 @@ def _load_envoy():
     from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2  # noqa: F401
     from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
     from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2
+    from envoy.extensions.resource_monitors.downstream_connections.v3 import downstream_connections_pb2  # noqa: F401
     from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401
     config = yaml.safe_load((DEPLOY / "envoy" / "envoy.yaml").read_text())
     bootstrap = json_format.ParseDict(config, bootstrap_pb2.Bootstrap())  # unknown fields and wrong types fail
@@ -208,7 +209,7 @@ def test_envoy_config_parses_strictly_into_envoys_bootstrap():
 def test_envoy_routes_reach_every_service():
     bootstrap, manager = _load_envoy()
     clusters = {c.name: c for c in bootstrap.static_resources.clusters}
-    routes = manager.route_config.virtual_hosts[0].routes
+    routes = next(v for v in manager.route_config.virtual_hosts if "*" in v.domains).routes
     targets = {}
     for route in routes:
         if route.HasField("route"):

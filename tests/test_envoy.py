@@ -35,7 +35,8 @@ def test_every_shipped_envoy_configuration_validates():
 class EnvoyMesh:
     """A gateway with its own settings and real Envoy in front of it and the mesh."""
 
-    def __init__(self, tmp_path_factory, mesh_ports, stream_idle_timeout: str | None = None, **gateway_env):
+    def __init__(self, tmp_path_factory, mesh_ports, stream_idle_timeout: str | None = None,
+                 max_connections: int | None = None, **gateway_env):
         self.gateway = start_gateway(tmp_path_factory, mesh_ports, TRUSTED_PROXIES="127.0.0.1", **gateway_env)
         listener, admin = free_port(), free_port()
         endpoints = {**{name: [port] for name, port in mesh_ports.items()},
@@ -44,6 +45,9 @@ class EnvoyMesh:
         if stream_idle_timeout:  # shorter than any answer's work: only the routes' own idle times count
             manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
             manager["stream_idle_timeout"] = stream_idle_timeout
+        if max_connections:
+            monitor = config["overload_manager"]["resource_monitors"][0]["typed_config"]
+            monitor["max_active_downstream_connections"] = max_connections
         path = tmp_path_factory.mktemp("envoy") / "envoy.yaml"
         path.write_text(yaml.safe_dump(config))
         self.log_path = path.with_suffix(".log")
@@ -168,3 +172,23 @@ def test_an_answer_slower_than_envoys_idle_timeout_still_arrives(open_envoy, pho
                        headers={"X-Forwarded-For": "192.0.2.50"})  # a claimed address: Envoy appends the real one
     assert reply.status_code == 200 and reply.headers["content-type"] == "image/jpeg"
     assert time.monotonic() - started > 1.0  # longer than the idle timeout, or this proves nothing
+
+
+def test_envoy_refuses_connections_past_its_limit(tmp_path_factory, mesh, mesh_ports):
+    import socket
+    limited = EnvoyMesh(tmp_path_factory, mesh_ports, max_connections=3)
+    host, port = limited.address.split(":")
+    held = []
+    try:
+        for _ in range(3):
+            held.append(socket.create_connection((host, int(port)), timeout=5))
+        time.sleep(0.5)
+        with pytest.raises(httpx.HTTPError):  # accepted and closed at once, or refused
+            httpx.get(f"{limited.url}/healthz", timeout=5)
+        held.pop().close()
+        time.sleep(0.5)
+        assert httpx.get(f"{limited.url}/healthz", timeout=5).status_code == 200
+    finally:
+        for connection in held:
+            connection.close()
+        limited.stop()
