@@ -250,7 +250,7 @@ def gradient_png16(width: int, height: int) -> bytes:
 @pytest.fixture(scope="module")
 def budget_gateway(tmp_path_factory, mesh, mesh_ports):
     service = start_gateway(tmp_path_factory, mesh_ports, RATE_LIMIT_PER_MINUTE="0",
-                            GATEWAY_MAX_PIXEL_BYTES=str(160 << 20), MAX_CONCURRENT_JOBS="1", JOB_QUEUE_SIZE="8")
+                            GATEWAY_MAX_PIXEL_BYTES=str(256 << 20), MAX_CONCURRENT_JOBS="1", JOB_QUEUE_SIZE="8")
     yield service
     service.stop()
 
@@ -263,7 +263,7 @@ def held_bytes(gateway) -> float:
 
 def test_the_gateway_bounds_the_decoded_pixels_it_holds(budget_gateway):
     url = budget_gateway.url
-    too_big = gradient_png16(5000, 5000)  # 200 MB decoded: more than the whole budget
+    too_big = gradient_png16(6000, 6000)  # 288 MB decoded: more than the whole budget
     reply = httpx.post(f"{url}/v1/effects", files={"file": ("a.png", too_big)}, data={"effect": "invert"}, timeout=60)
     assert reply.status_code == 413 and reply.json()["error"]["code"] == "too_large_for_gateway"
 
@@ -281,17 +281,23 @@ def test_the_gateway_bounds_the_decoded_pixels_it_holds(budget_gateway):
 
 
 def test_queued_jobs_hold_no_decoded_pixels(budget_gateway):
+    """Slow jobs (a wide blur on 2500x2500, 50 MB decoded) pile up behind one worker:
+    the queue keeps their uploads, so memory stays where the running one put it."""
     url = budget_gateway.url
-    data = gradient_png16(2000, 2000)  # 32 MB decoded each
-    before = rss_mb(budget_gateway)
-    steps = json.dumps([{"op": "effect", "effect": "invert"}])
-    ids = []
-    for _ in range(6):
+    data = gradient_png16(2500, 2500)
+    steps = json.dumps([{"op": "effect", "effect": "blur", "params": {"radius": 20}}])
+
+    def submit() -> str:
         reply = httpx.post(f"{url}/v1/jobs", files={"file": ("a.png", data)}, data={"steps": steps}, timeout=60)
         assert reply.status_code == 202, reply.text
-        ids.append(reply.json()["id"])
-    assert rss_mb(budget_gateway) - before < 120, "queued jobs hold their decoded images"  # six would be 192 MB
-    deadline = time.monotonic() + 180
+        return reply.json()["id"]
+    ids = [submit(), submit()]
+    baseline = rss_mb(budget_gateway)  # one job running (its input and output held), one queued
+    ids += [submit() for _ in range(6)]
+    statuses = [httpx.get(f"{url}/v1/jobs/{i}").json()["status"] for i in ids]
+    assert statuses.count("queued") >= 4, statuses  # they really waited
+    assert rss_mb(budget_gateway) - baseline < 150, "queued jobs hold their decoded images (6 x 50 MB)"
+    deadline = time.monotonic() + 240
     for job_id in ids:
         while httpx.get(f"{url}/v1/jobs/{job_id}").json()["status"] not in ("done", "failed"):
             assert time.monotonic() < deadline
