@@ -21,9 +21,19 @@ SHARED_MODELS = Path(os.environ.get("IMAGEMESH_TEST_MODELS", ROOT.parent / "shar
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` different free loopback ports (held together while chosen, so none repeats)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def psnr(a: np.ndarray, b: np.ndarray, maximum: float = 255.0) -> float:
@@ -104,7 +114,7 @@ SERVICE_MODULES = {"upscaler": "services.upscaler", "bgremoval": "services.bgrem
 @pytest.fixture(scope="session")
 def mesh_ports() -> dict[str, int]:
     """Ports chosen up front so that each service knows where the others are."""
-    return {name: free_port() for name in SERVICE_MODULES}
+    return dict(zip(SERVICE_MODULES, free_ports(len(SERVICE_MODULES))))
 
 
 def mesh_addresses(ports: dict[str, int]) -> dict[str, str]:
@@ -113,7 +123,8 @@ def mesh_addresses(ports: dict[str, int]) -> dict[str, str]:
 
 def start_service(name: str, tmp_path_factory, model_dir: Path, port: int | None = None,
                   addresses: dict | None = None, **env) -> Service:
-    port, metrics_port = port or free_port(), free_port()
+    candidates = [p for p in free_ports(3) if p != port]  # never the port already promised to it
+    port, metrics_port = port or candidates[0], candidates[1]
     upper = name.upper()
     service = Service(SERVICE_MODULES[name], {
         "MODEL_DIR": str(model_dir), f"{upper}_PORT": str(port), f"{upper}_METRICS_PORT": str(metrics_port),

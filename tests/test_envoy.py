@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-from conftest import ROOT, effects_stream, free_port, start_gateway
+from conftest import ROOT, effects_stream, free_ports, start_gateway
 from imagemesh.v1 import effects_pb2, pipeline_pb2
 from PIL import Image
 from test_reflection import GRPCURL
@@ -38,7 +38,7 @@ class EnvoyMesh:
     def __init__(self, tmp_path_factory, mesh_ports, stream_idle_timeout: str | None = None,
                  max_connections: int | None = None, **gateway_env):
         self.gateway = start_gateway(tmp_path_factory, mesh_ports, TRUSTED_PROXIES="127.0.0.1", **gateway_env)
-        listener, admin = free_port(), free_port()
+        listener, admin = free_ports(2)
         endpoints = {**{name: [port] for name, port in mesh_ports.items()},
                      "gateway": [int(self.gateway.url.rsplit(":", 1)[1])]}
         config = local_config(endpoints, listener, admin)

@@ -7,7 +7,7 @@ import time
 import grpc
 import numpy as np
 import pytest
-from conftest import mesh_addresses, start_service
+from conftest import free_ports, mesh_addresses, start_service
 from imagemesh.v1 import pipeline_pb2
 from PIL import Image
 from test_bgremoval import logo_on_white
@@ -90,8 +90,7 @@ def _peak_kib(service) -> int:
 def test_each_service_memory_stays_bounded_for_a_large_image(tmp_path_factory, model_dir):
     """A 2048x2048 photo upscaled 2x (48 MiB out) and toned: neither service
     grows by more than a fraction of the output, which they never hold whole."""
-    from conftest import free_port
-    ports = {"upscaler": free_port(), "bgremoval": free_port(), "effects": free_port()}
+    ports = dict(zip(("upscaler", "bgremoval", "effects"), free_ports(3)))
     addresses = mesh_addresses(ports)
     services = {name: start_service(name, tmp_path_factory, model_dir, ports[name], addresses,
                                     UPSCALER_BACKEND="torch-fp32") for name in ("upscaler", "effects")}
@@ -163,9 +162,9 @@ def test_remove_background_single_model_png_and_jpeg(http):
 def test_candidates_choice_and_stats_survive_a_restart(tmp_path_factory, model_dir, portrait):
     """Several models in one request; the pick is recorded durably."""
     import httpx
-    from conftest import free_port, start_gateway
+    from conftest import start_gateway
     db = tmp_path_factory.mktemp("choices") / "bg.sqlite3"
-    ports = {"upscaler": free_port(), "bgremoval": free_port(), "effects": free_port()}
+    ports = dict(zip(("upscaler", "bgremoval", "effects"), free_ports(3)))
 
     def start_bgremoval():
         return start_service("bgremoval", tmp_path_factory, model_dir, ports["bgremoval"], mesh_addresses(ports),

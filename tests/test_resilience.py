@@ -7,7 +7,7 @@ import time
 import httpx
 import numpy as np
 import pytest
-from conftest import free_port, mesh_addresses, start_gateway, start_service
+from conftest import free_port, free_ports, mesh_addresses, start_gateway, start_service
 from PIL import Image
 
 
@@ -26,7 +26,7 @@ def in_flight(service) -> float:
 @pytest.fixture
 def two_replicas(tmp_path_factory, model_dir):
     """Two upscaler replicas (one backend for both, so that their bands agree bit for bit)."""
-    ports = {"upscaler": free_port(), "bgremoval": free_port(), "effects": free_port()}
+    ports = dict(zip(("upscaler", "bgremoval", "effects"), free_ports(3)))
     replicas = [start_service("upscaler", tmp_path_factory, model_dir, port, UPSCALER_BACKEND="torch-fp32",
                               MAX_CONCURRENT_REQUESTS="2", MAX_QUEUED_REQUESTS="16")
                 for port in (ports["upscaler"], free_port())]
@@ -108,7 +108,7 @@ def test_sigterm_on_a_replica_under_load_fails_no_request(two_replicas, tmp_path
 
 
 def test_overload_is_refused_cleanly_and_service_resumes(tmp_path_factory, model_dir, photo):
-    ports = {"upscaler": free_port(), "bgremoval": free_port(), "effects": free_port()}
+    ports = dict(zip(("upscaler", "bgremoval", "effects"), free_ports(3)))
     upscaler = start_service("upscaler", tmp_path_factory, model_dir, ports["upscaler"], mesh_addresses(ports),
                              UPSCALER_BACKEND="torch-fp32", MAX_CONCURRENT_REQUESTS="1", MAX_QUEUED_REQUESTS="1")
     gateway = start_gateway(tmp_path_factory, ports, RATE_LIMIT_PER_MINUTE="0")

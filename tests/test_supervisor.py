@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import ROOT, free_port
+from conftest import ROOT, free_ports
 from PIL import Image
 
 
@@ -44,13 +44,13 @@ def wait_ready(url: str, timeout: float = 120) -> None:
 
 @pytest.fixture
 def supervised(model_dir, tmp_path):
-    env = {**os.environ, "MODEL_DIR": str(model_dir), "GATEWAY_PORT": str(free_port()),
+    ports = iter(free_ports(10))  # all different: a port taken twice would keep a process from starting
+    env = {**os.environ, "MODEL_DIR": str(model_dir), "GATEWAY_PORT": str(next(ports)),
            "RATE_LIMIT_PER_MINUTE": "0", "RESULT_DIR": str(tmp_path / "results"),
            "BGREMOVAL_DB": str(tmp_path / "db.sqlite3"), "ONNX_CACHE_DIR": str(tmp_path / "onnx"),
-           "UPSCALER_BACKEND": "torch-fp32"}
+           "UPSCALER_BACKEND": "torch-fp32", "ENVOY_ADMIN_PORT": str(next(ports))}
     for name in ("UPSCALER", "BGREMOVAL", "EFFECTS", "ENVOY"):
-        env[f"{name}_PORT"], env[f"{name}_METRICS_PORT"] = str(free_port()), str(free_port())
-    env["ENVOY_ADMIN_PORT"] = str(free_port())
+        env[f"{name}_PORT"], env[f"{name}_METRICS_PORT"] = str(next(ports)), str(next(ports))
     log = open(tmp_path / "run.log", "wb")
     run = subprocess.Popen([sys.executable, "-m", "services.run"], cwd=ROOT, env=env, stdout=log, stderr=log)
     url = f"http://127.0.0.1:{env['GATEWAY_PORT']}"
