@@ -95,7 +95,8 @@ def main() -> int:
     children.append(Child("gateway", [sys.executable, "-m", "services.gateway"], env))
     port = int(env.get("ENVOY_PORT", "8080"))
     config = Path(tempfile.mkdtemp(prefix="imagemesh-envoy-")) / "envoy.yaml"  # removed when the mesh stops
-    config.write_text(yaml.safe_dump(local_config(endpoints, port, int(env.get("ENVOY_ADMIN_PORT", "9901")))))
+    origins = [o.strip() for o in env.get("CORS_ORIGINS", "").split(",") if o.strip()]
+    config.write_text(yaml.safe_dump(local_config(endpoints, port, int(env.get("ENVOY_ADMIN_PORT", "9901")), origins)))
     children.append(Child("envoy", [str(Path(sys.executable).parent / "envoy"), "-c", str(config), "--base-id",
                                     str(port), "--log-level", "warning"], env))
     stopping = False

@@ -178,6 +178,7 @@ def _load_envoy():
     # Importing registers the typed configs that envoy.yaml names.
     from envoy.config.bootstrap.v3 import bootstrap_pb2
     from envoy.extensions.access_loggers.stream.v3 import stream_pb2  # noqa: F401
+    from envoy.extensions.filters.http.cors.v3 import cors_pb2  # noqa: F401
     from envoy.extensions.filters.http.ext_authz.v3 import ext_authz_pb2  # noqa: F401
     from envoy.extensions.filters.http.grpc_web.v3 import grpc_web_pb2  # noqa: F401
     from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2  # noqa: F401
@@ -196,7 +197,8 @@ def test_envoy_config_parses_strictly_into_envoys_bootstrap():
     bootstrap, manager = _load_envoy()
     assert bootstrap.admin.address.socket_address.address == "127.0.0.1"
     assert [f.name for f in manager.http_filters] == [
-        "envoy.filters.http.local_ratelimit", "envoy.filters.http.ext_authz", "envoy.filters.http.grpc_web",
+        "envoy.filters.http.local_ratelimit", "envoy.filters.http.cors", "envoy.filters.http.ext_authz",
+        "envoy.filters.http.grpc_web",
         "envoy.filters.http.router"]
     assert manager.access_log[0].typed_config.type_url.endswith("StdoutAccessLog")
     with pytest.raises(json_format.ParseError):

@@ -197,3 +197,27 @@ def test_envoy_refuses_connections_past_its_limit(tmp_path_factory, mesh, mesh_p
         for connection in held:
             connection.close()
         limited.stop()
+
+
+def test_a_browser_on_a_configured_origin_calls_grpc_web(open_envoy):
+    """A gRPC-Web unary call as a browser makes it (ListEffects), with CORS for this
+    listener's own origin and for no other."""
+    origin = open_envoy.url
+    preflight = httpx.options(f"{open_envoy.url}/imagemesh.v1.Effects/ListEffects", headers={
+        "Origin": origin, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type,x-grpc-web"})
+    assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == origin
+    assert "x-grpc-web" in preflight.headers["access-control-allow-headers"]
+    frame = b"\x00" + (0).to_bytes(4, "big")  # an empty ListEffectsRequest
+    headers = {"Content-Type": "application/grpc-web+proto", "X-Grpc-Web": "1", "Origin": origin}
+    reply = httpx.post(f"{open_envoy.url}/imagemesh.v1.Effects/ListEffects", content=frame, headers=headers)
+    assert reply.status_code == 200 and reply.headers["access-control-allow-origin"] == origin
+    body = reply.content
+    assert body[0] == 0
+    length = int.from_bytes(body[1:5], "big")
+    effects = effects_pb2.ListEffectsResponse.FromString(body[5:5 + length]).effects
+    assert {e.name for e in effects} >= {"blackwhite", "invert"}
+    assert b"grpc-status:0" in body[5 + length:]  # the trailers frame
+    stranger = httpx.post(f"{open_envoy.url}/imagemesh.v1.Effects/ListEffects", content=frame,
+                          headers={**headers, "Origin": "http://elsewhere.invalid"})
+    assert "access-control-allow-origin" not in stranger.headers
