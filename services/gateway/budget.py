@@ -36,6 +36,7 @@ class PixelBudget:
         self.limit = limit_bytes
         self.held = 0
         self._freed = asyncio.Condition()
+        self._notifying: set[asyncio.Task] = set()  # referenced until done (the loop keeps tasks weakly)
         metrics.GATEWAY_PIXEL_BYTES.set(0)
 
     def _fits(self, nbytes: int) -> bool:
@@ -69,7 +70,9 @@ class PixelBudget:
     def _give_back(self, nbytes: int) -> None:
         self.held -= nbytes
         metrics.GATEWAY_PIXEL_BYTES.set(self.held)
-        asyncio.get_running_loop().create_task(self._notify())
+        task = asyncio.get_running_loop().create_task(self._notify())
+        self._notifying.add(task)
+        task.add_done_callback(self._notifying.discard)
 
     async def _notify(self) -> None:
         async with self._freed:
