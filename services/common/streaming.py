@@ -208,7 +208,7 @@ async def render_stream(plan: StepPlan, info: wire.HeaderInfo, requests: AsyncIt
                     await render(job, whole)
                 rendered = len(op.jobs)
             continue
-        key = (rect.x0 // buffer.tile_width, rect.y0 // buffer.tile_height)
+        (key,) = buffer.cell_keys(rect)  # a tile is one cell of the grid
         if not users.get(key):
             buffer.drop(key)
         for index in needed_by.get(key, ()):

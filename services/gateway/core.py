@@ -62,10 +62,14 @@ def error_response(status: int, reason: str, message: str, headers: dict | None 
                         status_code=status, headers=headers)
 
 
+def assembled_bytes(width: int, height: int, channels: int, itemsize: int) -> int:
+    """What an output assembled whole takes in the gateway: its pixels and an 8-bit copy for the encoder."""
+    return width * height * channels * (itemsize + 1)
+
+
 def output_bytes(header: common_pb2.ImageHeader) -> int:
-    """What an output assembled whole takes in the gateway: its pixels and an 8-bit copy."""
     info = wire.HeaderInfo(header, header.width * header.height)
-    return info.width * info.height * info.channels * (info.dtype.itemsize + 1)
+    return assembled_bytes(info.width, info.height, info.channels, info.dtype.itemsize)
 
 
 @dataclass
@@ -237,9 +241,8 @@ class Gateway:
         options = remove_background_options(req.fields, models)
         requested_format, quality = self.output_options(req.fields, format_field)
         image, decode_ms = await self.decode(req.data)
-        channels = 4  # a cut-out keeps or gains alpha
-        self.budget.take_for_request(len(models) * image.width * image.height * channels *
-                                     (image.pixels.dtype.itemsize + 1))
+        cut_out = assembled_bytes(image.width, image.height, 4, image.pixels.dtype.itemsize)  # alpha kept or added
+        self.budget.take_for_request(len(models) * cut_out)
         request_id, results = await self.mesh.candidates(image, options)
         out = []
         for report, result in results:
