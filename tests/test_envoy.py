@@ -34,14 +34,18 @@ def test_every_shipped_envoy_configuration_validates():
 
 
 class EnvoyMesh:
-    """A gateway with its own settings and real Envoy in front of it and the mesh."""
+    """Real Envoy in front of the mesh and of `gateways` (replicas), or of one gateway
+    started with `gateway_env`; Envoy and the gateways it started stop with it."""
 
     def __init__(self, tmp_path_factory, mesh_ports, stream_idle_timeout: str | None = None,
-                 max_connections: int | None = None, **gateway_env):
-        self.gateway = start_gateway(tmp_path_factory, mesh_ports, TRUSTED_PROXIES="127.0.0.1", **gateway_env)
+                 max_connections: int | None = None, gateways: list | None = None, **gateway_env):
+        self.owned = [] if gateways else [start_gateway(tmp_path_factory, mesh_ports, TRUSTED_PROXIES="127.0.0.1",
+                                                        **gateway_env)]
+        self.gateways = gateways or self.owned
+        self.gateway = self.gateways[0]
         listener, admin = free_ports(2)
         endpoints = {**{name: [port] for name, port in mesh_ports.items()},
-                     "gateway": [int(self.gateway.url.rsplit(":", 1)[1])]}
+                     "gateway": [int(gateway.url.rsplit(":", 1)[1]) for gateway in self.gateways]}
         config = local_config(endpoints, listener, admin)
         if stream_idle_timeout:  # shorter than any answer's work: only the routes' own idle times count
             manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
@@ -70,7 +74,8 @@ class EnvoyMesh:
         self.process.terminate()
         self.process.wait(30)
         self.log.close()
-        self.gateway.stop()
+        for gateway in self.owned:
+            gateway.stop()
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,11 @@ SETTINGS = cfg.COMMON_SETTINGS + cfg.ADDRESS_SETTINGS + [
                 "deflate level of PNG answers: 0-3 ISA-L (fast), 4-9 zlib (smaller, slower)",
                 minimum=min(imageio.PNG_LEVELS), maximum=max(imageio.PNG_LEVELS)),
     cfg.Setting("MAX_CONCURRENT_JOBS", int, 2, "jobs processed at once", minimum=1),
-    cfg.Setting("JOB_QUEUE_SIZE", int, 32, "jobs waiting beyond those; past it, 429", minimum=0),
+    cfg.Setting("JOB_QUEUE_SIZE", int, 32, "jobs waiting beyond those (in all replicas); past it, 429", minimum=0),
+    cfg.Setting("REDIS_URL", str, "", "redis://host:port/db holding jobs, rate-limit buckets and results, shared by "
+                "gateway replicas; empty: kept in this process (and RESULT_DIR), for a single gateway"),
+    cfg.Setting("JOB_CLAIM_SECONDS", float, 30.0, "with Redis: a running job whose replica has not renewed it for "
+                "this long (it stopped) is taken over by another replica", minimum=1),
 ]
 
 

@@ -67,8 +67,15 @@ class TokenAuth:
         return "token:" + presented.hex()[:16]
 
 
+def rate_limited(tokens: float, rate: float) -> HttpError:
+    """The refusal of a bucket holding `tokens` (less than one), refilled at `rate` a second."""
+    retry = max(1, math.ceil((1.0 - tokens) / rate))
+    return HttpError(429, "rate_limited", f"too many requests; retry in {retry} s", {"Retry-After": str(retry)})
+
+
 class RateLimiter:
-    """A token bucket per identity: `burst` requests at once, refilled at `per_minute`."""
+    """A token bucket per identity, in this process: `burst` requests at once, refilled
+    at `per_minute` (state.RedisState keeps the same buckets in Redis for replicas)."""
 
     def __init__(self, per_minute: float, burst: int, clock=time.monotonic):
         self.rate = per_minute / 60.0
@@ -84,9 +91,7 @@ class RateLimiter:
         tokens = min(float(self.burst), tokens + (now - last) * self.rate)
         if tokens < 1.0:
             self._buckets[identity] = (tokens, now)
-            retry = max(1, math.ceil((1.0 - tokens) / self.rate))
-            raise HttpError(429, "rate_limited", f"too many requests; retry in {retry} s",
-                            {"Retry-After": str(retry)})
+            raise rate_limited(tokens, self.rate)
         self._buckets[identity] = (tokens - 1.0, now)
         while len(self._buckets) > MAX_TRACKED_CLIENTS:
             self._buckets.popitem(last=False)

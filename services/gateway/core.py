@@ -20,15 +20,16 @@ from services.common import imageio, logs, wire
 from services.common.config import Config
 from services.common.tiles import BandAssembler
 
-from .auth import RateLimiter, TokenAuth
+from .auth import TokenAuth
 from .budget import PixelBudget
 from .errors import AnswerAborted, HttpError
 from .fields import FORMAT, QUALITY
 from .inputs import Fields, ImageRequest, read_image_request
 from .jobs import JobManager
 from .mesh import MeshClient, Processed
+from .state import open_state
 from .steps import remove_background_options
-from .store import ResultStore, Stored
+from .store import Stored
 from .urlfetch import UrlFetcher, parse_networks
 
 logger = logging.getLogger("imagemesh.gateway")
@@ -86,12 +87,12 @@ class Gateway:
         self.config = config
         self.started = time.time()
         self.auth = TokenAuth(config.api_tokens, parse_networks(config.trusted_proxies))
-        self.limiter = RateLimiter(config.rate_limit_per_minute, config.rate_limit_burst)
         self.fetcher = UrlFetcher(max_bytes=config.max_upload_bytes, timeout_seconds=config.url_fetch_timeout_seconds,
                                   allowlist=config.url_fetch_allowlist, enabled=config.url_fetch_enabled)
-        self.store = ResultStore(config.result_dir, config.result_ttl_seconds)
+        self.state = open_state(config)
         self.budget = PixelBudget(config.gateway_max_pixel_bytes)
-        self.jobs = JobManager(self.run_job, workers=config.max_concurrent_jobs, queue_size=config.job_queue_size)
+        self.jobs = JobManager(self.run_job, self.state, workers=config.max_concurrent_jobs,
+                               queue_size=config.job_queue_size)
         self.mesh: MeshClient | None = None
         self._sweeper: asyncio.Task | None = None
         self.effects: list[dict] | None = None  # the effects catalogue, once read
@@ -105,11 +106,14 @@ class Gateway:
         self._sweeper.cancel()
         await self.jobs.stop()
         await self.mesh.close()
+        await self.state.close()
 
     async def _sweep(self) -> None:
         while True:
-            await run_in_threadpool(self.store.sweep)
-            self.jobs.forget_expired(time.time())
+            try:
+                await self.state.sweep()
+            except HttpError as exc:
+                logs.log(logger, logging.WARNING, "sweep failed", error=exc.message)
             await asyncio.sleep(SWEEP_SECONDS)
 
     async def load_effects(self) -> None:
@@ -124,7 +128,7 @@ class Gateway:
     async def guard(self, request: Request) -> str:
         """Auth, then the rate limit; a FastAPI dependency of every processing route."""
         identity = self.auth.identify(request)
-        self.limiter.check(identity)
+        await self.state.check_rate(identity)
         return identity
 
     async def read(self, request: Request, base64_fields: tuple[str, ...] = ("image_base64",)) -> ImageRequest:
@@ -174,7 +178,7 @@ class Gateway:
         started = time.perf_counter()
         result = await self.mesh.process(image, steps, progress, None if held else self.hold_output)
         out_format, body, encode_ms = await self.encode(result, fmt, image.format, quality)
-        stored = await run_in_threadpool(self.store.put, body, out_format)
+        stored = await self.state.put_result(body, out_format)
         height, width = result.pixels.shape[:2]
         timings = {**result.timings_ms, "encode": encode_ms, "total": round((time.perf_counter() - started) * 1000, 1)}
         return StoredRun(stored, width, height, result.steps, timings)
@@ -255,7 +259,12 @@ class Gateway:
         return {"request_id": request_id, "candidates": out,
                 "timings_ms": {"decode": decode_ms, "total": round((time.perf_counter() - started) * 1000, 1)}}
 
-    def stored_response(self, stored: Stored) -> Response:
-        return Response(stored.path.read_bytes(), media_type=stored.media_type, headers={
+    async def stored_response(self, file_id: str, missing: HttpError) -> Response:
+        """A stored result's bytes, or `missing` once it has expired."""
+        found = await self.state.get_result(file_id)
+        if found is None:
+            raise missing
+        stored, data = found
+        return Response(data, media_type=stored.media_type, headers={
             "Cache-Control": "private, max-age=60",
             "Content-Disposition": f'inline; filename="{stored.file_id}.{stored.format}"'})

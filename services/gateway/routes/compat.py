@@ -125,8 +125,7 @@ async def status(request: Request, gw: Gateway = Depends(gateway)):
                        "max_input_pixels": gw.config.max_input_pixels,
                        "max_output_pixels": gw.config.max_output_pixels, "supported_scales": SUPPORTED_SCALES},
             "auth_required": gw.auth.enabled,
-            "jobs": {"queued": gw.jobs.queue.qsize(),
-                     "running": sum(j.status == "running" for j in gw.jobs.jobs.values())},
+            "jobs": await gw.state.job_counts(),
             "system_memory": _memory_mb()}
 
 
@@ -230,10 +229,7 @@ async def upscale_base64(request: Request, gw: Gateway = Depends(gateway)):
             responses={200: {"description": "the image", "content": IMAGE_TYPES},
                        **errors(404)})
 async def download(file_id: str, gw: Gateway = Depends(gateway)):
-    stored = gw.store.get(file_id)
-    if stored is None:
-        raise HttpError(404, "not_found", "no such file, or it has expired")
-    return gw.stored_response(stored)
+    return await gw.stored_response(file_id, HttpError(404, "not_found", "no such file, or it has expired"))
 
 
 @router.post("/remove-background", dependencies=PROTECTED,
@@ -328,4 +324,4 @@ async def stats(gw: Gateway = Depends(gateway)):
             "model_memory_mb": round(sum(m.file_bytes for m in bgremoval.models if m.ready) / 2**20, 1),
             "cache_entries": reply.cache_entries, "background_removals": reply.requests,
             "choices_recorded": reply.choices, "uptime_seconds": round(time.time() - gw.started, 1),
-            "jobs_queued": gw.jobs.queue.qsize()}
+            "jobs_queued": (await gw.state.job_counts())["queued"]}

@@ -1,7 +1,6 @@
 """Jobs: a pipeline run in the background, its status, progress events and result."""
 from __future__ import annotations
 
-import asyncio
 import json
 
 from fastapi import APIRouter, Depends, Request
@@ -13,6 +12,7 @@ from ..core import Gateway, output_bytes
 from ..deps import PROTECTED, gateway
 from ..errors import HttpError
 from ..fields import IMAGE_TYPES, OUTPUT, PROCESSING_ERRORS, STEPS, errors, image_body, json_answer
+from ..jobs import FINISHED
 from ..steps import parse_steps
 
 router = APIRouter(tags=["jobs"], dependencies=PROTECTED)
@@ -20,6 +20,8 @@ EVENT_KEEPALIVE_SECONDS = 15
 JOB_SCHEMA = {"type": "object", "required": ["id", "status", "status_url"], "properties": {
     "id": {"type": "string"}, "status": {"type": "string", "enum": ["queued", "running", "done", "failed"]},
     "status_url": {"type": "string"}, "progress": {"type": "object"}, "steps": {"type": "array"},
+    "attempts": {"type": "integer", "description": "runs started (a run is started again once if the gateway "
+                 "replica running it stops)"},
     "timings_ms": {"type": "object"}, "result_url": {"type": "string"}, "expires_at": {"type": "string"},
     "error": {"type": "object"}}}
 
@@ -51,7 +53,7 @@ async def submit_job(request: Request, gw: Gateway = Depends(gateway)):
         raise HttpError(413, "too_large_for_gateway", f"this job needs {needs} bytes of decoded pixels; the "
                         f"gateway holds at most {gw.budget.limit} (GATEWAY_MAX_PIXEL_BYTES)")
     del image  # the queue keeps the upload, decoded again when the job runs
-    job = gw.jobs.submit(req.data, steps, fmt, quality, needs)
+    job = await gw.jobs.submit(req.data, steps, fmt, quality, needs)
     status_url = f"{base_url(request)}/v1/jobs/{job.id}"
     return JSONResponse({"id": job.id, "status": job.status, "status_url": status_url}, status_code=202,
                         headers={"Location": status_url})
@@ -60,7 +62,7 @@ async def submit_job(request: Request, gw: Gateway = Depends(gateway)):
 @router.get("/v1/jobs/{job_id}", summary="A job's status, progress, timings and, when done, result_url",
             responses={200: json_answer("the job", JOB_SCHEMA), **errors(401, 404, 429)})
 async def job_status(job_id: str, request: Request, gw: Gateway = Depends(gateway)):
-    return gw.jobs.get(job_id).view(base_url(request))
+    return (await gw.jobs.get(job_id)).view(base_url(request))
 
 
 @router.get("/v1/jobs/{job_id}/events", summary="Server-sent events: `progress` while it runs, then `done` or `failed`",
@@ -69,25 +71,17 @@ async def job_status(job_id: str, request: Request, gw: Gateway = Depends(gatewa
                              "content": {"text/event-stream": {"schema": EVENT_SCHEMA}}},
                        **errors(401, 404, 429)})
 async def job_events(job_id: str, request: Request, gw: Gateway = Depends(gateway)):
-    job = gw.jobs.get(job_id)
+    changes = gw.jobs.watch(job_id, EVENT_KEEPALIVE_SECONDS)
+    first = await anext(changes)  # 404 here, before the stream starts, for an unknown job
     root = base_url(request)
 
     async def stream():
-        seen = -1
-        while True:
-            async with job.changed:
-                try:
-                    await asyncio.wait_for(job.changed.wait_for(lambda: job.version != seen),
-                                           EVENT_KEEPALIVE_SECONDS)
-                except asyncio.TimeoutError:
-                    yield ": keep-alive\n\n"
-                    continue
-                seen = job.version
-                view = job.view(root)
-            event = job.status if job.status in ("done", "failed") else "progress"
-            yield f"event: {event}\ndata: {json.dumps(view)}\n\n"
-            if event != "progress":
-                return
+        async for job in prepend(first, changes):
+            if job is None:
+                yield ": keep-alive\n\n"
+                continue
+            event = job.status if job.status in FINISHED else "progress"
+            yield f"event: {event}\ndata: {json.dumps(job.view(root))}\n\n"
     return StreamingResponse(stream(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -95,10 +89,14 @@ async def job_events(job_id: str, request: Request, gw: Gateway = Depends(gatewa
 @router.get("/v1/jobs/{job_id}/result", summary="The finished image", response_class=Response,
             responses={200: {"description": "the image", "content": IMAGE_TYPES}, **errors(401, 404, 409, 429)})
 async def job_result(job_id: str, gw: Gateway = Depends(gateway)):
-    job = gw.jobs.get(job_id)
+    job = await gw.jobs.get(job_id)
     if job.status != "done":
         raise HttpError(409, "job_not_done", f"the job is {job.status}")
-    stored = gw.store.get(job.result.file_id)
-    if stored is None:
-        raise HttpError(404, "result_expired", "the job's result has expired")
-    return gw.stored_response(stored)
+    return await gw.stored_response(job.result.file_id, HttpError(404, "result_expired",
+                                                                  "the job's result has expired"))
+
+
+async def prepend(first, rest):
+    yield first
+    async for item in rest:
+        yield item
