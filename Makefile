@@ -43,13 +43,16 @@ test: setup test-deps
 lint: setup
 	$(VENV)/bin/ruff check services tests bench imagemesh_client
 
-# System packages the tests use: Debian's Chromium (the web page test) and
-# promtool, from the prometheus package (the alerting rules' tests).
+# System packages the tests use: Debian's Chromium (the web page test),
+# promtool, from the prometheus package (the alerting rules' tests), and the
+# servers that replicas share: Redis and PostgreSQL (started by the tests on
+# loopback, never as system services).
 test-deps:
-	@command -v chromium >/dev/null && command -v promtool >/dev/null || { \
+	@command -v chromium >/dev/null && command -v promtool >/dev/null && command -v redis-server >/dev/null \
+	  && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium prometheus; }
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium prometheus redis-server postgresql; }
 
 models: setup
 	$(PY) -m services.fetch_models --dir "$(MODEL_DIR)"

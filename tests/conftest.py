@@ -62,11 +62,16 @@ def portrait() -> np.ndarray:
 class Service:
     """A service process on loopback; stopped (SIGTERM) by the fixture."""
 
-    def __init__(self, module: str, env: dict, log_path: Path):
+    def __init__(self, module: str, env: dict, log_path: Path, argv: list[str] | None = None):
         self.log_path = log_path
         self.log = open(log_path, "wb")
-        self.process = subprocess.Popen([sys.executable, "-m", module], cwd=ROOT, env={**os.environ, **env},
+        self.process = subprocess.Popen(argv or [sys.executable, "-m", module], cwd=ROOT, env={**os.environ, **env},
                                         stdout=self.log, stderr=subprocess.STDOUT)
+
+    @classmethod
+    def command(cls, argv: list[str], log_path: Path) -> Service:
+        """A server that is not ours (Redis, PostgreSQL)."""
+        return cls("", {}, log_path, argv)
 
     def logs(self) -> str:
         self.log.flush()
@@ -199,3 +204,87 @@ def start_gateway(tmp_path_factory, ports: dict[str, int], **env) -> Service:
 def http(gateway):
     with httpx.Client(base_url=gateway.url, timeout=120) as client:
         yield client
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A real Redis (Debian's redis-server) on loopback, nothing persisted."""
+    import redis
+    port = free_port()
+    service = Service.command(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                               "--appendonly", "no", "--dir", str(tmp_path_factory.mktemp("redis"))],
+                              tmp_path_factory.mktemp("logs") / "redis.log")
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            if time.monotonic() > deadline or service.process.poll() is not None:
+                raise RuntimeError(f"redis-server did not start:\n{service.logs()[-3000:]}")
+            time.sleep(0.1)
+    service.port, service.databases = port, iter(range(16))
+    yield service
+    client.close()
+    service.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server) -> str:
+    """A Redis database of the test's own (16 in a session)."""
+    return f"redis://127.0.0.1:{redis_server.port}/{next(redis_server.databases)}"
+
+
+def postgres_binary(name: str) -> str:
+    import glob
+    import shutil
+    found = shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)),
+                                       None)
+    if found is None:
+        pytest.fail(f"PostgreSQL's {name} not found: run `make test-deps` (Debian's postgresql)")
+    return found
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory):
+    """A real PostgreSQL (Debian's) on loopback, in a throwaway data directory; as root,
+    it runs as the postgres user (PostgreSQL refuses root)."""
+    import shutil
+    import tempfile
+
+    import psycopg
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    data = Path(tempfile.mkdtemp(prefix="imagemesh-pg-"))
+    if as_postgres:
+        shutil.chown(data, "postgres", "postgres")
+    subprocess.run([*as_postgres, postgres_binary("initdb"), "-D", str(data), "-U", "imagemesh", "--auth=trust",
+                    "--no-sync"], check=True, capture_output=True, timeout=120)
+    port = free_port()
+    service = Service.command([*as_postgres, postgres_binary("postgres"), "-D", str(data), "-p", str(port),
+                               "-k", str(data), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"],
+                              tmp_path_factory.mktemp("logs") / "postgres.log")
+    admin = f"postgresql://imagemesh@127.0.0.1:{port}/postgres"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            psycopg.connect(admin, connect_timeout=2).close()
+            break
+        except psycopg.OperationalError:
+            if time.monotonic() > deadline or service.process.poll() is not None:
+                raise RuntimeError(f"postgres did not start:\n{service.logs()[-3000:]}")
+            time.sleep(0.2)
+    service.admin_url, service.databases = admin, iter(range(1000))
+    yield service
+    service.stop()
+    shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> str:
+    """A new, empty database of the test's own."""
+    import psycopg
+    name = f"picks_{next(postgres_server.databases)}"
+    with psycopg.connect(postgres_server.admin_url, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    return postgres_server.admin_url.rsplit("/", 1)[0] + f"/{name}"

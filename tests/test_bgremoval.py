@@ -1,19 +1,21 @@
 import io
 import os
 import sqlite3
+from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+import sqlalchemy as sa
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image, ImageDraw
 
 from services.bgremoval import engine
 from services.bgremoval.models import SegmenterRegistry
-from services.bgremoval.store import ChoiceStore
+from services.bgremoval.store import ChoiceStore, database_url
 from services.common import imageio
 from services.common.cache import ResultCache
-from services.common.errors import InvalidArgument, ModelNotReady
+from services.common.errors import InvalidArgument, ModelNotReady, Unavailable
 
 
 def red_channel_model(size: int, outputs: int) -> bytes:
@@ -170,22 +172,48 @@ def test_result_cache_is_bounded_in_bytes_and_expires():
     assert (cache.hits, cache.misses) == (2, 3)
 
 
-def test_choices_are_durable_and_stats_add_up(tmp_path):
-    store = ChoiceStore(tmp_path / "db" / "choices.sqlite3")
+@pytest.fixture(params=["sqlite", "postgresql"])
+def picks_url(request, tmp_path) -> str:
+    """Where picks are recorded: the default SQLite file, or a real PostgreSQL."""
+    if request.param == "sqlite":
+        return database_url("", tmp_path / "db" / "choices.sqlite3")
+    return database_url(request.getfixturevalue("postgres_url"), tmp_path)
+
+
+def test_choices_are_durable_and_stats_add_up(picks_url):
+    store = ChoiceStore(picks_url)
     for request_id, picked in (("r1", "keyer"), ("r2", "u2net"), ("r3", "keyer")):
         store.record_run(request_id, "keyer", 10.0, candidate=True)
         store.record_run(request_id, "u2net", 30.0, candidate=True)
         store.record_choice(request_id, picked)
     store.record_choice("r3", "u2net")  # the latest pick wins
-    store.record_run("single", "keyer", 40.0, candidate=False)
-    store.close()
-    reopened = ChoiceStore(tmp_path / "db" / "choices.sqlite3")
+    store.record_run_later("single", "keyer", 40.0)
+    store.close()  # queued writes land before it closes
+    reopened = ChoiceStore(picks_url)
     stats = reopened.stats()
     by_model = {m["model"]: m for m in stats["models"]}
     assert stats["choices"] == 3 and stats["requests"] == 3
     assert by_model["u2net"]["picks"] == 2 and by_model["u2net"]["share"] == pytest.approx(2 / 3)
     assert by_model["keyer"]["pick_rate"] == pytest.approx(1 / 3)
     assert by_model["keyer"]["mean_ms"] == pytest.approx(17.5) and by_model["keyer"]["runs"] == 4
-    assert reopened.candidates("r1") == ["keyer", "u2net"] or sorted(reopened.candidates("r1")) == ["keyer", "u2net"]
-    with sqlite3.connect(tmp_path / "db" / "choices.sqlite3") as db:
-        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert reopened.candidates("r1") == ["keyer", "u2net"] and reopened.candidates("nope") == []
+    reopened.close()
+    if picks_url.startswith("sqlite"):
+        with sqlite3.connect(picks_url.removeprefix("sqlite:///")) as db:
+            assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_an_unreachable_picks_database_is_unavailable_not_a_crash(tmp_path):
+    store = ChoiceStore(database_url("", tmp_path / "picks.sqlite3"))
+    store.engine.dispose()
+    store.engine = sa.create_engine("postgresql+psycopg://nobody@127.0.0.1:1/none", connect_args={"connect_timeout": 2})
+    with pytest.raises(Unavailable, match="picks database failed"):
+        store.stats()
+    store.close()
+
+
+def test_database_urls_are_checked():
+    assert database_url("postgresql://u:p@127.0.0.1:5432/db", Path("x")) == "postgresql+psycopg://u:p@127.0.0.1:5432/db"
+    assert database_url("", Path("/tmp/a.db")) == "sqlite:////tmp/a.db"
+    with pytest.raises(ValueError, match="mysql is not supported"):
+        database_url("mysql://u@127.0.0.1/db", Path("x"))

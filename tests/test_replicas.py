@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 import redis
-from conftest import start_gateway
+from conftest import free_ports, mesh_addresses, start_gateway, start_service
 from PIL import Image
 from test_envoy import EnvoyMesh
 from test_jobs import events, png
@@ -159,3 +159,34 @@ def test_a_job_whose_replicas_keep_dying_fails_with_a_reason(tmp_path_factory, m
         for gateway in started:
             gateway.stop()
 
+
+def test_picks_recorded_through_one_bgremoval_replica_count_in_another(tmp_path_factory, model_dir, postgres_url,
+                                                                     portrait):
+    """Two bgremoval replicas on one PostgreSQL, each behind its own gateway."""
+    started = []
+    try:
+        gateways = []
+        for _ in range(2):
+            ports = dict(zip(("upscaler", "bgremoval", "effects"), free_ports(3)))
+            started.append(start_service("bgremoval", tmp_path_factory, model_dir, ports["bgremoval"],
+                                         mesh_addresses(ports), DATABASE_URL=postgres_url))
+            gateways.append(start_gateway(tmp_path_factory, ports))
+            started.append(gateways[-1])
+        first, second = (httpx.Client(base_url=g.url, timeout=60) for g in gateways)
+        with first, second:
+            made = first.post("/v1/remove-background", files={"file": ("p.png", png(portrait))},
+                              data={"models": "keyer,mediapipe-selfie"})
+            assert made.status_code == 200, made.text
+            request_id = made.json()["request_id"]
+            wrong = second.post("/v1/remove-background/choice", json={"request_id": request_id, "model": "u2net"})
+            assert wrong.status_code == 400 and "candidates: keyer, mediapipe-selfie" in wrong.json()["error"]["message"]
+            picked = second.post("/v1/remove-background/choice", json={"request_id": request_id, "model": "keyer"})
+            assert picked.status_code == 200, picked.text
+            for client in (first, second):
+                stats = client.get("/v1/remove-background/stats").json()
+                by_model = {m["model"]: m for m in stats["models"]}
+                assert stats["choices"] == 1 and stats["requests"] == 1
+                assert by_model["keyer"]["picks"] == 1 and by_model["mediapipe-selfie"]["offered"] == 1
+    finally:
+        for service in started:
+            service.stop()

@@ -1,9 +1,11 @@
 """python -m services.bgremoval: the background-removal gRPC service."""
 import asyncio
+import sys
 from pathlib import Path
 
 import onnxruntime as ort
 from imagemesh.v1 import bgremoval_pb2, bgremoval_pb2_grpc
+from sqlalchemy.exc import SQLAlchemyError
 
 from services.common import config as cfg
 from services.common import logs
@@ -13,14 +15,16 @@ from services.common.server import ServiceRuntime, serve
 
 from .models import SegmenterRegistry
 from .server import BackgroundRemovalServicer
-from .store import ChoiceStore
+from .store import ChoiceStore, database_url
 
 SETTINGS = cfg.SERVICE_SETTINGS + [
     cfg.Setting("BGREMOVAL_PORT", int, 50052, "gRPC port", minimum=0, maximum=65535),
     cfg.Setting("BGREMOVAL_METRICS_PORT", int, 9052, "Prometheus /metrics port (0: off)", minimum=0, maximum=65535),
     cfg.Setting("MODEL_DIR", str, "./models", "folder the model files are loaded from"),
     cfg.Setting("BGREMOVAL_DB", str, str(Path.home() / ".local/share/imagemesh/bgremoval.sqlite3"),
-                "SQLite file recording candidate runs and users' picks"),
+                "SQLite file recording candidate runs and users' picks (when DATABASE_URL is empty)"),
+    cfg.Setting("DATABASE_URL", str, "", "postgresql://user:password@host:port/db recording candidate runs and "
+                "picks for every bgremoval replica; empty: the SQLite file BGREMOVAL_DB"),
     cfg.Setting("BGREMOVAL_CACHE_BYTES", int, 256 * 1024 * 1024, "result cache size (0: off)", minimum=0),
     cfg.Setting("BGREMOVAL_CACHE_TTL_SECONDS", float, 3600.0, "how long a cached cut-out is kept", minimum=1),
     cfg.Setting("BGREMOVAL_MATTING_MAX_PIXELS", int, 4_000_000, "largest image alpha_matting accepts", minimum=1),
@@ -42,7 +46,14 @@ async def main() -> None:
     device = "cuda" if config.bgremoval_device == "cuda" or (config.bgremoval_device == "auto" and gpu) else "cpu"
     registry = SegmenterRegistry(Path(config.model_dir), threads=config.bgremoval_threads or available_cpus(),
                                  device=device)
-    store = ChoiceStore(Path(config.bgremoval_db))
+    try:
+        store = ChoiceStore(database_url(config.database_url, Path(config.bgremoval_db)))
+    except ValueError as exc:
+        print(f"imagemesh: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except SQLAlchemyError as exc:  # unreachable for now: exit, to be restarted
+        print(f"imagemesh: cannot open the picks database: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
     cache = ResultCache(config.bgremoval_cache_bytes, config.bgremoval_cache_ttl_seconds, lambda c: c.nbytes,
                         service="bgremoval")
     servicer = BackgroundRemovalServicer(runtime, registry, store, cache)

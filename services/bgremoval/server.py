@@ -118,7 +118,7 @@ class BackgroundRemovalServicer(bgremoval_pb2_grpc.BackgroundRemovalServicer):
                 prepared = True
                 seconds.observe(op.compute_ms / 1000)
                 if not op.report.cache_hit:
-                    self.store.record_run(request_id, op.segmenter.name, op.compute_ms, candidate=False)
+                    self.store.record_run_later(request_id, op.segmenter.name, op.compute_ms)
         return StepPlan(op, op.report, observe=observe)
 
     @rpc()
@@ -174,7 +174,8 @@ class BackgroundRemovalServicer(bgremoval_pb2_grpc.BackgroundRemovalServicer):
         for finished in asyncio.as_completed([prepared(i) for i in range(len(ops))]):
             index = await finished
             op = ops[index]
-            self.store.record_run(candidates_id, op.segmenter.name, op.compute_ms, candidate=True)
+            # recorded before the client hears of it: its pick (RecordChoice) may follow at once
+            await asyncio.to_thread(self.store.record_run, candidates_id, op.segmenter.name, op.compute_ms, True)
             metrics.INFERENCE_SECONDS.labels("bgremoval", op.segmenter.name, op.segmenter.backend).observe(
                 op.compute_ms / 1000)
             header = output_header(op, info)
@@ -203,19 +204,19 @@ class BackgroundRemovalServicer(bgremoval_pb2_grpc.BackgroundRemovalServicer):
     async def RecordChoice(self, request, context):
         if not request.request_id or not request.model:
             raise InvalidArgument("request_id and model are required", field="request_id")
-        offered = self.store.candidates(request.request_id)
+        offered = await asyncio.to_thread(self.store.candidates, request.request_id)
         if not offered:
             raise ModelNotFound(f"no candidates were made under request_id {quoted(request.request_id)}",
                                 reason="request_not_found", field="request_id")
         if request.model not in offered:
             raise InvalidArgument(f"{quoted(request.model)} was not a candidate of that request; candidates: "
                                   f"{', '.join(offered)}", field="model")
-        self.store.record_choice(request.request_id, request.model)
+        await asyncio.to_thread(self.store.record_choice, request.request_id, request.model)
         return bgremoval_pb2.RecordChoiceResponse(request_id=request.request_id, model=request.model)
 
     @rpc()
     async def GetStats(self, request, context):
-        stats = self.store.stats()
+        stats = await asyncio.to_thread(self.store.stats)
         return bgremoval_pb2.GetStatsResponse(
             models=[bgremoval_pb2.ModelStats(**m) for m in stats["models"]], choices=stats["choices"],
             requests=stats["requests"], cache_hits=self.cache.hits, cache_misses=self.cache.misses,
