@@ -46,13 +46,14 @@ lint: setup
 # System packages the tests use: Debian's Chromium (the web page test),
 # promtool, from the prometheus package (the alerting rules' tests), and the
 # servers that replicas share: Redis and PostgreSQL (started by the tests on
-# loopback, never as system services).
+# loopback, never as system services); openssl makes the TLS test's certificate.
 test-deps:
 	@command -v chromium >/dev/null && command -v promtool >/dev/null && command -v redis-server >/dev/null \
+	  && command -v openssl >/dev/null \
 	  && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium prometheus redis-server postgresql; }
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium prometheus redis-server postgresql openssl; }
 
 models: setup
 	$(PY) -m services.fetch_models --dir "$(MODEL_DIR)"

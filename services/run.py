@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from services.envoy import local_config
+from services.envoy import LocalTls, local_config
 
 # Services in start order, with their default ports; the gateway last.
 SERVICES = {"upscaler": (50051, 9051), "bgremoval": (50052, 9052), "effects": (50053, 9053)}
@@ -96,7 +96,13 @@ def main() -> int:
     port = int(env.get("ENVOY_PORT", "8080"))
     config = Path(tempfile.mkdtemp(prefix="imagemesh-envoy-")) / "envoy.yaml"  # removed when the mesh stops
     origins = [o.strip() for o in env.get("CORS_ORIGINS", "").split(",") if o.strip()]
-    config.write_text(yaml.safe_dump(local_config(endpoints, port, int(env.get("ENVOY_ADMIN_PORT", "9901")), origins)))
+    tls = None
+    if env.get("TLS_CERT_FILE") and env.get("TLS_KEY_FILE"):  # HTTPS beside HTTP
+        tls = LocalTls(int(env.get("ENVOY_TLS_PORT", "8443")), Path(env["TLS_CERT_FILE"]), Path(env["TLS_KEY_FILE"]),
+                       config.with_name("tls-sds.yaml"))
+        tls.write_secret()
+    config.write_text(yaml.safe_dump(local_config(endpoints, port, int(env.get("ENVOY_ADMIN_PORT", "9901")), origins,
+                                                  tls)))
     children.append(Child("envoy", [str(Path(sys.executable).parent / "envoy"), "-c", str(config), "--base-id",
                                     str(port), "--log-level", "warning"], env))
     stopping = False
@@ -107,7 +113,8 @@ def main() -> int:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    say(f"mesh on http://127.0.0.1:{port} through Envoy (gateway :{env['GATEWAY_PORT']}, "
+    https = f" and https://127.0.0.1:{tls.port}" if tls else ""
+    say(f"mesh on http://127.0.0.1:{port}{https} through Envoy (gateway :{env['GATEWAY_PORT']}, "
         f"MODEL_DIR={env['MODEL_DIR']}); Ctrl-C stops")
     exit_code = 0
     while not stopping:

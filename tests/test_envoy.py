@@ -2,6 +2,7 @@
 configuration that deploys (deploy/envoy/envoy.yaml): only its addresses differ."""
 import io
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -19,16 +20,19 @@ from test_reflection import GRPCURL
 
 from services.common import wire
 from services.common.tiles import Rect
-from services.envoy import local_config
+from services.envoy import DEPLOYED_TLS_SECRET, SHIPPED_TLS_SECRET, LocalTls, local_config
 
 ENVOY = Path(sys.executable).parent / "envoy"
 
 
-def test_every_shipped_envoy_configuration_validates():
+def test_every_shipped_envoy_configuration_validates(tmp_path):
     for path in sorted((ROOT / "deploy" / "envoy").glob("envoy*.yaml")):
         if "static_resources" not in path.read_text():
             continue  # Kubernetes objects, not an Envoy configuration
-        run = subprocess.run([str(ENVOY), "--mode", "validate", "-c", str(path)], capture_output=True, text=True,
+        # The TLS secret's file is read where the ConfigMap puts it in the pod: here, from the repository.
+        shipped = tmp_path / path.name
+        shipped.write_text(path.read_text().replace(DEPLOYED_TLS_SECRET, str(SHIPPED_TLS_SECRET)))
+        run = subprocess.run([str(ENVOY), "--mode", "validate", "-c", str(shipped)], capture_output=True, text=True,
                              timeout=60)
         assert run.returncode == 0 and "OK" in run.stdout + run.stderr, run.stderr[-2000:]
 
@@ -38,22 +42,28 @@ class EnvoyMesh:
     started with `gateway_env`; Envoy and the gateways it started stop with it."""
 
     def __init__(self, tmp_path_factory, mesh_ports, stream_idle_timeout: str | None = None,
-                 max_connections: int | None = None, gateways: list | None = None, **gateway_env):
+                 max_connections: int | None = None, gateways: list | None = None, tls_directory: Path | None = None,
+                 **gateway_env):
         self.owned = [] if gateways else [start_gateway(tmp_path_factory, mesh_ports, TRUSTED_PROXIES="127.0.0.1",
                                                         **gateway_env)]
         self.gateways = gateways or self.owned
         self.gateway = self.gateways[0]
-        listener, admin = free_ports(2)
+        listener, admin, tls_port = free_ports(3)
         endpoints = {**{name: [port] for name, port in mesh_ports.items()},
                      "gateway": [int(gateway.url.rsplit(":", 1)[1]) for gateway in self.gateways]}
-        config = local_config(endpoints, listener, admin)
+        path = tmp_path_factory.mktemp("envoy") / "envoy.yaml"
+        tls = None
+        if tls_directory:  # a certificate and key, once they are there, as a Secret mounts them
+            tls = LocalTls(tls_port, tls_directory / "tls.crt", tls_directory / "tls.key", path.with_name("tls.yaml"))
+            tls.write_secret()
+            self.https = f"https://127.0.0.1:{tls_port}"
+        config = local_config(endpoints, listener, admin, tls=tls)
         if stream_idle_timeout:  # shorter than any answer's work: only the routes' own idle times count
             manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
             manager["stream_idle_timeout"] = stream_idle_timeout
         if max_connections:
             monitor = config["overload_manager"]["resource_monitors"][0]["typed_config"]
             monitor["max_active_downstream_connections"] = max_connections
-        path = tmp_path_factory.mktemp("envoy") / "envoy.yaml"
         path.write_text(yaml.safe_dump(config))
         self.log_path = path.with_suffix(".log")
         self.log = open(self.log_path, "wb")
@@ -226,3 +236,42 @@ def test_a_browser_on_a_configured_origin_calls_grpc_web(open_envoy):
     stranger = httpx.post(f"{open_envoy.url}/imagemesh.v1.Effects/ListEffects", content=frame,
                           headers={**headers, "Origin": "http://elsewhere.invalid"})
     assert "access-control-allow-origin" not in stranger.headers
+
+
+def self_signed_certificate(directory: Path) -> None:
+    """A certificate for 127.0.0.1, made now; moved into place as a Secret's files are."""
+    staging = directory.parent / f"{directory.name}-staging"
+    staging.mkdir()
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(staging / "tls.key"),
+                    "-out", str(staging / "tls.crt")], check=True, capture_output=True, timeout=60)
+    for name in ("tls.key", "tls.crt"):
+        (staging / name).rename(directory / name)
+
+
+def test_https_is_served_once_a_certificate_is_mounted(tmp_path_factory, mesh, mesh_ports):
+    certificates = tmp_path_factory.mktemp("tls")
+    front = EnvoyMesh(tmp_path_factory, mesh_ports, tls_directory=certificates)
+    try:
+        assert httpx.get(f"{front.url}/healthz", timeout=10).status_code == 200  # HTTP serves without one
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"{front.https}/healthz", verify=False, timeout=5)
+        self_signed_certificate(certificates)
+        trusted = ssl.create_default_context(cafile=str(certificates / "tls.crt"))
+        deadline = time.monotonic() + 30
+        while True:  # loaded live: Envoy watches the certificate's directory
+            try:
+                reply = httpx.get(f"{front.https}/healthz", verify=trusted, timeout=5)
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline, front.log_path.read_text()[-3000:]
+                time.sleep(0.3)
+        assert reply.status_code == 200 and reply.json()["status"] == "ok"
+        credentials = grpc.ssl_channel_credentials((certificates / "tls.crt").read_bytes())
+        with grpc.secure_channel(front.https.removeprefix("https://"), credentials) as channel:
+            listed = channel.unary_unary("/imagemesh.v1.Effects/ListEffects",
+                                         request_serializer=effects_pb2.ListEffectsRequest.SerializeToString,
+                                         response_deserializer=effects_pb2.ListEffectsResponse.FromString)
+            assert listed(effects_pb2.ListEffectsRequest(), timeout=10).effects
+    finally:
+        front.stop()
