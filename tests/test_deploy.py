@@ -22,6 +22,8 @@ KUBERNETES_VERSION = "1.37.0"
 OVERLAYS = ("cpu", "gpu")
 GRPC_SERVICES = {"upscaler": "imagemesh.v1.Upscaler", "bgremoval": "imagemesh.v1.BackgroundRemoval",
                  "effects": "imagemesh.v1.Effects"}
+WORKLOADS = ("Deployment", "StatefulSet")
+STORES = {"redis": "gateway", "postgres": "bgremoval"}  # each data store, and the one component that reaches it
 # Series the rules and dashboard read that other exporters provide.
 EXTERNAL_METRICS = {"up", "kube_pod_container_status_restarts_total", "kube_deployment_status_replicas_available"}
 
@@ -106,16 +108,27 @@ def test_autoscalers_target_existing_deployments(rendered):
             assert kinds == {"Resource"}
 
 
+def selects(selector: dict, labels: dict) -> bool:
+    """A label selector (matchLabels, and matchExpressions with In and NotIn) on a pod's labels."""
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expression in selector.get("matchExpressions", []):
+        present = labels.get(expression["key"]) in expression["values"]
+        if present != {"In": True, "NotIn": False}[expression["operator"]]:
+            return False
+    return True
+
+
 def _pods_selected(docs, selector: dict) -> list[dict]:
-    """The pod templates of the Deployments a selector picks (the Job serves no port)."""
-    return [d["spec"]["template"] for d in docs if d["kind"] == "Deployment"
-            and selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()]
+    """The pod templates of the workloads a selector picks (the Job serves no port)."""
+    return [d["spec"]["template"] for d in docs if d["kind"] in WORKLOADS
+            and selects(selector, d["spec"]["template"]["metadata"]["labels"])]
 
 
 def test_service_and_policy_ports_match_container_ports(rendered):
     _, docs = rendered
     for service in of_kind(docs, "Service").values():
-        pods = _pods_selected(docs, service["spec"]["selector"])
+        pods = _pods_selected(docs, {"matchLabels": service["spec"]["selector"]})
         assert pods, service["metadata"]["name"]
         for pod in pods:
             ports = {p["name"]: p["containerPort"] for c in pod["spec"]["containers"] for p in c["ports"]}
@@ -123,17 +136,48 @@ def test_service_and_policy_ports_match_container_ports(rendered):
                 assert port["targetPort"] in ports, (service["metadata"]["name"], port)
     for policy in of_kind(docs, "NetworkPolicy").values():
         for rule in policy["spec"].get("ingress", []):
-            for pod in _pods_selected(docs, policy["spec"]["podSelector"].get("matchLabels", {})):
+            for pod in _pods_selected(docs, policy["spec"]["podSelector"]):
                 names = {p["name"] for c in pod["spec"]["containers"] for p in c["ports"]}
                 assert names & {p["port"] for p in rule.get("ports", [])}, policy["metadata"]["name"]
+
+
+def test_data_stores_are_stateful_sets_reached_by_their_one_client(rendered):
+    _, docs = rendered
+    stores = of_kind(docs, "StatefulSet")
+    assert set(stores) == set(STORES)
+    for name, store in stores.items():
+        pod = store["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["automountServiceAccountToken"] is False
+        container = pod["containers"][0]
+        assert container["securityContext"]["readOnlyRootFilesystem"] and container["readinessProbe"]
+        assert {"cpu", "memory"} <= set(container["resources"]["limits"])
+        assert [t["metadata"]["name"] for t in store["spec"]["volumeClaimTemplates"]] == ["data"]
+        labels = store["spec"]["template"]["metadata"]["labels"]
+        admitted = [rule for policy in of_kind(docs, "NetworkPolicy").values()
+                    if selects(policy["spec"]["podSelector"], labels) for rule in policy["spec"].get("ingress", [])]
+        sources = [peer["podSelector"]["matchLabels"] for rule in admitted for peer in rule.get("from", [])]
+        assert sources == [{"app.kubernetes.io/name": STORES[name]}], (name, admitted)
+
+
+def test_the_gateway_keeps_no_state_of_its_own(rendered):
+    _, docs = rendered
+    gateway = of_kind(docs, "Deployment")["gateway"]["spec"]["template"]["spec"]
+    assert not [v for v in gateway.get("volumes", []) if "persistentVolumeClaim" in v]
+    env = {e["name"]: e for e in gateway["containers"][0]["env"]}
+    assert env["REDIS_URL"]["valueFrom"]["secretKeyRef"]["name"] == "imagemesh-redis"
+    bgremoval = of_kind(docs, "Deployment")["bgremoval"]["spec"]["template"]["spec"]
+    env = {e["name"]: e for e in bgremoval["containers"][0]["env"]}
+    assert env["DATABASE_URL"]["valueFrom"]["secretKeyRef"]["name"] == "imagemesh-postgres"
+    assert of_kind(docs, "HorizontalPodAutoscaler")["gateway"]["spec"]["minReplicas"] >= 2
 
 
 def test_references_resolve(rendered):
     _, docs = rendered
     claims, config_maps = of_kind(docs, "PersistentVolumeClaim"), of_kind(docs, "ConfigMap")
     accounts = of_kind(docs, "ServiceAccount")
+    readme = (ROOT / "README.md").read_text()
     for doc in docs:
-        if doc["kind"] not in ("Deployment", "Job"):
+        if doc["kind"] not in (*WORKLOADS, "Job"):
             continue
         pod = doc["spec"]["template"]["spec"]
         assert pod["serviceAccountName"] in accounts
@@ -145,6 +189,10 @@ def test_references_resolve(rendered):
         for container in pod["containers"]:
             for source in container.get("envFrom", []):
                 assert source["configMapRef"]["name"] in config_maps
+            for variable in container.get("env", []):  # Secrets are made by hand, as the README says
+                secret = variable.get("valueFrom", {}).get("secretKeyRef")
+                if secret:
+                    assert f"create secret generic {secret['name']}" in readme, secret
     envoy_config = of_kind(docs, "ConfigMap")["envoy-config"]["data"]["envoy.yaml"]
     assert envoy_config == (DEPLOY / "envoy" / "envoy.yaml").read_text()
 
@@ -185,6 +233,8 @@ def _load_envoy():
     from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
     from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2
     from envoy.extensions.resource_monitors.downstream_connections.v3 import downstream_connections_pb2  # noqa: F401
+    from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2  # noqa: F401
+    from envoy.extensions.transport_sockets.tls.v3 import tls_pb2  # noqa: F401
     from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401
     config = yaml.safe_load((DEPLOY / "envoy" / "envoy.yaml").read_text())
     bootstrap = json_format.ParseDict(config, bootstrap_pb2.Bootstrap())  # unknown fields and wrong types fail
@@ -226,7 +276,10 @@ def test_envoy_routes_reach_every_service():
         assert cluster.health_checks[0].grpc_health_check.service_name == service
     assert targets["/"].cluster == "gateway" and targets["/"].timeout.seconds >= 600
     retried = [r for r in routes if r.HasField("route") and r.route.HasField("retry_policy")]
-    assert retried and all("unavailable" in r.route.retry_policy.retry_on or r.match.headers for r in retried)
+    never_reached = {"connect-failure", "refused-stream"}  # safe for any request: no upstream saw it
+    assert retried and all("unavailable" in r.route.retry_policy.retry_on or r.match.headers
+                           or set(r.route.retry_policy.retry_on.split(",")) <= never_reached for r in retried)
+    assert not set(targets["/"].retry_policy.retry_on.split(",")) - never_reached
 
 
 # --- containers -------------------------------------------------------------
