@@ -148,11 +148,16 @@ class GrpcClient:
     """Straight to the services over gRPC, no gateway: the image is decoded and
     encoded here and streamed as tiles to the first step's service."""
 
-    def __init__(self, upscaler: str = "127.0.0.1:50051", bgremoval: str = "127.0.0.1:50052",
-                 effects: str = "127.0.0.1:50053", timeout: float = 600):
+    def __init__(self, upscaler: str | None = None, bgremoval: str | None = None, effects: str | None = None,
+                 timeout: float = 600):
+        """Each service's address (host:port, a list, or a name with several addresses);
+        None: its default on this machine."""
         from types import SimpleNamespace
-        self.config = SimpleNamespace(upscaler_address=upscaler, bgremoval_address=bgremoval, effects_address=effects,
-                                      upstream_timeout_seconds=timeout)
+
+        from services.common.topology import BY_NAME
+        given = {"upscaler": upscaler, "bgremoval": bgremoval, "effects": effects}
+        self.config = SimpleNamespace(upstream_timeout_seconds=timeout, **{
+            BY_NAME[name].address_setting: address or BY_NAME[name].default_address for name, address in given.items()})
 
     def process(self, image: bytes, steps: list[dict], format: str = "auto", progress: Progress | None = None,
                 max_pixels: int = 40_000_000) -> Result:
@@ -160,10 +165,10 @@ class GrpcClient:
 
         from services.common import imageio
         from services.common.errors import ServiceError
-        from services.gateway.errors import HttpError, from_service_error
-        from services.gateway.inputs import Fields
-        from services.gateway.mesh import MeshClient
-        from services.gateway.steps import parse_steps
+        from services.common.failures import HttpError, from_service_error
+        from services.common.fields import Fields
+        from services.common.mesh import MeshClient
+        from services.common.steps import parse_steps
 
         async def run() -> Result:
             mesh = MeshClient(self.config)

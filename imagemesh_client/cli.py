@@ -17,6 +17,8 @@ import os
 import sys
 from pathlib import Path
 
+from services.common.topology import SERVICES
+
 from . import Client, GrpcClient, ImagemeshError, Result
 
 EXIT_CODES = """exit codes:
@@ -81,9 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the gateway (default $IMAGEMESH_URL or http://127.0.0.1:8080)")
     parser.add_argument("--token", default=os.environ.get("IMAGEMESH_TOKEN"), help="bearer token ($IMAGEMESH_TOKEN)")
     parser.add_argument("--grpc", action="store_true", help="talk to the services over gRPC, not the gateway")
-    parser.add_argument("--upscaler", default=os.environ.get("UPSCALER_ADDRESS", "127.0.0.1:50051"))
-    parser.add_argument("--bgremoval", default=os.environ.get("BGREMOVAL_ADDRESS", "127.0.0.1:50052"))
-    parser.add_argument("--effects", default=os.environ.get("EFFECTS_ADDRESS", "127.0.0.1:50053"))
+    for service in SERVICES:
+        parser.add_argument(f"--{service.name}", default=os.environ.get(service.address_setting.upper(),
+                                                                        service.default_address))
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     commands = parser.add_subparsers(dest="command", required=True)
 

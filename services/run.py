@@ -19,10 +19,9 @@ from pathlib import Path
 
 import yaml
 
+from services.common.topology import SERVICES
 from services.envoy import LocalTls, local_config
 
-# Services in start order, with their default ports; the gateway last.
-SERVICES = {"upscaler": (50051, 9051), "bgremoval": (50052, 9052), "effects": (50053, 9053)}
 # Replica i of a service listens on the first replica's ports + i * REPLICA_PORT_STEP.
 REPLICA_PORT_STEP = 10
 STOP_GRACE_SECONDS = 35
@@ -77,17 +76,17 @@ def main() -> int:
         env.setdefault(name, str(path))
     children = []
     endpoints: dict[str, list[int]] = {}  # Envoy's clusters
-    for name, (default_port, default_metrics) in SERVICES.items():
-        upper = name.upper()
-        port = int(env.get(f"{upper}_PORT", default_port))
-        metrics_port = int(env.get(f"{upper}_METRICS_PORT", default_metrics))
+    for service in SERVICES:  # in the table's order; the gateway last
+        name, upper = service.name, service.name.upper()
+        port = int(env.get(f"{upper}_PORT", service.port))
+        metrics_port = int(env.get(f"{upper}_METRICS_PORT", service.metrics_port))
         replicas = int(env.get(f"{upper}_REPLICAS", "1"))
         endpoints[name] = [port + i * REPLICA_PORT_STEP for i in range(replicas)]
         env.setdefault(f"{upper}_ADDRESS", ",".join(f"127.0.0.1:{p}" for p in endpoints[name]))
         for i, replica_port in enumerate(endpoints[name]):
             own = {f"{upper}_PORT": str(replica_port),
                    f"{upper}_METRICS_PORT": str(metrics_port and metrics_port + i * REPLICA_PORT_STEP)}
-            children.append(Child(f"{name} :{replica_port}", [sys.executable, "-m", f"services.{name}"],
+            children.append(Child(f"{name} :{replica_port}", [sys.executable, "-m", service.module],
                                   {**env, **own}))
     env.setdefault("GATEWAY_PORT", "8081")
     env.setdefault("TRUSTED_PROXIES", "127.0.0.1")  # Envoy, below, names the client in X-Forwarded-For

@@ -16,6 +16,8 @@ import pytest
 import skimage.data
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.topology import SERVICES
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_MODELS = Path(os.environ.get("IMAGEMESH_TEST_MODELS", ROOT.parent / "shared" / "models"))
 
@@ -113,7 +115,7 @@ def effects_stream(channel: grpc.Channel):
                                  response_deserializer=pipeline_pb2.StreamResponse.FromString)
 
 
-SERVICE_MODULES = {"upscaler": "services.upscaler", "bgremoval": "services.bgremoval", "effects": "services.effects"}
+SERVICE_MODULES = {service.name: service.module for service in SERVICES}
 
 
 @pytest.fixture(scope="session")

@@ -61,6 +61,20 @@ def test_straight_over_grpc(mesh, photo_file, tmp_path):
     assert "tiles" in result.stderr
 
 
+def test_the_grpc_client_runs_the_mesh_without_the_gateway(mesh, photo_file):
+    """The client library uses the mesh's own client (services.common), never the gateway's code."""
+    script = f"""
+import sys
+from imagemesh_client import GrpcClient
+client = GrpcClient(upscaler={mesh["upscaler"].address!r}, effects={mesh["effects"].address!r})
+result = client.process(open({str(photo_file)!r}, "rb").read(), [{{"op": "effect", "effect": "invert"}}])
+print(result.width, result.height, sorted(m for m in sys.modules if m.startswith("services.gateway")))
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["128", "96", "[]"]
+
+
 def test_exit_codes_scripts_can_rely_on(gateway, photo_file, tmp_path, tmp_path_factory, mesh, mesh_ports):
     assert cli("upscale", tmp_path / "missing.png", url=gateway.url).returncode == 3
     assert cli("upscale", photo_file, "-m", "nope", "-o", tmp_path / "x.png", url=gateway.url).returncode == 4

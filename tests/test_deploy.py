@@ -16,12 +16,13 @@ import pytest
 import yaml
 from google.protobuf import json_format
 
+from services.common.topology import SERVICES
+
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 KUBERNETES_VERSION = "1.37.0"
 OVERLAYS = ("cpu", "gpu")
-GRPC_SERVICES = {"upscaler": "imagemesh.v1.Upscaler", "bgremoval": "imagemesh.v1.BackgroundRemoval",
-                 "effects": "imagemesh.v1.Effects"}
+GRPC_SERVICES = {service.name: service.grpc_service for service in SERVICES}
 WORKLOADS = ("Deployment", "StatefulSet")
 STORES = {"redis": "gateway", "postgres": "bgremoval"}  # each data store, and the one component that reaches it
 # Series the rules and dashboard read that other exporters provide.

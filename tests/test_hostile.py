@@ -16,9 +16,9 @@ from PIL import Image
 
 from services.common import imageio, wire
 from services.common.errors import ServiceError
-from services.gateway.errors import HttpError
-from services.gateway.inputs import Fields
-from services.gateway.steps import parse_steps
+from services.common.failures import HttpError
+from services.common.fields import Fields
+from services.common.steps import parse_steps
 
 LIMITS = dict(max_bytes=2_000_000, max_pixels=4_000_000)
 

@@ -17,8 +17,8 @@ import pytest
 from conftest import start_gateway
 from PIL import Image
 
+from services.common.failures import HttpError
 from services.gateway.auth import RateLimiter
-from services.gateway.errors import HttpError
 from services.gateway.urlfetch import address_problem, check_url, parse_networks
 
 TOKENS = ("tok-alpha-123", "tok-beta-456")

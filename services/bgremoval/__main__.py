@@ -17,9 +17,7 @@ from .models import SegmenterRegistry
 from .server import BackgroundRemovalServicer
 from .store import ChoiceStore, database_url
 
-SETTINGS = cfg.SERVICE_SETTINGS + [
-    cfg.Setting("BGREMOVAL_PORT", int, 50052, "gRPC port", minimum=0, maximum=65535),
-    cfg.Setting("BGREMOVAL_METRICS_PORT", int, 9052, "Prometheus /metrics port (0: off)", minimum=0, maximum=65535),
+SETTINGS = cfg.SERVICE_SETTINGS + cfg.port_settings("bgremoval") + [
     cfg.Setting("MODEL_DIR", str, "./models", "folder the model files are loaded from"),
     cfg.Setting("BGREMOVAL_DB", str, str(Path.home() / ".local/share/imagemesh/bgremoval.sqlite3"),
                 "SQLite file recording candidate runs and users' picks (when DATABASE_URL is empty)"),

@@ -10,6 +10,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
+from .topology import BY_NAME, SERVICES
+
 
 class ConfigError(Exception):
     pass
@@ -107,11 +109,16 @@ COMMON_SETTINGS = [
 
 # Where each step's service is: the gateway calls them, and a service forwards
 # a pipeline's remaining steps to the next one.
-ADDRESS_SETTINGS = [
-    Setting("UPSCALER_ADDRESS", str, "127.0.0.1:50051", "host:port of the upscaler gRPC service"),
-    Setting("BGREMOVAL_ADDRESS", str, "127.0.0.1:50052", "host:port of the background-removal gRPC service"),
-    Setting("EFFECTS_ADDRESS", str, "127.0.0.1:50053", "host:port of the effects gRPC service"),
-]
+ADDRESS_SETTINGS = [Setting(service.address_setting.upper(), str, service.default_address,
+                            f"host:port of the {service.description} gRPC service") for service in SERVICES]
+
+
+def port_settings(name: str) -> list[Setting]:
+    """A service's gRPC and metrics ports, defaults from the services table."""
+    service = BY_NAME[name]
+    return [Setting(f"{name.upper()}_PORT", int, service.port, "gRPC port", minimum=0, maximum=65535),
+            Setting(f"{name.upper()}_METRICS_PORT", int, service.metrics_port, "Prometheus /metrics port (0: off)",
+                    minimum=0, maximum=65535)]
 
 # Settings of every gRPC service.
 SERVICE_SETTINGS = COMMON_SETTINGS + ADDRESS_SETTINGS + [

@@ -23,6 +23,7 @@ from .contract import MAX_STEPS
 from .errors import InvalidArgument, LimitExceeded, ServiceError, StreamTimeout
 from .server import CHANNEL_OPTIONS, HOP_HEADER, Admission, StreamLimiter, channel_target
 from .tiles import GridAssembler, Rect, TileBuffer
+from .topology import BY_STEP
 
 QUEUE_MESSAGES = 8
 _END = object()
@@ -33,15 +34,6 @@ HEARTBEAT = pipeline_pb2.StreamRequest(heartbeat=pipeline_pb2.Heartbeat())
 # steps' services) before that header, so a refusal arrives while nothing is
 # being written; grpc-python's aio client reports INTERNAL instead of the
 # server's status when the stream ends under a pending write (grpc/grpc#36066).
-
-# The service and method that handles each kind of step.
-STEP_METHODS = {
-    "upscale": "/imagemesh.v1.Upscaler/Upscale",
-    "remove_background": "/imagemesh.v1.BackgroundRemoval/RemoveBackground",
-    "effect": "/imagemesh.v1.Effects/ApplyEffects",
-}
-STEP_ADDRESS_SETTINGS = {"upscale": "upscaler_address", "remove_background": "bgremoval_address",
-                         "effect": "effects_address"}
 
 
 class Sender:
@@ -237,12 +229,12 @@ class Downstreams:
 
     def call(self, kind: str, timeout: float | None) -> grpc.aio.StreamStreamCall:
         """A call to the service of a kind of step, its requests to be written (see Sender)."""
-        address = getattr(self.config, STEP_ADDRESS_SETTINGS[kind])
+        address = getattr(self.config, BY_STEP[kind].address_setting)
         channel = self._channels.get(address)
         if channel is None:
             channel = self._channels[address] = grpc.aio.insecure_channel(channel_target(address),
                                                                            options=CHANNEL_OPTIONS)
-        method = channel.stream_stream(STEP_METHODS[kind], request_serializer=pipeline_pb2.StreamRequest.SerializeToString,
+        method = channel.stream_stream(BY_STEP[kind].method, request_serializer=pipeline_pb2.StreamRequest.SerializeToString,
                                        response_deserializer=pipeline_pb2.StreamResponse.FromString)
         metadata = ((logs.REQUEST_ID_HEADER, logs.request_id_var.get()), (HOP_HEADER, "1"))
         return method(timeout=timeout, metadata=metadata)
@@ -351,7 +343,7 @@ async def serve_stream(request_iterator, context: grpc.aio.ServicerContext, *, m
         except grpc.aio.AioRpcError as exc:
             if feeding.done() and not feeding.cancelled() and feeding.exception():
                 raise feeding.exception() from None
-            raise RelayedError(exc, STEP_METHODS[kind]) from None
+            raise RelayedError(exc, BY_STEP[kind].method) from None
         except asyncio.CancelledError:
             if feeding.done() and not feeding.cancelled() and feeding.exception():
                 raise feeding.exception() from None

@@ -9,9 +9,7 @@ from services.common.server import ServiceRuntime, serve
 
 from .server import EffectsServicer
 
-SETTINGS = cfg.SERVICE_SETTINGS + [
-    cfg.Setting("EFFECTS_PORT", int, 50053, "gRPC port", minimum=0, maximum=65535),
-    cfg.Setting("EFFECTS_METRICS_PORT", int, 9053, "Prometheus /metrics port (0: off)", minimum=0, maximum=65535),
+SETTINGS = cfg.SERVICE_SETTINGS + cfg.port_settings("effects") + [
     cfg.Setting("EFFECTS_TILE_SIZE", int, 256, "tile edge for tileable effects", minimum=16, maximum=4096),
 ]
 

@@ -18,17 +18,18 @@ from starlette.concurrency import run_in_threadpool
 
 from services.common import imageio, logs, wire
 from services.common.config import Config
+from services.common.fields import Fields
+from services.common.mesh import MeshClient, Processed
+from services.common.steps import remove_background_options
 from services.common.tiles import BandAssembler
 
 from .auth import TokenAuth
 from .budget import PixelBudget
 from .errors import AnswerAborted, HttpError
 from .fields import FORMAT, QUALITY
-from .inputs import Fields, ImageRequest, read_image_request
+from .inputs import ImageRequest, read_image_request
 from .jobs import JobManager
-from .mesh import MeshClient, Processed
 from .state import open_state
-from .steps import remove_background_options
 from .store import Stored
 from .urlfetch import UrlFetcher, parse_networks
 

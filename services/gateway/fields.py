@@ -1,129 +1,24 @@
 """Every request field of the HTTP API, declared once: its type, default, range
 and description. The parser (`Field.read`) and the OpenAPI schema
-(`Field.schema`, `image_body`) both come from these declarations, and the
-limits the services enforce come from services.common.contract."""
+(`Field.schema`, `image_body`) both come from these declarations (the steps'
+own in services/common/steps.py), and the limits the services enforce come
+from services.common.contract."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
-from PIL import ImageColor
+from services.common.fields import Field, group
+from services.common.steps import CANDIDATES, CATALOGUE, EFFECT, REMOVE, STEPS, UPSCALE
 
-from services.common.contract import MAX_KEYER_TOLERANCE, MAX_SCALE, MAX_STEPS, MAX_TILE_SIZE, MIN_SCALE, MIN_TILE_SIZE
-
-from .inputs import FALSE, TRUE, Fields
+__all__ = ["CANDIDATES", "CATALOGUE", "EFFECT", "REMOVE", "STEPS", "UPSCALE"]  # the steps' fields, for the routes
 
 FORMAT_CHOICES = ("auto", "png", "jpeg", "webp")
-_BYTE = r"(25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])"  # 0 to 255, as the r,g,b colour form takes
-
-_SCALARS = {"string": "string", "integer": "integer", "number": "number", "boolean": "boolean"}
-# Marks a schema that the effects catalogue (GET /v1/effects) makes precise: `complete` fills it in.
-CATALOGUE = "x-imagemesh-catalogue"
-
-
-@dataclass(frozen=True)
-class Field:
-    """One field. `kind`: string, integer, number, boolean, names (a comma-separated
-    string or a JSON list of names) or json (a JSON value; in a form, as a JSON string)."""
-    name: str
-    kind: str
-    description: str = ""
-    default: Any = None
-    minimum: float | None = None
-    maximum: float | None = None
-    also: tuple[float, ...] = ()         # values allowed outside [minimum, maximum] (0: automatic)
-    choices: tuple[str, ...] = ()
-    aliases: tuple[tuple[str, str], ...] = ()
-    value_schema: dict | None = None     # json: the schema of the JSON value
-
-    def read(self, fields: Fields) -> Any:
-        if self.kind == "string":
-            return fields.text(self.name, self.default if self.default is not None else "",
-                               self.choices or None, dict(self.aliases))
-        if self.kind in ("integer", "number"):
-            return fields.number(self.name, self.default, integer=self.kind == "integer", minimum=self.minimum,
-                                 maximum=self.maximum, also=self.also)
-        if self.kind == "boolean":
-            return fields.boolean(self.name, bool(self.default))
-        if self.kind == "names":
-            return fields.names(self.name)
-        return fields.structured(self.name, self.default)
-
-    def schema(self, in_form: bool = False) -> dict:
-        if self.kind == "json":  # in a form, the part is JSON text (image_body declares its encoding)
-            return {**(self.value_schema or {}), "description": self.description}
-        if self.kind == "boolean" and in_form:
-            return {"type": "string", "enum": [*TRUE, *FALSE], "default": str(bool(self.default)).lower(),
-                    "description": self.description}
-        if self.kind == "names":  # each name as `value_schema` says
-            name = {"type": "string", "minLength": 1, **(self.value_schema or {})}
-            if in_form:  # one name (or several, comma-separated); an empty field means none
-                return {"type": "string", "description": f"{self.description} (comma-separated)"} \
-                    if not self.value_schema else {**name, "description": self.description}
-            return {"anyOf": [name, {"type": "array", "items": name, "minItems": 1}],
-                    "description": self.description}
-        schema: dict[str, Any] = {"type": _SCALARS[self.kind], **(self.value_schema or {})}
-        if self.choices:
-            schema["enum"] = list(self.choices) + [alias for alias, _ in self.aliases]
-        if self.minimum is not None:
-            schema["minimum"] = self.minimum
-        if self.maximum is not None:
-            schema["maximum"] = self.maximum
-        if self.also:
-            schema = {"anyOf": [{"type": _SCALARS[self.kind], "enum": list(self.also)}, schema]}
-        if self.default is not None:
-            schema["default"] = self.default
-        if self.description:
-            schema["description"] = self.description
-        return schema
-
-
-def group(*fields: Field) -> dict[str, Field]:
-    return {f.name: f for f in fields}
 
 
 FORMAT = Field("format", "string", "output format; auto keeps the input's, PNG when alpha would be lost",
                default="auto", choices=FORMAT_CHOICES, aliases=(("jpg", "jpeg"),))
 QUALITY = Field("quality", "integer", "JPEG and WebP quality", default=92, minimum=1, maximum=100)
 OUTPUT = group(FORMAT, QUALITY)
-
-UPSCALE = group(
-    Field("scale", "number", "upscale factor", default=4.0, minimum=MIN_SCALE, maximum=MAX_SCALE),
-    Field("model", "string", "auto, or a model name from GET /v1/models", default="auto"),
-    Field("tile", "integer", f"inference tile edge: 0 for automatic, else {MIN_TILE_SIZE} to {MAX_TILE_SIZE}",
-          default=0, minimum=MIN_TILE_SIZE, maximum=MAX_TILE_SIZE, also=(0,)),
-    Field("alpha", "string", "how alpha is upscaled", default="lanczos", choices=("lanczos", "model")),
-)
-REMOVE = group(
-    Field("model", "string", "auto (the best ready general model, else the keyer), or a name from GET /v1/models",
-          default="auto"),
-    Field("only_mask", "boolean", "answer the mask alone", default=False),
-    Field("bgcolor", "string", "composite on this colour: #rrggbb, #rgb, r,g,b or a CSS name; empty for none",
-          default="", value_schema={"anyOf": [{"enum": ["", *sorted(ImageColor.colormap)]},
-                                              {"pattern": "^#([0-9a-fA-F]{3}){1,2}$"},
-                                              {"pattern": rf"^{_BYTE}\s*,\s*{_BYTE}\s*,\s*{_BYTE}$"}]}),
-    Field("post_process", "boolean", "binary clean-up of the mask", default=False),
-    Field("refine", "boolean", "guided-filter edge refinement", default=False),
-    Field("alpha_matting", "boolean", "closed-form matting (slow)", default=False),
-    Field("use_cache", "boolean", "answer a cached cut-out of the same image and options", default=True),
-    Field("tolerance", "integer", "keyer: colour distance to the background; 0 for its default (32)",
-          default=0, minimum=0, maximum=MAX_KEYER_TOLERANCE),
-    Field("all_similar", "boolean", "keyer: also remove enclosed areas of the background colour", default=False),
-)
-CANDIDATES = Field("models", "names", "several models at once: the answer is JSON with one candidate each")
-EFFECT = group(
-    Field("effect", "string", "an effect name from GET /v1/effects", value_schema={"minLength": 1}),
-    Field("params", "json", "the effect's parameters (numbers) and options (strings), as GET /v1/effects lists them",
-          value_schema={"type": "object", "additionalProperties": {"type": ["number", "string", "boolean"]}}),
-)
-STEP_SCHEMA = {"type": "object", "required": ["op"], CATALOGUE: "step", "oneOf": [
-    {"properties": {"op": {"const": "upscale"}, **{name: f.schema() for name, f in UPSCALE.items()}}},
-    {"properties": {"op": {"const": "remove_background"}, **{name: f.schema() for name, f in REMOVE.items()}}},
-    {"required": ["effect"], "properties": {"op": {"const": "effect"},
-                                            **{name: f.schema() for name, f in EFFECT.items()}}}]}
-STEPS = Field("steps", "json", 'the steps, run in order, e.g. [{"op": "remove_background", "model": "keyer"}, '
-              '{"op": "upscale", "scale": 4}, {"op": "effect", "effect": "blackwhite"}]',
-              value_schema={"type": "array", "items": STEP_SCHEMA, "minItems": 1, "maxItems": MAX_STEPS})
 
 IMAGE_FILE = {"type": "string", "format": "binary", "minLength": 1, "description": "the image"}
 IMAGE_BASE64 = {"type": "string", "format": "byte", "minLength": 1,
@@ -152,11 +47,6 @@ def image_body(fields: dict[str, Field], required: tuple[str, ...] = (), *, base
         form = {"schema": body({"file": IMAGE_FILE}, True), **({"encoding": encoding} if encoding else {})}
         content = {"multipart/form-data": form, **content}
     return {"required": True, "content": content}
-
-
-def read(fields: Fields, declared: dict[str, Field]) -> dict[str, Any]:
-    """Every declared field's value, parsed and checked."""
-    return {name: f.read(fields) for name, f in declared.items()}
 
 
 # --- answers --------------------------------------------------------------------

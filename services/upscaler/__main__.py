@@ -13,9 +13,7 @@ from .backends import BACKEND_CHOICES, resolve_device
 from .models import ModelRegistry
 from .server import UpscalerServicer
 
-SETTINGS = cfg.SERVICE_SETTINGS + [
-    cfg.Setting("UPSCALER_PORT", int, 50051, "gRPC port", minimum=0, maximum=65535),
-    cfg.Setting("UPSCALER_METRICS_PORT", int, 9051, "Prometheus /metrics port (0: off)", minimum=0, maximum=65535),
+SETTINGS = cfg.SERVICE_SETTINGS + cfg.port_settings("upscaler") + [
     cfg.Setting("MODEL_DIR", str, "./models", "folder the model files are loaded from"),
     cfg.Setting("UPSCALER_BACKEND", str, "auto", "auto (measured at start), torch, onnxruntime, or one variant",
                 choices=BACKEND_CHOICES),

@@ -12,6 +12,9 @@ from fastapi.responses import JSONResponse, Response
 from imagemesh.v1 import pipeline_pb2
 
 from services.common import metrics
+from services.common.failures import bad
+from services.common.fields import Fields, load_json
+from services.common.steps import effect_step, remove_background_options, upscale_step
 
 from ..core import Gateway
 from ..deps import PROTECTED, gateway
@@ -34,9 +37,8 @@ from ..fields import (
     image_body,
     json_answer,
 )
-from ..inputs import Fields, bad, check_json, image_from_json, load_json
+from ..inputs import check_json, image_from_json
 from ..jobs import _iso
-from ..steps import effect_step, remove_background_options, upscale_step
 from .v1 import cache_hit_rate
 
 router = APIRouter(tags=["compatible"])

@@ -7,13 +7,13 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from services.common import imageio
+from services.common.steps import parse_steps
 
 from ..core import Gateway, output_bytes
 from ..deps import PROTECTED, gateway
 from ..errors import HttpError
 from ..fields import IMAGE_TYPES, OUTPUT, PROCESSING_ERRORS, STEPS, errors, image_body, json_answer
 from ..jobs import FINISHED
-from ..steps import parse_steps
 
 router = APIRouter(tags=["jobs"], dependencies=PROTECTED)
 EVENT_KEEPALIVE_SECONDS = 15

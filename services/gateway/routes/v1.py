@@ -7,6 +7,10 @@ from fastapi import APIRouter, Depends, Request
 from google.protobuf.json_format import MessageToDict
 from imagemesh.v1 import pipeline_pb2
 
+from services.common.failures import bad
+from services.common.fields import Fields, load_json
+from services.common.steps import effect_step, parse_steps, remove_background_options, upscale_step
+
 from ..core import Gateway
 from ..deps import PROTECTED, gateway
 from ..fields import (
@@ -22,8 +26,6 @@ from ..fields import (
     image_body,
     json_answer,
 )
-from ..inputs import Fields, bad, load_json
-from ..steps import effect_step, parse_steps, remove_background_options, upscale_step
 
 router = APIRouter(tags=["v1"])
 

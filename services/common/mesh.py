@@ -1,5 +1,8 @@
-"""The gateway's gRPC client for the mesh: streams an image out as tiles to
-the first step's service and assembles the tiles that come back."""
+"""The mesh's gRPC client: streams an image out as tiles to the first step's
+service (which forwards the rest of the pipeline along the mesh) and
+assembles the tiles that come back; retries on another replica, spreads a
+large upscale over the upscaler's replicas in bands. The gateway and the
+client library (imagemesh_client.GrpcClient) both use it."""
 from __future__ import annotations
 
 import asyncio
@@ -23,19 +26,15 @@ from imagemesh.v1 import (
     upscaler_pb2_grpc,
 )
 
-from services.common import logs, wire
-from services.common.imageio import DecodedImage
-from services.common.server import CHANNEL_OPTIONS, channel_target, replica_count
-from services.common.streaming import STEP_ADDRESS_SETTINGS, STEP_METHODS, Sender
-from services.common.tiles import GridAssembler, Rect, grid
+from . import logs, wire
+from .failures import HttpError, from_rpc_error
+from .imageio import DecodedImage
+from .server import CHANNEL_OPTIONS, channel_target, replica_count
+from .streaming import Sender
+from .tiles import GridAssembler, Rect, grid
+from .topology import BY_STEP, SERVICES
 
-from .errors import HttpError, from_rpc_error
-
-logger = logging.getLogger("imagemesh.gateway.mesh")
-
-SERVICES = {"upscaler": "imagemesh.v1.Upscaler", "bgremoval": "imagemesh.v1.BackgroundRemoval",
-            "effects": "imagemesh.v1.Effects"}
-STEP_SERVICE = {"upscale": "upscaler", "remove_background": "bgremoval", "effect": "effects"}
+logger = logging.getLogger("imagemesh.mesh")
 
 
 @dataclass
@@ -117,16 +116,15 @@ def image_messages(image: DecodedImage, steps: list[pipeline_pb2.Step]):
 class MeshClient:
     def __init__(self, config):
         self.timeout = config.upstream_timeout_seconds
-        self.channels = {name: grpc.aio.insecure_channel(channel_target(getattr(config, f"{name}_address")),
-                                                          options=CHANNEL_OPTIONS)
-                         for name in SERVICES}
+        self.channels = {service.name: grpc.aio.insecure_channel(
+            channel_target(getattr(config, service.address_setting)), options=CHANNEL_OPTIONS)
+            for service in SERVICES}
         # How many bands of one upscale run at once, on as many replicas (0: one per listed replica).
         self.fanout = getattr(config, "upscale_fanout", 0) or replica_count(config.upscaler_address)
         self.band_rows = getattr(config, "upscale_band_rows", 512)
         self.upscaler = upscaler_pb2_grpc.UpscalerStub(self.channels["upscaler"])
         self.bgremoval = bgremoval_pb2_grpc.BackgroundRemovalStub(self.channels["bgremoval"])
         self.effects = effects_pb2_grpc.EffectsStub(self.channels["effects"])
-        assert set(STEP_ADDRESS_SETTINGS) == set(STEP_SERVICE)
 
     async def close(self) -> None:
         for channel in self.channels.values():
@@ -134,13 +132,13 @@ class MeshClient:
 
     async def health(self) -> dict[str, str]:
         statuses = {}
-        for name, service in SERVICES.items():
+        for service in SERVICES:
             try:
-                reply = await health_pb2_grpc.HealthStub(self.channels[name]).Check(
-                    health_pb2.HealthCheckRequest(service=service), timeout=2)
-                statuses[name] = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+                reply = await health_pb2_grpc.HealthStub(self.channels[service.name]).Check(
+                    health_pb2.HealthCheckRequest(service=service.grpc_service), timeout=2)
+                statuses[service.name] = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
             except grpc.aio.AioRpcError as exc:
-                statuses[name] = exc.code().name
+                statuses[service.name] = exc.code().name
         return statuses
 
     async def _unary(self, service: str, call, request):
@@ -193,12 +191,11 @@ class MeshClient:
 
     def _open(self, steps: list[pipeline_pb2.Step]) -> tuple[str, grpc.aio.StreamStreamCall]:
         """A stream to the first step's service (its requests to be written by a Sender)."""
-        kind = steps[0].WhichOneof("op")
-        service = STEP_SERVICE[kind]
-        method = self.channels[service].stream_stream(
-            STEP_METHODS[kind], request_serializer=pipeline_pb2.StreamRequest.SerializeToString,
+        service = BY_STEP[steps[0].WhichOneof("op")]
+        method = self.channels[service.name].stream_stream(
+            service.method, request_serializer=pipeline_pb2.StreamRequest.SerializeToString,
             response_deserializer=pipeline_pb2.StreamResponse.FromString)
-        return service, method(timeout=self.timeout, metadata=_metadata())
+        return service.name, method(timeout=self.timeout, metadata=_metadata())
 
     async def validate(self, image: DecodedImage, steps: list[pipeline_pb2.Step]) -> pipeline_pb2.StreamResult:
         """Check a request along its whole chain, each service as it checks a real one
