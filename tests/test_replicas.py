@@ -17,12 +17,15 @@ from test_envoy import EnvoyMesh
 from test_jobs import events, png
 
 CLAIM_SECONDS = "2"
+# Long enough (about 8 s here) to be caught running; killed at its start, it never has to finish fast.
 SLOW_STEPS = json.dumps([{"op": "upscale", "scale": 4, "model": "realesr-general-x4v3", "tile": 64}])
+SLOW_IMAGE_TILES = (4, 4, 1)
 
 
 def replica(tmp_path_factory, mesh_ports, redis_url, **env):
-    return start_gateway(tmp_path_factory, mesh_ports, REDIS_URL=redis_url, JOB_CLAIM_SECONDS=CLAIM_SECONDS,
-                         MAX_CONCURRENT_JOBS="1", TRUSTED_PROXIES="127.0.0.1", **env)
+    env = {"REDIS_URL": redis_url, "JOB_CLAIM_SECONDS": CLAIM_SECONDS, "MAX_CONCURRENT_JOBS": "1",
+           "TRUSTED_PROXIES": "127.0.0.1", "RATE_LIMIT_PER_MINUTE": "0", **env}  # polls are many
+    return start_gateway(tmp_path_factory, mesh_ports, **env)
 
 
 def holder_pid(redis_url: str, other_than: int | None = None) -> int:
@@ -53,7 +56,7 @@ def wait_for(client: httpx.Client, job_id: str, statuses: tuple[str, ...], secon
         if job["status"] in statuses:
             return job
         assert time.monotonic() < deadline, job
-        time.sleep(0.3)
+        time.sleep(0.1)
 
 
 def kill(service) -> None:
@@ -124,7 +127,7 @@ def test_the_rate_limit_is_one_bucket_for_all_replicas(tmp_path_factory, mesh, m
 
 def test_a_job_whose_replica_is_killed_completes_on_another(replicas, redis_url, photo):
     with httpx.Client(base_url=replicas.url, timeout=120) as client:
-        job = client.post("/v1/jobs", files={"file": ("p.png", png(np.tile(photo, (2, 2, 1))))},
+        job = client.post("/v1/jobs", files={"file": ("p.png", png(np.tile(photo, SLOW_IMAGE_TILES)))},
                           data={"steps": SLOW_STEPS}).json()
         pid = holder_pid(redis_url)
         wait_for(client, job["id"], ("running",), 60)
@@ -132,13 +135,13 @@ def test_a_job_whose_replica_is_killed_completes_on_another(replicas, redis_url,
         done = wait_for(client, job["id"], ("done", "failed"), 300)  # every poll through Envoy answered
         assert done["status"] == "done" and done["attempts"] == 2, done
         result = client.get(f"/v1/jobs/{job['id']}/result")
-        assert Image.open(io.BytesIO(result.content)).size == (1024, 768)
+        assert Image.open(io.BytesIO(result.content)).size == (2048, 1536)
 
 
 def test_a_job_whose_replicas_keep_dying_fails_with_a_reason(tmp_path_factory, mesh, mesh_ports, redis_url, photo):
     started = [replica(tmp_path_factory, mesh_ports, redis_url)]
     try:
-        job = httpx.post(f"{started[0].url}/v1/jobs", files={"file": ("p.png", png(np.tile(photo, (2, 2, 1))))},
+        job = httpx.post(f"{started[0].url}/v1/jobs", files={"file": ("p.png", png(np.tile(photo, SLOW_IMAGE_TILES)))},
                          data={"steps": SLOW_STEPS}, timeout=60).json()
         for attempt in (1, 2):  # the replica running it dies on its first run, and again on its second
             holder = started[-1]
@@ -190,3 +193,24 @@ def test_picks_recorded_through_one_bgremoval_replica_count_in_another(tmp_path_
     finally:
         for service in started:
             service.stop()
+
+
+def test_consumers_of_stopped_replicas_are_forgotten_unless_they_hold_work(redis_url, monkeypatch):
+    import asyncio
+
+    from services.gateway import state
+    monkeypatch.setattr(state, "STALE_CONSUMER_SECONDS", 0)
+
+    async def scenario() -> set[str]:
+        shared = state.RedisState(redis_url, 60, 0, 1, 30)
+        try:
+            await shared.sweep()  # makes the group
+            await shared.redis.xadd(shared.QUEUE, {"job": "x"})
+            await shared.redis.xreadgroup(shared.GROUP, "holder", {shared.QUEUE: ">"}, count=1)
+            await shared.redis.xreadgroup(shared.GROUP, "idle", {shared.QUEUE: ">"}, count=1)
+            await asyncio.sleep(0.01)
+            await shared.sweep()
+            return {c["name"].decode() for c in await shared.redis.xinfo_consumers(shared.QUEUE, shared.GROUP)}
+        finally:
+            await shared.close()
+    assert asyncio.run(scenario()) == {"holder"}

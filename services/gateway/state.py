@@ -33,6 +33,7 @@ from .store import DirectoryResults, Stored, new_file_id, valid_file_id
 FAILED_JOB_TTL_SECONDS = 3600  # how long a failed job can still be read
 ACTIVE_JOB_TTL_SECONDS = 86400  # a queued or running job's record in Redis, renewed at each change
 TAKE_BLOCK_SECONDS = 2.0  # how long a worker waits for new work before looking for abandoned work
+STALE_CONSUMER_SECONDS = 3600  # a queue consumer idle this long, holding nothing, belonged to a stopped replica
 
 
 def job_expires_at(job: Job) -> float | None:
@@ -330,8 +331,14 @@ class RedisState:
             return None
         return Stored(file_id, fmt.decode(), time.time() + ttl_ms / 1000), data
 
+    @_state_errors
     async def sweep(self) -> None:
-        """Keys expire by themselves."""
+        """Keys expire by themselves; the consumers of replicas long gone are forgotten
+        (a live worker reads the queue every TAKE_BLOCK_SECONDS, so it is never idle long)."""
+        await self._ensure_group()
+        for consumer in await self.redis.xinfo_consumers(self.QUEUE, self.GROUP):
+            if consumer["pending"] == 0 and consumer["idle"] > STALE_CONSUMER_SECONDS * 1000:
+                await self.redis.xgroup_delconsumer(self.QUEUE, self.GROUP, consumer["name"])
 
 
 def open_state(config) -> LocalState | RedisState:
