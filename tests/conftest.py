@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import grpc
 import httpx
@@ -74,6 +75,18 @@ class Service:
     def command(cls, argv: list[str], log_path: Path) -> Service:
         """A server that is not ours (Redis, PostgreSQL)."""
         return cls("", {}, log_path, argv)
+
+    def wait_until(self, ready: Callable[[], object], not_yet: type[Exception], seconds: float) -> None:
+        """Call `ready` until it stops raising `not_yet`; fail with the log if the process ends or time runs out."""
+        deadline = time.monotonic() + seconds
+        while True:
+            try:
+                ready()
+                return
+            except not_yet:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise RuntimeError(f"{self.log_path.name}: not ready:\n{self.logs()[-3000:]}") from None
+                time.sleep(0.1)
 
     def logs(self) -> str:
         self.log.flush()
@@ -217,15 +230,7 @@ def redis_server(tmp_path_factory):
                                "--appendonly", "no", "--dir", str(tmp_path_factory.mktemp("redis"))],
                               tmp_path_factory.mktemp("logs") / "redis.log")
     client = redis.Redis(port=port)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            if time.monotonic() > deadline or service.process.poll() is not None:
-                raise RuntimeError(f"redis-server did not start:\n{service.logs()[-3000:]}")
-            time.sleep(0.1)
+    service.wait_until(client.ping, redis.ConnectionError, 30)
     service.port, service.databases = port, iter(range(16))
     yield service
     client.close()
@@ -267,15 +272,7 @@ def postgres_server(tmp_path_factory):
                                "-k", str(data), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"],
                               tmp_path_factory.mktemp("logs") / "postgres.log")
     admin = f"postgresql://imagemesh@127.0.0.1:{port}/postgres"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            psycopg.connect(admin, connect_timeout=2).close()
-            break
-        except psycopg.OperationalError:
-            if time.monotonic() > deadline or service.process.poll() is not None:
-                raise RuntimeError(f"postgres did not start:\n{service.logs()[-3000:]}")
-            time.sleep(0.2)
+    service.wait_until(lambda: psycopg.connect(admin, connect_timeout=2).close(), psycopg.OperationalError, 60)
     service.admin_url, service.databases = admin, iter(range(1000))
     yield service
     service.stop()
