@@ -39,7 +39,8 @@ from services.common.resources import available_cpus
 from services.common.tiles import grid
 from services.effects import engine as fx_engine
 from services.effects.server import EffectsOp
-from services.upscaler.models import MIN_PSNR_DB, SPECS_BY_NAME, ModelRegistry, build_module
+from services.upscaler.models import MIN_PSNR_DB, SPECS_BY_NAME, ModelRegistry, build_module, calibration_tile
+from services.upscaler.models import psnr_db as calibration_psnr
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "RESULTS.md"
@@ -111,8 +112,8 @@ def cpu_matmul_gflops(dtype: torch.dtype, n: int = 2048, runs: int = 5) -> float
 
 def cpu_conv_gflops(edge: int, precision: str = "bf16", runs: int = 10) -> float:
     """The network's own layer alone (64 -> 64 channels, 3x3, channels-last) on one tile: what
-    oneDNN's best kernel reaches here, without the activations and data movement around it.
-    `int8` runs it the way an int8 backend would (VNNI, quantised weights and input)."""
+    oneDNN's best kernel reaches here, without the activations and data movement around it
+    (`fp32` or `bf16`). `int8` runs it the way an int8 backend would (VNNI, quantised weights and input)."""
     conv = torch.nn.Conv2d(64, 64, 3, padding=1)
     x = torch.randn(1, 64, edge, edge)
     if precision == "int8":
@@ -125,7 +126,7 @@ def cpu_conv_gflops(edge: int, precision: str = "bf16", runs: int = 10) -> float
                 conv.weight.detach(), scales, torch.zeros(64, dtype=torch.long), 0, torch.qint8), conv.bias.detach())
             quantised.scale, quantised.zero_point = 0.05, 0
             conv, x = quantised, torch.quantize_per_tensor(x, 0.05, 0, torch.quint8)
-    else:
+    elif precision == "bf16":
         conv, x = conv.to(torch.bfloat16), x.to(torch.bfloat16)
     x = x.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
@@ -208,6 +209,52 @@ def engine_vs_reference(model_dir: Path, rounds: int, size: int, tile: int = 128
                      "ours_gflops": gflop / ours_s, "reference_gflops": gflop / ref_s,
                      "psnr": psnr(our_out, np.ascontiguousarray(ref_out[:, :, ::-1])),
                      "image": f"{size}x{size}", "tile": f"{tile}/{halo}"})
+    return rows
+
+
+# --- 1b. every CPU backend, side by side --------------------------------------------
+
+CPU_BACKENDS = ("torch-fp32", "torch-fp32-cl", "torch-bf16-cl", "onnxruntime", "openvino", "ncnn")
+
+
+def conv_gflop(module: torch.nn.Module, height: int, width: int) -> float:
+    """The network's convolutions, counted as a direct convolution computes them."""
+    return sum(2 * m.in_channels * m.out_channels * m.kernel_size[0] * m.kernel_size[1] * height * width
+               for m in module.modules() if isinstance(m, torch.nn.Conv2d)) / 1e9
+
+
+def cpu_backends(model_dir: Path, rounds: int, tiles: tuple[int, ...] = (256, 128)) -> list[dict]:
+    """Each CPU candidate (the network alone, float NCHW in and out) on the same tile, one
+    after the other in every round; medians. torch-fp32 is the reference's own precision and
+    layout (RealESRGANer runs fp32 NCHW). `chosen`: what the upscaler's calibration picked."""
+    rows = []
+    for name, file, _ in REFERENCE_MODELS:
+        directory, cache = single_model_dir(model_dir, file), Path(tempfile.mkdtemp(prefix="bench-cache-"))
+        module = build_module(SPECS_BY_NAME[name], model_dir / file)
+        backends = {}
+        for backend in CPU_BACKENDS:
+            registry = ModelRegistry(directory, backend=backend, onnx_cache_dir=cache, threads=available_cpus())
+            registry.load_all()
+            if registry.models[name].ready:  # bf16 only where the CPU has it
+                backends[backend] = registry.models[name].engine.model
+        auto = ModelRegistry(directory, onnx_cache_dir=cache, threads=available_cpus())
+        auto.load_all()
+        chosen = auto.models[name].backend
+        for edge in tiles:
+            tile = calibration_tile(edge)
+            with torch.inference_mode():
+                reference = module(torch.from_numpy(tile)).numpy()
+            times: dict[str, list[float]] = {b: [] for b in backends}
+            outputs = {b: run(tile) for b, run in backends.items()}  # warm-up, and the output compared
+            for _ in range(rounds):
+                for backend, run in backends.items():
+                    times[backend].append(timed(lambda run=run: run(tile))[0])
+            medians = {b: statistics.median(t) for b, t in times.items()}
+            gflop = conv_gflop(module, edge, edge)
+            for backend, seconds in medians.items():
+                rows.append({"model": name, "tile": edge, "backend": backend, "seconds": seconds,
+                             "ratio": medians["torch-fp32"] / seconds, "gflops": gflop / seconds,
+                             "psnr": calibration_psnr(outputs[backend], reference), "chosen": backend == chosen})
     return rows
 
 
@@ -435,6 +482,7 @@ def report(results: dict, command: str) -> str:
             "against fp32, same photo:\n",
             "| model | PSNR int8 vs fp32 |", "|---|---|"]
     out += [f"| {r['model']} | {r['psnr']:.1f} dB |" for r in results["int8"]]
+    out += cpu_backends_report(results["backends"], peaks)
     mesh = results["mesh"]
     out += ["\n## 2. Mesh overhead\n",
             f"The same {mesh['image']} upscale 4x (realesr-general-x4v3, {mesh['backend']}): PNG upload through "
@@ -468,11 +516,28 @@ def report(results: dict, command: str) -> str:
     return "\n".join(out) + "\n"
 
 
+def cpu_backends_report(rows: list[dict], peaks: dict) -> list[str]:
+    out = ["\n### Every CPU backend on one tile\n",
+           "The network alone (float in, float out), each backend in turn in every round, medians; the ratio is "
+           "against torch fp32 NCHW, what the reference runs. GFLOP/s counts a direct convolution's work, so "
+           "Winograd (ncnn) can pass the CPU's matrix-multiply rate. PSNR against fp32. Chosen: what the "
+           f"upscaler's calibration picked at start. This CPU in the same run: fp32 matrix multiply "
+           f"{peaks['fp32']:.0f} GFLOP/s, the network's 64->64 3x3 convolution alone (fp32, channels-last) "
+           f"{peaks['conv_fp32']:.0f} GFLOP/s.\n",
+           "| model | tile | backend | s per tile | vs torch fp32 | GFLOP/s | PSNR | chosen |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['model']} | {r['tile']} | {r['backend']} | {r['seconds']:.3f} | **{r['ratio']:.2f}x** | "
+                   f"{r['gflops']:.0f} | {min(r['psnr'], 999):.1f} dB | {'yes' if r['chosen'] else ''} |")
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", type=Path, default=DEFAULT_MODELS)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run, not for RESULTS.md)")
+    parser.add_argument("--only", choices=("backends",), help="one section alone, printed (RESULTS.md untouched)")
     args = parser.parse_args(argv)
     args.models = args.models.resolve()
     torch.set_num_threads(available_cpus())
@@ -482,17 +547,24 @@ def main(argv=None) -> int:
         ("mesh", lambda: mesh_overhead(args.models, args.rounds, 256 if quick else 1024)),
         ("engine", lambda: engine_vs_reference(args.models, args.rounds, 128 if quick else 512)),
         ("peaks", lambda: {"bf16": cpu_matmul_gflops(torch.bfloat16), "fp32": cpu_matmul_gflops(torch.float32),
-                           "conv": cpu_conv_gflops(128 + 2 * 10), "int8": cpu_conv_gflops(128 + 2 * 10, "int8")}),
+                           "conv": cpu_conv_gflops(128 + 2 * 10), "int8": cpu_conv_gflops(128 + 2 * 10, "int8"),
+                           "conv_fp32": cpu_conv_gflops(128 + 2 * 10, "fp32")}),
+        ("backends", lambda: cpu_backends(args.models, args.rounds, (128,) if quick else (256, 128))),
         ("int8", lambda: int8_quality(args.models, 128 if quick else 512)),
         ("memory", lambda: upscaler_memory(args.models, results["mesh"]["backend"],
                                            (128, 512) if quick else (1024, 4096))),
         ("bgremoval", lambda: bgremoval_vs_plain(args.models, args.rounds)),
         ("effects", lambda: effects_throughput(args.rounds)),
     ]
+    if args.only == "backends":
+        steps = [step for step in steps if step[0] in ("peaks", "backends")]
     for name, step in steps:
         started = time.perf_counter()
         results[name] = step()
         print(f"[{name}] done in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+    if args.only == "backends":
+        print("\n".join(cpu_backends_report(results["backends"], results["peaks"])))
+        return 0
     text = report(results, "make bench" + (" (--quick)" if quick else ""))
     print(text)
     if not quick:

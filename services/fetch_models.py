@@ -2,13 +2,14 @@
 MODEL_DIR, verifying the published sha256 (or rembg's md5) where there is one.
 
     python -m services.fetch_models [--dir DIR] [--model NAME ...] [--all]
-        [--mirror DIR_OR_URL] [--require-checksums] [--export-onnx]
+        [--mirror DIR_OR_URL] [--require-checksums] [--export]
 
 Without --model it fetches every upscaler model and the smaller background-
 removal models; --all adds the large ones (BiRefNet, BRIA, about 1 GB each).
 --mirror takes files from a local folder (or another base URL) instead of the
-official addresses, verified all the same. --export-onnx also converts the
-upscaler's .pth files to ONNX in the ONNX cache (UPSCALER_BACKEND=onnxruntime).
+official addresses, verified all the same. --export also converts the
+upscaler's .pth files in ONNX_CACHE_DIR, as its first start would: to ONNX
+(onnxruntime, OpenVINO) and, for the compact models, to ncnn.
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--all", action="store_true", help="include the large background-removal models")
     parser.add_argument("--mirror", help="local folder or base URL to fetch from instead of the official releases")
     parser.add_argument("--require-checksums", action="store_true", help="refuse files without a published checksum")
-    parser.add_argument("--export-onnx", action="store_true", help="also export upscaler models to the ONNX cache")
+    parser.add_argument("--export", "--export-onnx", dest="export", action="store_true",
+                        help="also convert upscaler models into ONNX_CACHE_DIR (ONNX, ncnn)")
     args = parser.parse_args(argv)
     chosen = [by_name[name] for name in args.model] if args.model else \
         [item for item in available if item.default or args.all]
@@ -42,10 +44,10 @@ def main(argv: list[str] | None = None) -> int:
             path = fetch(item, args.dir, mirror=args.mirror, require_checksum=args.require_checksums)
             algorithm, expected = item.expected()
             print(f"{item.model}: {path} ({f'{algorithm} verified' if expected else 'no published checksum'})")
-            if args.export_onnx and item.model in UPSCALER_SPECS:
-                cached = upscaler_fetch.export_to_cache(UPSCALER_SPECS[item.model], path,
-                                                        upscaler_fetch.default_onnx_cache())
-                print(f"{item.model}: exported to {cached}")
+            if args.export and item.model in UPSCALER_SPECS:
+                for cached in upscaler_fetch.export_to_cache(UPSCALER_SPECS[item.model], path,
+                                                             upscaler_fetch.default_onnx_cache()):
+                    print(f"{item.model}: converted to {cached}")
         except FetchError as exc:
             failures += 1
             print(f"error: {exc}", file=sys.stderr)

@@ -41,7 +41,8 @@ def test_every_upscaler_file_in_the_shared_folder_loads(model_dir, tmp_path, pho
         registry = registry_for(only(tmp_path, model_dir, name), tmp_path, "auto")
         ready = [m for m in registry.models.values() if m.ready and m.name != "lanczos"]
         assert [m.file_name for m in ready] == [name], name
-        assert ready[0].backend.startswith("onnxruntime" if name.endswith(".onnx") else ("torch", "onnxruntime"))
+        assert ready[0].backend.startswith(("onnxruntime", "openvino") if name.endswith(".onnx") else
+                                           ("torch", "onnxruntime", "openvino", "ncnn"))
         out = ready[0].engine.upscale(photo[:24, :24], "RGB", 4)
         assert out.shape == (96, 96, 3) and out.std() > 10
 
@@ -60,6 +61,31 @@ def test_torch_and_onnxruntime_backends_agree(model_dir, tmp_path, photo, model)
     a = torch_engine.engine.upscale(photo, "RGB", 4, tile=64)
     b = ort_model.engine.upscale(photo, "RGB", 4, tile=64)
     assert psnr(a, b) >= 45
+
+
+@pytest.mark.parametrize("model", ["realesr-general-x4v3", "realesr-animevideov3"])
+@pytest.mark.parametrize("backend", ["openvino", "ncnn"])
+def test_openvino_and_ncnn_agree_with_torch(model_dir, tmp_path, photo, model, backend):
+    reference = registry_for(model_dir, tmp_path, "torch-fp32").resolve(model)
+    candidate = registry_for(only(tmp_path, model_dir, reference.file_name), tmp_path, backend).resolve(model)
+    assert candidate.backend == backend and candidate.calibration == []  # forced: no calibration
+    a = reference.engine.upscale(photo, "RGB", 4, tile=64)
+    b = candidate.engine.upscale(photo, "RGB", 4, tile=64)
+    assert a.shape == b.shape and psnr(a, b) >= 45
+
+
+def test_a_restart_reuses_the_ncnn_network_and_openvinos_compiled_model(model_dir, tmp_path):
+    directory = only(tmp_path, model_dir, "realesr-animevideov3.pth")
+
+    def cache_files() -> dict:
+        return {path: path.stat().st_mtime_ns for path in (tmp_path / "onnx").rglob("*") if path.is_file()}
+    for backend in ("ncnn", "openvino"):
+        registry_for(directory, tmp_path, backend)
+    first = cache_files()
+    assert {p.suffix for p in first} >= {".param", ".bin", ".onnx", ".blob"}, first
+    for backend in ("ncnn", "openvino"):
+        assert registry_for(directory, tmp_path, backend).resolve("realesr-animevideov3").backend == backend
+    assert cache_files() == first  # read back, nothing compiled or written again
 
 
 def test_onnx_export_is_cached(model_dir, tmp_path):
@@ -146,12 +172,13 @@ def test_fetch_verifies_rembg_md5(tmp_path):
 def test_make_models_command_exports_to_the_cache_the_registry_uses(model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("ONNX_CACHE_DIR", str(tmp_path / "onnx"))
     assert fetch_models.main(["--dir", str(tmp_path / "m"), "--model", "realesr-animevideov3",
-                              "--mirror", str(model_dir), "--export-onnx"]) == 0
-    exported = list((tmp_path / "onnx").glob("*.onnx"))
-    assert len(exported) == 1
-    registry = registry_for(tmp_path / "m", tmp_path, "onnxruntime")
-    assert registry.resolve("realesr-animevideov3").backend == "onnxruntime"
-    assert list((tmp_path / "onnx").glob("*.onnx")) == exported  # reused, not exported again
+                              "--mirror", str(model_dir), "--export"]) == 0
+    exported = sorted((tmp_path / "onnx").rglob("*.*"))
+    assert sorted(p.suffix for p in exported) == [".bin", ".onnx", ".param"]
+    mtimes = [p.stat().st_mtime_ns for p in exported]
+    for backend in ("onnxruntime", "ncnn"):
+        assert registry_for(tmp_path / "m", tmp_path, backend).resolve("realesr-animevideov3").backend == backend
+    assert [p.stat().st_mtime_ns for p in exported] == mtimes  # reused, not converted again
     assert fetch_models.main(["--dir", str(tmp_path / "m"), "--model", "u2net", "--mirror", str(model_dir)]) == 1
     shutil.rmtree(tmp_path / "m")
 
@@ -160,7 +187,8 @@ def test_calibration_picks_the_fastest_backend_within_45_db(model_dir, tmp_path)
     registry = registry_for(only(tmp_path, model_dir, "realesr-animevideov3.pth"), tmp_path, "auto")
     model = registry.resolve("realesr-animevideov3")
     figures = {m["backend"]: m for m in model.calibration}
-    expected = {"torch-fp32", "torch-fp32-cl", "onnxruntime"} | ({"torch-bf16-cl"} if cpu_has_bf16() else set())
+    expected = {"torch-fp32", "torch-fp32-cl", "onnxruntime", "openvino", "ncnn"} | (
+        {"torch-bf16-cl"} if cpu_has_bf16() else set())
     assert set(figures) == expected
     chosen = [m for m in model.calibration if m["chosen"]]
     assert len(chosen) == 1 and chosen[0]["backend"] == model.backend

@@ -15,15 +15,16 @@ from .server import UpscalerServicer
 
 SETTINGS = cfg.SERVICE_SETTINGS + cfg.port_settings("upscaler") + [
     cfg.Setting("MODEL_DIR", str, "./models", "folder the model files are loaded from"),
-    cfg.Setting("UPSCALER_BACKEND", str, "auto", "auto (measured at start), torch, onnxruntime, or one variant",
-                choices=BACKEND_CHOICES),
+    cfg.Setting("UPSCALER_BACKEND", str, "auto", "auto (measured at start), torch, onnxruntime, openvino, ncnn, "
+                "or one torch variant", choices=BACKEND_CHOICES),
     cfg.Setting("UPSCALER_CALIBRATION_TILE", int, 128, "edge of the tile backends are timed on at start",
                 minimum=16, maximum=1024),
     cfg.Setting("UPSCALER_DEVICE", str, "auto", "where models run: auto (CUDA when present), cpu or cuda",
                 choices=("auto", "cpu", "cuda")),
     cfg.Setting("UPSCALER_TILE_HALO", int, 16, "context pixels around each tile", minimum=1, maximum=256),
     cfg.Setting("UPSCALER_THREADS", int, 0, "inference threads (0: the CPUs the container may use)", minimum=0),
-    cfg.Setting("ONNX_CACHE_DIR", str, "", "where .pth models exported to ONNX are cached (default ~/.cache/imagemesh/onnx)"),
+    cfg.Setting("ONNX_CACHE_DIR", str, "", "where .pth models exported to ONNX and ncnn, and OpenVINO's compiled "
+                "models, are cached (default ~/.cache/imagemesh/onnx)"),
 ]
 
 

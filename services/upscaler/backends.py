@@ -1,15 +1,17 @@
 """Inference backends behind one call: float32 NCHW in [0, 1] -> float32 NCHW.
 
 torch runs the project's own module in one of several precisions and memory
-formats; onnxruntime runs an .onnx file (one that came as such, or one
-exported from a .pth with dynamic height and width). Which one serves a
-model is measured at start (models.calibrate), not assumed."""
+formats; onnxruntime and OpenVINO run an .onnx file (one that came as such, or
+one exported from a .pth with dynamic height and width); ncnn runs the
+SRVGGNetCompact models written as its own network (ncnn_export.py). Which one
+serves a model is measured at start (models.calibrate), not assumed."""
 from __future__ import annotations
 
 import copy
 import logging
 import os
 import tempfile
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,10 +125,33 @@ class OnnxBackend:
         return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, np.float32)})[0]
 
 
+class OpenVinoBackend:
+    """OpenVINO's CPU plugin on an .onnx file. Its compiled form is kept in `cache_dir`,
+    so a restart does not compile again; an inference request per thread (a request
+    serves one call at a time)."""
+
+    def __init__(self, path: Path, threads: int, cache_dir: Path):
+        import openvino as ov
+        core = ov.Core()
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        core.set_property({"CACHE_DIR": str(cache_dir)})
+        self.compiled = core.compile_model(str(path), "CPU", {"PERFORMANCE_HINT": "LATENCY",
+                                                               "INFERENCE_NUM_THREADS": threads})
+        self.name = "openvino"
+        self._requests = threading.local()
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        request = getattr(self._requests, "request", None)
+        if request is None:
+            request = self._requests.request = self.compiled.create_infer_request()
+        # The output tensor is the request's own, overwritten by its next call: copied out.
+        return request.infer({0: np.ascontiguousarray(batch, np.float32)})[0].copy()
+
+
 @dataclass(frozen=True)
 class Candidate:
     name: str
-    family: str  # "torch" or "onnxruntime"
+    family: str  # "torch", "onnxruntime", "openvino" or "ncnn"
     make: Callable[[], Backend]
 
 
@@ -139,7 +164,9 @@ TORCH_VARIANTS = {
              ("torch-cuda-fp16-cl-compiled", torch.float16, True, True),
              ("torch-cuda-bf16-cl-compiled", torch.bfloat16, True, True)),
 }
-BACKEND_CHOICES = ("auto", "torch", "onnxruntime") + tuple(v[0] for vs in TORCH_VARIANTS.values() for v in vs)
+BACKEND_CHOICES = ("auto", "torch", "onnxruntime", "openvino", "ncnn") + tuple(
+    v[0] for vs in TORCH_VARIANTS.values() for v in vs)
+CPU_ONLY = ("openvino", "ncnn")
 
 
 def torch_candidates(module: torch.nn.Module, device: str) -> list[Candidate]:

@@ -1,4 +1,4 @@
-"""The upscaler's downloads, and exporting fetched .pth files to the ONNX cache."""
+"""The upscaler's downloads, and converting fetched .pth files into the cache (ONNX, ncnn)."""
 from __future__ import annotations
 
 import os
@@ -6,8 +6,8 @@ from pathlib import Path
 
 from services.common.fetch import Download
 
-from .backends import export_onnx
-from .models import SPECS, ModelSpec, build_module, sha256_of
+from .models import SPECS, ModelSpec, build_module, cache_stem, cached_ncnn, cached_onnx, sha256_of
+from .ncnn_export import exportable
 
 
 def downloads() -> list[Download]:
@@ -19,9 +19,12 @@ def default_onnx_cache() -> Path:
     return Path(configured) if configured else Path.home() / ".cache" / "imagemesh" / "onnx"
 
 
-def export_to_cache(spec: ModelSpec, path: Path, cache_dir: Path) -> Path:
-    """The same cache name the registry looks for."""
-    cached = cache_dir / f"{path.stem}-{sha256_of(path)[:16]}.onnx"
-    if not cached.is_file():
-        export_onnx(build_module(spec, path), cached)
-    return cached
+def export_to_cache(spec: ModelSpec, path: Path, cache_dir: Path) -> list[Path]:
+    """The conversions the registry would make at its first start (ONNX, and ncnn where
+    the architecture allows), made now under the names it looks for."""
+    module = build_module(spec, path)
+    stem = cache_stem(path, sha256_of(path))
+    made = [cached_onnx(module, cache_dir, stem)]
+    if exportable(module):
+        made.append(cached_ncnn(module, cache_dir, stem))
+    return made

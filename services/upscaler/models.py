@@ -9,6 +9,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -19,8 +20,9 @@ from services.common.fetch import file_digest, onnx_parameter_count
 from services.common.registry import Registry
 
 from .arch import ARCHITECTURES
-from .backends import Backend, Candidate, OnnxBackend, export_onnx, torch_candidates
+from .backends import CPU_ONLY, Backend, Candidate, OnnxBackend, OpenVinoBackend, export_onnx, torch_candidates
 from .engine import UpscaleEngine
+from .ncnn_export import NcnnBackend, export_ncnn, exportable
 
 logger = logging.getLogger("imagemesh.upscaler.models")
 
@@ -159,6 +161,25 @@ def calibrate(candidates: list[Candidate], reference: np.ndarray, tile: np.ndarr
     return chosen, measurements
 
 
+def cache_stem(path: Path, digest: str) -> str:
+    """What a model file's conversions are named after: its name and its content."""
+    return f"{path.stem}-{digest[:16]}"
+
+
+def cached_onnx(module: torch.nn.Module, cache_dir: Path, stem: str) -> Path:
+    """The module exported to ONNX once, then read back from the cache."""
+    cached = cache_dir / f"{stem}.onnx"
+    return cached if cached.is_file() else export_onnx(module, cached)
+
+
+def cached_ncnn(module: torch.nn.Module, cache_dir: Path, stem: str) -> Path:
+    """The module written as an ncnn network once (its .param; the .bin beside it)."""
+    param = cache_dir / "ncnn" / f"{stem}.param"
+    if not (param.is_file() and param.with_suffix(".bin").is_file()):
+        export_ncnn(module, param)
+    return param
+
+
 @dataclass
 class LoadedModel:
     spec: ModelSpec | None  # None for lanczos
@@ -220,11 +241,17 @@ class ModelRegistry(Registry):
 
     def _pick_file(self, spec: ModelSpec) -> Path | None:
         present = [self.model_dir / name for name in spec.files if (self.model_dir / name).is_file()]
-        if self.backend.startswith("torch"):
+        if self.backend.startswith("torch") or self.backend == "ncnn":
             present = [p for p in present if p.suffix == ".pth"]
-        elif self.backend == "onnxruntime":
+        elif self.backend in ("onnxruntime", "openvino"):
             present.sort(key=lambda p: p.suffix != ".onnx")  # a ready .onnx before an export
         return present[0] if present else None
+
+    def _onnx_candidates(self, onnx_path: Callable[[], Path]) -> list[Candidate]:
+        """onnxruntime and OpenVINO on the same .onnx file (exported only when one is wanted)."""
+        return [Candidate("onnxruntime", "onnxruntime", lambda: OnnxBackend(onnx_path(), self.threads, self.device)),
+                Candidate("openvino", "openvino",
+                          lambda: OpenVinoBackend(onnx_path(), self.threads, self.onnx_cache_dir / "openvino"))]
 
     def _wanted(self, candidate: Candidate) -> bool:
         return self.backend in ("auto", candidate.family, candidate.name)
@@ -259,29 +286,30 @@ class ModelRegistry(Registry):
 
     def _choose_backend(self, spec: ModelSpec, path: Path, digest: str, model: LoadedModel) -> Backend:
         """The backend for this file: measured among the candidates UPSCALER_BACKEND allows."""
-        if path.suffix == ".onnx":
-            if self.backend not in ("auto", "onnxruntime"):
-                raise ValueError(f"an .onnx file runs on onnxruntime, not {self.backend}")
-            model.parameters = onnx_parameter_count(path)
-            return OnnxBackend(path, self.threads, self.device)
-        module = build_module(spec, path)
-        model.parameters = sum(p.numel() for p in module.parameters())
-        cached = self.onnx_cache_dir / f"{path.stem}-{digest[:16]}.onnx"
-
-        def exported() -> Backend:
-            if not cached.is_file():
-                export_onnx(module, cached)
-            return OnnxBackend(cached, self.threads, self.device)
-        candidates = [c for c in torch_candidates(module, self.device) + [Candidate("onnxruntime", "onnxruntime",
-                                                                                    exported)] if self._wanted(c)]
-        if not candidates:
-            raise ValueError(f"UPSCALER_BACKEND={self.backend} is not available on this {self.device}")
-        if len(candidates) == 1:
-            return candidates[0].make()
         # A GPU needs bigger tiles than a CPU to show its speed.
         tile = calibration_tile(self.calibration_tile if self.device == "cpu" else max(self.calibration_tile, 512))
-        with torch.inference_mode():  # the accuracy reference: fp32 on the CPU
-            reference = module.float().cpu()(torch.from_numpy(tile)).numpy()
+        if path.suffix == ".onnx":
+            model.parameters = onnx_parameter_count(path)
+            candidates = self._onnx_candidates(lambda: path)
+            reference = None  # onnxruntime's own output: nothing more exact is at hand
+        else:
+            module = build_module(spec, path)
+            model.parameters = sum(p.numel() for p in module.parameters())
+            stem = cache_stem(path, digest)
+            candidates = torch_candidates(module, self.device) + self._onnx_candidates(
+                lambda: cached_onnx(module, self.onnx_cache_dir, stem))
+            if exportable(module):
+                candidates.append(Candidate("ncnn", "ncnn", lambda: NcnnBackend(
+                    cached_ncnn(module, self.onnx_cache_dir, stem), self.threads)))
+            with torch.inference_mode():  # the accuracy reference: fp32 on the CPU
+                reference = module.float().cpu()(torch.from_numpy(tile)).numpy()
+        candidates = [c for c in candidates if self._wanted(c) and (self.device == "cpu" or c.family not in CPU_ONLY)]
+        if not candidates:
+            raise ValueError(f"UPSCALER_BACKEND={self.backend} is not available for {path.name} on this {self.device}")
+        if len(candidates) == 1:
+            return candidates[0].make()
+        if reference is None:
+            reference = OnnxBackend(path, self.threads, self.device)(tile)
         chosen, model.calibration = calibrate(candidates, reference, tile, self.calibration_runs, spec.scale)
         if chosen is None:
             raise ValueError(f"no backend ran within {MIN_PSNR_DB} dB of fp32: {model.calibration}")
