@@ -26,6 +26,7 @@ from pathlib import Path
 import grpc
 import httpx
 import numpy as np
+import onnxruntime as ort
 import skimage.data
 import torch
 from imagemesh.v1 import pipeline_pb2
@@ -403,7 +404,8 @@ def bgremoval_vs_plain(model_dir: Path, rounds: int, size: int = 1024) -> dict:
     registry = SegmenterRegistry(model_dir, threads=available_cpus())
     registry.load_all()
     segmenter = registry.resolve("mediapipe-selfie")
-    session, spec = segmenter.session, segmenter.spec
+    spec = segmenter.spec
+    session = ort.InferenceSession(str(model_dir / spec.file), providers=["CPUExecutionProvider"])  # as rembg makes it
     image = photo(size, size)
     options = bg_engine.RemovalOptions()
 

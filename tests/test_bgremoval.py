@@ -54,7 +54,7 @@ def tiny_registry(tmp_path_factory, model_dir):
 @pytest.mark.parametrize("name", ["u2net", "isnet-general-use", "birefnet-general"])
 def test_rembg_shaped_models_are_fed_and_read_right(tiny_registry, photo, name):
     segmenter = tiny_registry.resolve(name)
-    assert segmenter.backend == "onnxruntime" and not segmenter.checksum_matches  # random weights
+    assert segmenter.backend in ("onnxruntime", "openvino") and not segmenter.checksum_matches  # random weights
     mask = engine.predict_mask(segmenter, photo)
     assert mask.shape == photo.shape[:2] and 0 <= mask.min() and mask.max() <= 1
     red = photo[:, :, 0].astype(np.float64)
@@ -93,6 +93,20 @@ def test_portrait_model_on_a_real_portrait(model_dir, portrait):
     assert mask[200:320, 180:300].mean() > 0.9   # her suit
     assert mask[:60, :40].mean() < 0.1           # the flag behind her
     assert mask[10:120, 420:500].mean() < 0.1    # the sky by the shuttle
+
+
+def test_segmenter_backends_are_measured_and_the_chosen_one_serves(model_dir, portrait):
+    registry = SegmenterRegistry(model_dir, threads=2)
+    registry.load_all()
+    model = registry.resolve("mediapipe-selfie")
+    figures = {m["backend"]: m for m in model.calibration}
+    assert set(figures) == {"onnxruntime", "openvino"}
+    chosen = [m for m in model.calibration if m["chosen"]]
+    assert [m["backend"] for m in chosen] == [model.backend] and chosen[0]["eligible"]
+    eligible = [m for m in model.calibration if m["eligible"]]
+    assert chosen[0]["megapixels_per_second"] == max(m["megapixels_per_second"] for m in eligible)
+    assert figures["openvino"]["psnr_db"] >= 45 and figures["onnxruntime"]["psnr_db"] > 100
+    assert model.info()["calibration"] == model.calibration
 
 
 def logo_on_white() -> np.ndarray:

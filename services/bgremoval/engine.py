@@ -67,8 +67,7 @@ def predict_mask(segmenter: Segmenter, rgb8: np.ndarray) -> np.ndarray:
     mean, std = (np.array(v, np.float32) for v in spec.normalisation)
     x = (x - mean) / std
     x = x[None] if spec.layout == "NHWC" else x.transpose(2, 0, 1)[None]
-    session = segmenter.session
-    out = np.asarray(session.run(None, {session.get_inputs()[0].name: np.ascontiguousarray(x, np.float32)})[0])
+    out = segmenter.infer(np.ascontiguousarray(x, np.float32))
     if out.ndim == 4:
         out = out[0, 0] if out.shape[1] == 1 else out[0, :, :, 0]
     elif out.ndim == 3:

@@ -8,3 +8,6 @@ MAX_STEPS = 16                            # steps of one pipeline
 MAX_KEYER_TOLERANCE = 255                 # the keyer's colour distance; 0 means its default
 MAX_TILES_PER_IMAGE = 65536              # cells of one image's grid: work and memory per pixel stay bounded
 MIN_TILE_EDGE = 16                        # a grid cell's edge, unless the image itself is narrower
+
+# A faster inference backend is chosen only if its output stays this close (PSNR) to the exact one.
+MIN_BACKEND_PSNR_DB = 45.0

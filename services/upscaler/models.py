@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from services.common import logs, metrics
+from services.common.contract import MIN_BACKEND_PSNR_DB
 from services.common.fetch import file_digest, onnx_parameter_count
 from services.common.registry import Registry
 
@@ -103,7 +104,7 @@ def build_module(spec: ModelSpec, path: Path) -> torch.nn.Module:
     return module.eval()
 
 
-MIN_PSNR_DB = 45.0  # a faster backend must stay this close to fp32
+MIN_PSNR_DB = MIN_BACKEND_PSNR_DB  # a faster backend must stay this close to fp32
 
 
 def calibration_tile(size: int) -> np.ndarray:
