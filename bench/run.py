@@ -558,8 +558,10 @@ def main(argv=None) -> int:
         ("bgremoval", lambda: bgremoval_vs_plain(args.models, args.rounds)),
         ("effects", lambda: effects_throughput(args.rounds)),
     ]
-    if args.only == "backends":
-        steps = [step for step in steps if step[0] in ("peaks", "backends")]
+    if args.only == "backends":  # the ceiling in fp32 only: bf16 and int8 take minutes where the CPU lacks them
+        steps = [("peaks", lambda: {"fp32": cpu_matmul_gflops(torch.float32),
+                                    "conv_fp32": cpu_conv_gflops(128 + 2 * 10, "fp32")}),
+                 *(step for step in steps if step[0] == "backends")]
     for name, step in steps:
         started = time.perf_counter()
         results[name] = step()
@@ -570,11 +572,29 @@ def main(argv=None) -> int:
     text = report(results, "make bench" + (" (--quick)" if quick else ""))
     print(text)
     if not quick:
-        previous = RESULTS.read_text() if RESULTS.exists() else ""
-        gpu = previous[previous.index(GPU_MARK):] if GPU_MARK in previous else GPU_MARK + "\n"
-        RESULTS.write_text(text + "\n" + gpu)
+        RESULTS.write_text(with_machine_section(RESULTS.read_text() if RESULTS.exists() else "", results["machine"], text))
         print(f"written to {RESULTS.relative_to(ROOT)}", file=sys.stderr)
     return 0
+
+
+MACHINE_MARK = "<!-- CPU section: "
+RESULTS_HEADER = ("# Benchmarks\n\nOne section per kind of CPU, each written by `make bench` on such a machine (a run "
+                  "replaces its own machine's section and keeps the others); the GPU section by `python -m bench.gpu`.\n")
+
+
+def with_machine_section(previous: str, machine: dict, text: str) -> str:
+    """RESULTS.md with this machine's section (its CPU and flags) replaced or added, the others kept."""
+    key = f"{machine['cpu']}, {machine['flags']}"
+    gpu = previous[previous.index(GPU_MARK):] if GPU_MARK in previous else GPU_MARK + "\n"
+    body = previous[:previous.index(GPU_MARK)] if GPU_MARK in previous else previous
+    sections = {}
+    for chunk in body.split(MACHINE_MARK)[1:]:
+        name, _, content = chunk.partition(" -->\n")
+        sections[name] = content
+    demoted = "\n".join("#" + line if line.startswith("#") else line for line in text.splitlines())
+    sections[key] = demoted.replace("## Benchmarks", f"## CPU: {key}", 1).rstrip() + "\n\n"
+    return RESULTS_HEADER + "\n" + "".join(f"{MACHINE_MARK}{name} -->\n{content}" for name, content in sections.items()) \
+        + gpu
 
 
 if __name__ == "__main__":

@@ -125,12 +125,13 @@ def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
 
 def calibrate(candidates: list[Candidate], reference: np.ndarray, tile: np.ndarray, runs: int,
               native_scale: int = 4) -> tuple[Backend | None, list[dict]]:
-    """Time each candidate on the tile, the way tiles will run (integer pixels in
-    and out when the backend can); keep the fastest within MIN_PSNR_DB of the reference."""
+    """Time each candidate on the tile, the way tiles will run (integer pixels in and
+    out when the backend can), the candidates in turn in every round so that the
+    machine's drift falls on all alike; keep the fastest within MIN_PSNR_DB of the reference."""
     pixels = tile.shape[2] * tile.shape[3]
     integer_tile = np.ascontiguousarray((tile[0].transpose(1, 2, 0) * 255).round().astype(np.uint8))
     whole = slice(0, tile.shape[2] * native_scale)
-    chosen, best, measurements = None, 0.0, []
+    ready = []  # (backend, its output, how one tile runs on it)
     for candidate in candidates:
         try:
             backend = candidate.make()
@@ -142,15 +143,18 @@ def calibrate(candidates: list[Candidate], reference: np.ndarray, tile: np.ndarr
                 def run(backend=backend):
                     return backend(tile)
             run()
-            times = []
-            for _ in range(runs):
-                started = time.perf_counter()
-                run()
-                times.append(time.perf_counter() - started)
+            ready.append((backend, out, run))
         except Exception as exc:  # a backend that cannot run here is skipped, not fatal
             logs.log(logger, logging.WARNING, "backend unavailable", backend=candidate.name, error=str(exc)[:300])
-            continue
-        speed = pixels / min(times) / 1e6  # the best run: what the backend can do, less the machine's noise
+    times: dict[str, list[float]] = {backend.name: [] for backend, _, _ in ready}
+    for _ in range(runs):
+        for backend, _, run in ready:
+            started = time.perf_counter()
+            run()
+            times[backend.name].append(time.perf_counter() - started)
+    chosen, best, measurements = None, 0.0, []
+    for backend, out, _ in ready:
+        speed = pixels / min(times[backend.name]) / 1e6  # the best run: what it can do, less the machine's noise
         psnr = psnr_db(out, reference)
         eligible = psnr >= MIN_PSNR_DB
         measurements.append({"backend": backend.name, "megapixels_per_second": round(speed, 4),
