@@ -86,6 +86,7 @@ class NcnnBackend:
         self.net.opt.use_fp16_storage = self.net.opt.use_fp16_arithmetic = False
         self.net.opt.use_bf16_storage = False  # 57 dB against fp32: outside what calibration accepts anyway
         self.net.opt.num_threads = threads
+        self.net.opt.openmp_blocktime = 0  # idle threads that spin would take the cores from the image work around
         if self.net.load_param(str(param_path)) or self.net.load_model(str(param_path.with_suffix(".bin"))):
             raise ValueError(f"ncnn could not load {param_path.name}")
         self.threads = threads
