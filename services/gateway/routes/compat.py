@@ -65,9 +65,14 @@ def _size_text(width: int, height: int) -> str:
     return f"{width}x{height}"
 
 
+def _runs_network(backend: str) -> bool:
+    """Whether a model runs a Real-ESRGAN network (any backend) rather than the Lanczos fallback."""
+    return backend not in ("", "lanczos")
+
+
 def _quality_name(backend: str) -> tuple[str, str]:
     """What the first seed calls a backend: its Real-ESRGAN one, or the PIL fallback."""
-    return ("realesrgan", "high") if backend.startswith(("torch", "onnxruntime")) else ("pil", "basic")
+    return ("realesrgan", "high") if _runs_network(backend) else ("pil", "basic")
 
 
 def _memory_mb() -> dict:
@@ -104,9 +109,8 @@ async def health(gw: Gateway = Depends(gateway)):
         default, ready, bgremoval = await upscaler_state(gw)
         backend = ready[default].backend
         body.update(backend=_quality_name(backend)[0], backend_quality=_quality_name(backend)[1],
-                    available_backends={"realesrgan": any(m.backend.startswith(("torch", "onnxruntime"))
-                                                          for m in ready.values()),
-                                        "pil": True, "ncnn": False},
+                    available_backends={"realesrgan": any(_runs_network(m.backend) for m in ready.values()),
+                                        "pil": True, "ncnn": any(m.backend == "ncnn" for m in ready.values())},
                     model_loaded=any(m.ready and m.name != "keyer" for m in bgremoval.models))
     return JSONResponse(body, status_code=200 if healthy else 503)
 
