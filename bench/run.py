@@ -9,6 +9,7 @@ section, written by bench/gpu.py on a GPU machine, is kept).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import io
@@ -19,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -271,6 +273,85 @@ def cpu_backends(model_dir: Path, rounds: int, tiles: tuple[int, ...] = (256, 12
     return rows
 
 
+# --- 1c. throughput: requests at once on the same cores --------------------------
+
+THROUGHPUT_SETUPS = (  # (label, inference lanes, calls held to the lanes)
+    ("1 lane: one network call at a time on all threads (default)", 1, True),
+    ("no lanes: each request's calls on all threads at once", 1, False),
+    ("2 lanes of half the threads", 2, True),
+)
+
+
+def throughput(model_dir: Path, rounds: int, concurrencies=(1, 2, 4), size: int = 256, tile: int = 128) -> dict:
+    """Images per minute with 1, 2 and 4 requests at once, computed as the service computes them:
+    one thread per request (MAX_CONCURRENT_REQUESTS), each upscaling its images tile by tile
+    through the engine. Every setup runs the backend calibration chose for one lane; the
+    setups take turns in every round."""
+    name, file, _ = REFERENCE_MODELS[0]
+    directory, cache = single_model_dir(model_dir, file), Path(tempfile.mkdtemp(prefix="bench-cache-"))
+    backend = ""
+    engines = {}
+    for label, lanes, held in THROUGHPUT_SETUPS:
+        registry = ModelRegistry(directory, backend=backend or "auto", lanes=lanes, threads=available_cpus(),
+                                 onnx_cache_dir=cache)
+        registry.load_all()
+        model = registry.resolve(name)
+        backend = backend or model.backend
+        engine = copy.copy(model.engine)
+        if not held:
+            engine.lane = contextlib.nullcontext()
+        engines[label] = engine
+    image = photo(size, size)
+    for engine in engines.values():
+        engine.upscale(image[:64, :64], "RGB", 4, tile=tile)  # warm
+
+    def images_per_minute(engine, concurrency: int) -> tuple[float, float]:
+        per_request = 2 if concurrency > 1 else 3
+        latencies: list[float] = []
+
+        def request():
+            for _ in range(per_request):
+                started = time.perf_counter()
+                engine.upscale(image, "RGB", 4, tile=tile)
+                latencies.append(time.perf_counter() - started)
+        workers = [threading.Thread(target=request) for _ in range(concurrency)]
+        started = time.perf_counter()
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        return concurrency * per_request * 60 / (time.perf_counter() - started), statistics.median(latencies)
+
+    measured: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    for _ in range(rounds):
+        for concurrency in concurrencies:
+            for label, engine in engines.items():
+                measured.setdefault((label, concurrency), []).append(images_per_minute(engine, concurrency))
+    rows = [{"setup": label, "concurrency": c, "images_per_minute": statistics.median(r[0] for r in runs),
+             "latency": statistics.median(r[1] for r in runs)} for (label, c), runs in measured.items()]
+    return {"model": name, "backend": backend, "image": f"{size}x{size}", "tile": tile, "rows": rows,
+            "threads": available_cpus()}
+
+
+def throughput_report(result: dict) -> list[str]:
+    rows = result["rows"]
+    default = THROUGHPUT_SETUPS[0][0]
+    lone = {r["setup"]: r["latency"] for r in rows if r["concurrency"] == 1}
+    out = ["\n### Throughput: requests at once on the same cores\n",
+           f"{result['model']} ({result['backend']}), a {result['image']} photo 4x in {result['tile']}-pixel tiles, "
+           f"{result['threads']} threads; one thread per request, as the service's compute pool runs them "
+           "(`python -m bench.run --only throughput`). Latency: one image, median; single-request latency is "
+           "the latency at concurrency 1, against the default's.\n",
+           "| setup | requests at once | images per minute | vs the same setup at 1 | latency | single-request "
+           "latency vs default |", "|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: ([s[0] for s in THROUGHPUT_SETUPS].index(r["setup"]), r["concurrency"])):
+        at_one = next(x["images_per_minute"] for x in rows if x["setup"] == r["setup"] and x["concurrency"] == 1)
+        out.append(f"| {r['setup']} | {r['concurrency']} | {r['images_per_minute']:.1f} | "
+                   f"**{r['images_per_minute'] / at_one:.2f}x** | {r['latency']:.2f} s | "
+                   f"{lone[r['setup']] / lone[default]:.2f}x |")
+    return out
+
+
 # --- services as subprocesses --------------------------------------------------
 
 def free_port() -> int:
@@ -491,7 +572,7 @@ def report(results: dict, command: str) -> str:
         out.append(f"| {r['model']} | {r['ours_gflops']:.0f} GFLOP/s | {r['ours_gflops'] / ceiling:.0%} | "
                    f"{r['reference_gflops']:.0f} GFLOP/s | {ceiling / r['reference_gflops']:.2f}x |")
     slowest_reference = min(r["reference_gflops"] for r in results["engine"])
-    out += cpu_backends_report(results["backends"], peaks)
+    out += cpu_backends_report(results["backends"], peaks) + throughput_report(results["throughput"])
     if "int8" not in peaks:
         return "\n".join(out + later_sections(results)) + "\n"
     out += [f"\nint8 (AVX-512 VNNI) is the one faster precision this CPU has: the same convolution in int8 reaches "
@@ -561,7 +642,8 @@ def main(argv=None) -> int:
     parser.add_argument("--models", type=Path, default=DEFAULT_MODELS)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run, not for RESULTS.md)")
-    parser.add_argument("--only", choices=("backends",), help="one section alone, printed (RESULTS.md untouched)")
+    parser.add_argument("--only", choices=("backends", "throughput"),
+                        help="one section alone, printed (RESULTS.md untouched)")
     args = parser.parse_args(argv)
     args.models = args.models.resolve()
     torch.set_num_threads(available_cpus())
@@ -572,20 +654,25 @@ def main(argv=None) -> int:
         ("engine", lambda: engine_vs_reference(args.models, args.rounds, 128 if quick else 512)),
         ("peaks", lambda: cpu_peaks(results["machine"])),
         ("backends", lambda: cpu_backends(args.models, args.rounds, (128,) if quick else (256, 128))),
+        ("throughput", lambda: throughput(args.models, args.rounds, (1, 2) if quick else (1, 2, 4),
+                                          128 if quick else 256)),
         ("int8", lambda: int8_quality(args.models, 128 if quick else 512) if "int8" in results["peaks"] else []),
         ("memory", lambda: upscaler_memory(args.models, results["mesh"]["backend"],
                                            (128, 512) if quick else (1024, 4096))),
         ("bgremoval", lambda: bgremoval_vs_plain(args.models, args.rounds)),
         ("effects", lambda: effects_throughput(args.rounds)),
     ]
-    if args.only == "backends":
-        steps = [step for step in steps if step[0] in ("peaks", "backends")]
+    if args.only:
+        steps = [step for step in steps if step[0] in {"backends": ("peaks", "backends"),
+                                                       "throughput": ("throughput",)}[args.only]]
     for name, step in steps:
         started = time.perf_counter()
         results[name] = step()
         print(f"[{name}] done in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
-    if args.only == "backends":
-        print("\n".join(cpu_backends_report(results["backends"], results["peaks"])))
+    if args.only:
+        lines = cpu_backends_report(results["backends"], results["peaks"]) if args.only == "backends" \
+            else throughput_report(results["throughput"])
+        print("\n".join(lines))
         return 0
     text = report(results, "make bench" + (" (--quick)" if quick else ""))
     print(text)

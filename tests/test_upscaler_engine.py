@@ -109,3 +109,29 @@ def test_the_on_device_path_equals_the_general_path(general, photo):
         fast = general.upscale(image, mode, 4, tile=48)
         slow = plain.upscale(image, mode, 4, tile=48)
         assert fast.dtype == slow.dtype and np.abs(fast.astype(int) - slow).max() <= 1, mode
+
+
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_network_calls_never_exceed_the_inference_lanes(lanes):
+    import threading
+    import time
+    inside, most = 0, 0
+    counting = threading.Lock()
+
+    def model(x):
+        nonlocal inside, most
+        with counting:
+            inside += 1
+            most = max(most, inside)
+        time.sleep(0.02)
+        with counting:
+            inside -= 1
+        return np.repeat(np.repeat(x, 2, axis=2), 2, axis=3)
+    engine = UpscaleEngine(model, 2, halo=2, lane=threading.BoundedSemaphore(lanes))
+    image = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    workers = [threading.Thread(target=engine.upscale, args=(image, "RGB", 2), kwargs={"tile": 16}) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert most == lanes  # four requests at once share the lanes, and use them all

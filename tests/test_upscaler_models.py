@@ -222,3 +222,28 @@ def test_a_forced_backend_is_used_without_calibration(model_dir, tmp_path):
     if not cpu_has_bf16():
         broken = registry_for(model_dir, tmp_path, "torch-bf16-cl").models["realesr-animevideov3"]
         assert not broken.ready and "not available" in broken.reason
+
+
+def test_inference_lanes_split_the_threads_and_serve_calls_at_once(model_dir, tmp_path):
+    import threading
+    directory = only(tmp_path, model_dir, "realesr-animevideov3.pth")
+    tile = calibration_tile(48)
+    one_lane = ModelRegistry(directory, backend="ncnn", onnx_cache_dir=tmp_path / "onnx", threads=2)
+    one_lane.load_all()
+    expected = one_lane.resolve("realesr-animevideov3").engine.model(tile)
+    for backend in ("ncnn", "openvino"):
+        registry = ModelRegistry(directory, backend=backend, onnx_cache_dir=tmp_path / "onnx", threads=2, lanes=2)
+        registry.load_all()
+        engine = registry.resolve("realesr-animevideov3").engine
+        assert engine.lane is registry.lane and registry.threads == 1
+        if backend == "ncnn":
+            assert engine.model.net.opt.num_threads == 1
+        else:
+            assert int(engine.model.compiled.get_property("NUM_STREAMS")) == 2
+        outputs = []
+        calls = [threading.Thread(target=lambda: outputs.append(engine.model(tile))) for _ in range(2)]
+        for call in calls:
+            call.start()
+        for call in calls:
+            call.join()
+        assert len(outputs) == 2 and all(psnr(out, expected, 1.0) >= 45 for out in outputs)

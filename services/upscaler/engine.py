@@ -14,9 +14,10 @@ beyond its box, so tiled output equals untiled output.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ContextManager
 
 import cv2
 import numpy as np
@@ -74,8 +75,10 @@ def _resize_box(planes: np.ndarray, size: tuple[int, int], box: tuple[float, flo
 
 class UpscaleEngine:
     def __init__(self, model: Model | None, native_scale: int, *, halo: int = 16, pad_multiple: int = 1,
-                 bytes_per_input_pixel: int = 1200):
+                 bytes_per_input_pixel: int = 1200, lane: ContextManager | None = None):
         self.model = model
+        # Held around each network call (the service's inference lanes); the rest of a tile's work runs outside it.
+        self.lane = lane or contextlib.nullcontext()
         self.native_scale = native_scale if model else 1
         self.default_halo = halo
         self.pad_multiple = pad_multiple
@@ -118,7 +121,8 @@ class UpscaleEngine:
             pad_h, pad_w = -height % self.pad_multiple, -width % self.pad_multiple
             if pad_h or pad_w:
                 x = np.pad(x, ((0, 0), (0, 0), (0, pad_h), (0, pad_w)), mode="edge")
-            y = self.model(x)[:, :, :height * self.native_scale, :width * self.native_scale]
+            with self.lane:
+                y = self.model(x)[:, :, :height * self.native_scale, :width * self.native_scale]
             x = np.clip(y, 0.0, 1.0)
         return x[0].transpose(1, 2, 0)
 
@@ -180,8 +184,9 @@ class UpscaleEngine:
         stage = plan.stage_scale
         rows = slice(target.y0 - context.y0 * stage, target.y1 - context.y0 * stage)
         cols = slice(target.x0 - context.x0 * stage, target.x1 - context.x0 * stage)
-        colour = self.model.render_exact(np.ascontiguousarray(context_pixels[:, :, :3]), plan.passes,
-                                         self.native_scale, self.pad_multiple, rows, cols)
+        with self.lane:
+            colour = self.model.render_exact(np.ascontiguousarray(context_pixels[:, :, :3]), plan.passes,
+                                             self.native_scale, self.pad_multiple, rows, cols)
         if mode == "RGB":
             return colour
         maximum = float(np.iinfo(context_pixels.dtype).max)

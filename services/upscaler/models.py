@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -224,7 +225,7 @@ class ModelRegistry(Registry):
     fallback = LANCZOS
 
     def __init__(self, model_dir: Path, *, backend: str = "auto", onnx_cache_dir: Path | None = None,
-                 threads: int = 1, halo: int = 16, device: str = "cpu", calibration_tile: int = 128,
+                 threads: int = 1, lanes: int = 1, halo: int = 16, device: str = "cpu", calibration_tile: int = 128,
                  calibration_runs: int = 3):
         super().__init__()
         self.device = device
@@ -232,11 +233,16 @@ class ModelRegistry(Registry):
         self.model_dir = Path(model_dir)
         self.backend = backend
         self.onnx_cache_dir = onnx_cache_dir or Path.home() / ".cache" / "imagemesh" / "onnx"
-        self.threads = threads
+        # Inference lanes: at most `lanes` network calls at once, across all models and
+        # requests, each with its share of the threads (bench/RESULTS.md: throughput).
+        self.lanes = lanes
+        self.threads = max(1, threads // lanes)
+        self.lane = threading.BoundedSemaphore(lanes)
         self.halo = halo
 
     def load_all(self) -> None:
         torch.set_num_threads(self.threads)
+        logs.log(logger, logging.INFO, "inference lanes", lanes=self.lanes, threads_per_lane=self.threads)
         for spec in SPECS:
             self.models[spec.name] = self._load(spec)
         self.models[LANCZOS] = LoadedModel(None, LANCZOS, ready=True, backend=LANCZOS,
@@ -256,7 +262,8 @@ class ModelRegistry(Registry):
         """onnxruntime and OpenVINO on the same .onnx file (exported only when one is wanted)."""
         return [Candidate("onnxruntime", "onnxruntime", lambda: OnnxBackend(onnx_path(), self.threads, self.device)),
                 Candidate("openvino", "openvino",
-                          lambda: OpenVinoBackend(onnx_path(), self.threads, self.onnx_cache_dir / "openvino"))]
+                          lambda: OpenVinoBackend(onnx_path(), self.threads, self.onnx_cache_dir / "openvino",
+                                                          streams=self.lanes))]
 
     def _wanted(self, candidate: Candidate) -> bool:
         return self.backend in ("auto", candidate.family, candidate.name)
@@ -276,7 +283,7 @@ class ModelRegistry(Registry):
             model.file_bytes = path.stat().st_size
             run = self._choose_backend(spec, path, digest, model)
             model.engine = UpscaleEngine(run, spec.scale, halo=self.halo, pad_multiple=2 if spec.scale == 2 else 1,
-                                         bytes_per_input_pixel=spec.bytes_per_input_pixel)
+                                         bytes_per_input_pixel=spec.bytes_per_input_pixel, lane=self.lane)
             model.backend = run.name
             model.ready = True
             logs.log(logger, logging.INFO, "model loaded", model=spec.name, file=path.name, backend=run.name,
