@@ -1,3 +1,6 @@
+import threading
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -5,6 +8,7 @@ from conftest import psnr
 from PIL import Image
 
 from services.upscaler.engine import UpscaleEngine, output_size
+from services.upscaler.lanes import InferenceLanes
 from services.upscaler.models import ModelRegistry, build_module
 
 
@@ -111,27 +115,64 @@ def test_the_on_device_path_equals_the_general_path(general, photo):
         assert fast.dtype == slow.dtype and np.abs(fast.astype(int) - slow).max() <= 1, mode
 
 
-@pytest.mark.parametrize("lanes", [1, 2])
-def test_network_calls_never_exceed_the_inference_lanes(lanes):
-    import threading
-    import time
-    inside, most = 0, 0
-    counting = threading.Lock()
+class ThreadCountingModel:
+    """A 2x network that records the threads each call was given and the threads in use at once."""
+    adapts_threads = True
 
-    def model(x):
-        nonlocal inside, most
-        with counting:
-            inside += 1
-            most = max(most, inside)
-        time.sleep(0.02)
-        with counting:
-            inside -= 1
+    def __init__(self):
+        self.widths: list[int] = []
+        self.in_use = self.most_in_use = self.most_calls = self.calls = 0
+        self.counting = threading.Lock()
+
+    def __call__(self, x, threads=0):
+        with self.counting:
+            self.widths.append(threads)
+            self.in_use += threads
+            self.calls += 1
+            self.most_in_use, self.most_calls = max(self.most_in_use, self.in_use), max(self.most_calls, self.calls)
+        time.sleep(0.01)
+        with self.counting:
+            self.in_use -= threads
+            self.calls -= 1
         return np.repeat(np.repeat(x, 2, axis=2), 2, axis=3)
-    engine = UpscaleEngine(model, 2, halo=2, lane=threading.BoundedSemaphore(lanes))
+
+
+def upscale_at_once(engine, requests: int) -> None:
     image = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    workers = [threading.Thread(target=engine.upscale, args=(image, "RGB", 2), kwargs={"tile": 16}) for _ in range(4)]
+    workers = [threading.Thread(target=engine.upscale, args=(image, "RGB", 2), kwargs={"tile": 16})
+               for _ in range(requests)]
     for worker in workers:
         worker.start()
     for worker in workers:
         worker.join()
-    assert most == lanes  # four requests at once share the lanes, and use them all
+
+
+def test_a_lone_request_runs_every_network_call_on_every_thread():
+    model = ThreadCountingModel()
+    upscale_at_once(UpscaleEngine(model, 2, halo=2, lanes=InferenceLanes(threads=4, lanes=2)), 1)
+    assert set(model.widths) == {4} and model.most_calls == 1
+
+
+@pytest.mark.parametrize("lanes", [2, 4])
+def test_requests_in_flight_share_the_threads_in_lanes(lanes):
+    model = ThreadCountingModel()
+    upscale_at_once(UpscaleEngine(model, 2, halo=2, lanes=InferenceLanes(threads=4, lanes=lanes)), 4)
+    assert model.most_in_use <= 4  # never more threads than the machine was given
+    assert 4 // lanes in model.widths and model.most_calls == lanes  # narrow calls, as many at once as lanes
+
+
+def test_backends_that_cannot_narrow_run_one_call_at_a_time_on_every_thread():
+    calls, most = 0, 0
+    counting = threading.Lock()
+
+    def model(x):  # a plain callable, like torch, cannot be given fewer threads
+        nonlocal calls, most
+        with counting:
+            calls += 1
+            most = max(most, calls)
+        time.sleep(0.01)
+        with counting:
+            calls -= 1
+        return np.repeat(np.repeat(x, 2, axis=2), 2, axis=3)
+    upscale_at_once(UpscaleEngine(model, 2, halo=2, lanes=InferenceLanes(threads=4, lanes=2)), 4)
+    assert most == 1

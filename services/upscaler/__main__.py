@@ -23,9 +23,9 @@ SETTINGS = cfg.SERVICE_SETTINGS + cfg.port_settings("upscaler") + [
                 choices=("auto", "cpu", "cuda")),
     cfg.Setting("UPSCALER_TILE_HALO", int, 16, "context pixels around each tile", minimum=1, maximum=256),
     cfg.Setting("UPSCALER_THREADS", int, 0, "inference threads (0: the CPUs the container may use)", minimum=0),
-    cfg.Setting("UPSCALER_INFERENCE_LANES", int, 1, "network calls run at once, across requests and models, each "
-                "on UPSCALER_THREADS / lanes threads (1: one at a time on all of them, the fastest single request)",
-                minimum=1, maximum=64),
+    cfg.Setting("UPSCALER_INFERENCE_LANES", int, 2, "network calls run at once when several requests are in "
+                "flight, each on UPSCALER_THREADS / lanes threads; a lone request's calls always use every thread "
+                "(at most UPSCALER_THREADS and MAX_CONCURRENT_REQUESTS)", minimum=1, maximum=64),
     cfg.Setting("ONNX_CACHE_DIR", str, "", "where .pth models exported to ONNX and ncnn, and OpenVINO's compiled "
                 "models, are cached (default ~/.cache/imagemesh/onnx)"),
 ]
@@ -43,7 +43,8 @@ async def main() -> None:
     registry = ModelRegistry(Path(config.model_dir), backend=config.upscaler_backend, device=device,
                              onnx_cache_dir=Path(config.onnx_cache_dir) if config.onnx_cache_dir else None,
                              threads=config.upscaler_threads or available_cpus(),
-                             lanes=config.upscaler_inference_lanes, halo=config.upscaler_tile_halo,
+                             lanes=min(config.upscaler_inference_lanes, config.max_concurrent_requests),
+                             halo=config.upscaler_tile_halo,
                              calibration_tile=config.upscaler_calibration_tile)
     servicer = UpscalerServicer(runtime, registry)
     await serve(runtime, lambda server: upscaler_pb2_grpc.add_UpscalerServicer_to_server(servicer, server),

@@ -24,8 +24,10 @@ import torch
 
 class Backend(Protocol):
     name: str
+    # Whether a call may ask for fewer threads than the backend was built with (InferenceLanes).
+    adapts_threads: bool
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray: ...
+    def __call__(self, batch: np.ndarray, threads: int = 0) -> np.ndarray: ...
 
 
 def resolve_device(requested: str) -> str:
@@ -52,6 +54,8 @@ def onnx_providers(device: str) -> list[str]:
 
 
 class TorchBackend:
+    adapts_threads = False  # one intra-op thread pool per process
+
     def __init__(self, name: str, module: torch.nn.Module, *, device: str = "cpu",
                  dtype: torch.dtype = torch.float32, channels_last: bool = False, compiled: bool = False):
         self.name = name
@@ -81,7 +85,7 @@ class TorchBackend:
         torch.cuda.current_stream(self.device).synchronize()
         return host.numpy()
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
+    def __call__(self, batch: np.ndarray, threads: int = 0) -> np.ndarray:
         with torch.inference_mode():
             x = torch.from_numpy(batch).to(self.device, self.dtype).contiguous(memory_format=self.memory_format)
             return self.module(x).float().cpu().numpy()
@@ -109,46 +113,66 @@ class TorchBackend:
         return integer if integer.dtype == pixels.dtype else integer.astype(pixels.dtype)
 
 
-class OnnxBackend:
-    def __init__(self, path: Path, threads: int, device: str = "cpu"):
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        # Idle threads that spin would take the cores from the image work around each run.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(path), options, providers=onnx_providers(device))
-        self.name = "onnxruntime" if self.session.get_providers()[0] == "CPUExecutionProvider" else "onnxruntime-cuda"
-        self.input_name = self.session.get_inputs()[0].name
+def _onnx_session(path: Path, threads: int, device: str) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    # Idle threads that spin would take the cores from the image work around each run.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=onnx_providers(device))
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, np.float32)})[0]
+
+class OnnxBackend:
+    """onnxruntime on an .onnx file: a session of `threads` threads, and one of
+    `narrow_threads` for calls that share the cores (InferenceLanes)."""
+
+    def __init__(self, path: Path, threads: int, device: str = "cpu", narrow_threads: int = 0):
+        self.threads = threads
+        self.sessions = {threads: _onnx_session(path, threads, device)}
+        if device == "cpu" and 0 < narrow_threads < threads:
+            self.sessions[narrow_threads] = _onnx_session(path, narrow_threads, device)
+        session = self.sessions[threads]
+        self.adapts_threads = len(self.sessions) > 1
+        self.name = "onnxruntime" if session.get_providers()[0] == "CPUExecutionProvider" else "onnxruntime-cuda"
+        self.input_name = session.get_inputs()[0].name
+
+    def __call__(self, batch: np.ndarray, threads: int = 0) -> np.ndarray:
+        session = self.sessions.get(threads, self.sessions[self.threads])
+        return session.run(None, {self.input_name: np.ascontiguousarray(batch, np.float32)})[0]
 
 
 class OpenVinoBackend:
-    """OpenVINO's CPU plugin on an .onnx file. Its compiled form is kept in `cache_dir`,
-    so a restart does not compile again; an inference request per thread (a request
-    serves one call at a time). One stream (the LATENCY hint) of `threads` threads, or,
-    for `streams` concurrent calls, the THROUGHPUT hint with that many streams of
-    `threads` each (one compiled model: separate ones would pin their threads to the same cores)."""
+    """OpenVINO's CPU plugin on an .onnx file. Its compiled forms are kept in `cache_dir`,
+    so a restart does not compile again. One stream of `threads` threads (the LATENCY
+    hint) and, for `lanes` calls that share the cores (InferenceLanes), the THROUGHPUT
+    hint with that many streams of threads // lanes each (one compiled model for them
+    all: separate ones pinned their threads to the same cores). An inference request
+    per calling thread and compiled form (a request serves one call at a time)."""
 
-    def __init__(self, path: Path, threads: int, cache_dir: Path, streams: int = 1):
+    def __init__(self, path: Path, threads: int, cache_dir: Path, lanes: int = 1):
         import openvino as ov
         core = ov.Core()
         cache_dir.mkdir(parents=True, exist_ok=True)
         core.set_property({"CACHE_DIR": str(cache_dir)})
-        hint = {"PERFORMANCE_HINT": "LATENCY"} if streams == 1 else {"PERFORMANCE_HINT": "THROUGHPUT",
-                                                                     "NUM_STREAMS": streams}
-        self.compiled = core.compile_model(str(path), "CPU", {**hint, "INFERENCE_NUM_THREADS": threads * streams})
+        self.threads = threads
+        self.compiled = {threads: core.compile_model(str(path), "CPU", {
+            "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads})}
+        lanes = min(lanes, threads)
+        if lanes > 1:
+            self.compiled[threads // lanes] = core.compile_model(str(path), "CPU", {
+                "PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": lanes, "INFERENCE_NUM_THREADS": threads})
+        self.adapts_threads = len(self.compiled) > 1
         self.name = "openvino"
         self._requests = threading.local()
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        request = getattr(self._requests, "request", None)
-        if request is None:
-            request = self._requests.request = self.compiled.create_infer_request()
+    def __call__(self, batch: np.ndarray, threads: int = 0) -> np.ndarray:
+        width = threads if threads in self.compiled else self.threads
+        requests = self._requests.__dict__
+        if width not in requests:
+            requests[width] = self.compiled[width].create_infer_request()
         # The output tensor is the request's own, overwritten by its next call: copied out.
-        return request.infer({0: np.ascontiguousarray(batch, np.float32)})[0].copy()
+        return requests[width].infer({0: np.ascontiguousarray(batch, np.float32)})[0].copy()
 
 
 @dataclass(frozen=True)

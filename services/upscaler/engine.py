@@ -14,10 +14,9 @@ beyond its box, so tiled output equals untiled output.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable, ContextManager
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -26,6 +25,8 @@ from PIL import Image
 
 from services.common.resources import available_memory_bytes
 from services.common.tiles import Rect, grid
+
+from .lanes import InferenceLanes
 
 Model = Callable[[np.ndarray], np.ndarray]  # float32 NCHW RGB in [0, 1] -> same at native scale
 
@@ -75,10 +76,11 @@ def _resize_box(planes: np.ndarray, size: tuple[int, int], box: tuple[float, flo
 
 class UpscaleEngine:
     def __init__(self, model: Model | None, native_scale: int, *, halo: int = 16, pad_multiple: int = 1,
-                 bytes_per_input_pixel: int = 1200, lane: ContextManager | None = None):
+                 bytes_per_input_pixel: int = 1200, lanes: InferenceLanes | None = None):
         self.model = model
-        # Held around each network call (the service's inference lanes); the rest of a tile's work runs outside it.
-        self.lane = lane or contextlib.nullcontext()
+        # Each network call runs in one of the service's inference lanes; the rest of a tile's work outside them.
+        self.lanes = lanes or InferenceLanes(1)
+        self.adapts_threads = getattr(model, "adapts_threads", False)  # plain callables (tests) do not
         self.native_scale = native_scale if model else 1
         self.default_halo = halo
         self.pad_multiple = pad_multiple
@@ -121,8 +123,9 @@ class UpscaleEngine:
             pad_h, pad_w = -height % self.pad_multiple, -width % self.pad_multiple
             if pad_h or pad_w:
                 x = np.pad(x, ((0, 0), (0, 0), (0, pad_h), (0, pad_w)), mode="edge")
-            with self.lane:
-                y = self.model(x)[:, :, :height * self.native_scale, :width * self.native_scale]
+            with self.lanes.call(self.adapts_threads) as threads:
+                y = self.model(x, threads=threads) if self.adapts_threads else self.model(x)
+            y = y[:, :, :height * self.native_scale, :width * self.native_scale]
             x = np.clip(y, 0.0, 1.0)
         return x[0].transpose(1, 2, 0)
 
@@ -184,7 +187,7 @@ class UpscaleEngine:
         stage = plan.stage_scale
         rows = slice(target.y0 - context.y0 * stage, target.y1 - context.y0 * stage)
         cols = slice(target.x0 - context.x0 * stage, target.x1 - context.x0 * stage)
-        with self.lane:
+        with self.lanes.call(self.adapts_threads):
             colour = self.model.render_exact(np.ascontiguousarray(context_pixels[:, :, :3]), plan.passes,
                                              self.native_scale, self.pad_multiple, rows, cols)
         if mode == "RGB":
@@ -200,7 +203,12 @@ class UpscaleEngine:
 
     def upscale(self, pixels: np.ndarray, mode: str, scale: float, *, tile: int = 0, halo: int = 0,
                 alpha_through_model: bool = False) -> np.ndarray:
-        """Whole image in memory, tile by tile (for tests, benchmarks and tools)."""
+        """Whole image in memory, tile by tile (for tests, benchmarks and tools): one request."""
+        with self.lanes.request():
+            return self._upscale(pixels, mode, scale, tile=tile, halo=halo, alpha_through_model=alpha_through_model)
+
+    def _upscale(self, pixels: np.ndarray, mode: str, scale: float, *, tile: int, halo: int,
+                 alpha_through_model: bool) -> np.ndarray:
         height, width = pixels.shape[:2]
         plan = self.plan(width, height, scale, tile=tile, halo=halo)
         out = np.empty((plan.out_height, plan.out_width, pixels.shape[2]), pixels.dtype)

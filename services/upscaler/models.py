@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from services.common.registry import Registry
 from .arch import ARCHITECTURES
 from .backends import CPU_ONLY, Backend, Candidate, OnnxBackend, OpenVinoBackend, export_onnx, torch_candidates
 from .engine import UpscaleEngine
+from .lanes import InferenceLanes
 from .ncnn_export import NcnnBackend, export_ncnn, exportable
 
 logger = logging.getLogger("imagemesh.upscaler.models")
@@ -233,16 +233,14 @@ class ModelRegistry(Registry):
         self.model_dir = Path(model_dir)
         self.backend = backend
         self.onnx_cache_dir = onnx_cache_dir or Path.home() / ".cache" / "imagemesh" / "onnx"
-        # Inference lanes: at most `lanes` network calls at once, across all models and
-        # requests, each with its share of the threads (bench/RESULTS.md: throughput).
-        self.lanes = lanes
-        self.threads = max(1, threads // lanes)
-        self.lane = threading.BoundedSemaphore(lanes)
+        self.threads = max(1, threads)
+        self.lanes = InferenceLanes(self.threads, lanes)  # shared by every model's network calls
+        self.narrow_threads = self.threads // self.lanes.lanes
         self.halo = halo
 
     def load_all(self) -> None:
         torch.set_num_threads(self.threads)
-        logs.log(logger, logging.INFO, "inference lanes", lanes=self.lanes, threads_per_lane=self.threads)
+        logs.log(logger, logging.INFO, "inference lanes", threads=self.threads, lanes=self.lanes.lanes)
         for spec in SPECS:
             self.models[spec.name] = self._load(spec)
         self.models[LANCZOS] = LoadedModel(None, LANCZOS, ready=True, backend=LANCZOS,
@@ -260,10 +258,11 @@ class ModelRegistry(Registry):
 
     def _onnx_candidates(self, onnx_path: Callable[[], Path]) -> list[Candidate]:
         """onnxruntime and OpenVINO on the same .onnx file (exported only when one is wanted)."""
-        return [Candidate("onnxruntime", "onnxruntime", lambda: OnnxBackend(onnx_path(), self.threads, self.device)),
+        return [Candidate("onnxruntime", "onnxruntime",
+                          lambda: OnnxBackend(onnx_path(), self.threads, self.device, self.narrow_threads)),
                 Candidate("openvino", "openvino",
                           lambda: OpenVinoBackend(onnx_path(), self.threads, self.onnx_cache_dir / "openvino",
-                                                          streams=self.lanes))]
+                                                  lanes=self.lanes.lanes))]
 
     def _wanted(self, candidate: Candidate) -> bool:
         return self.backend in ("auto", candidate.family, candidate.name)
@@ -283,7 +282,7 @@ class ModelRegistry(Registry):
             model.file_bytes = path.stat().st_size
             run = self._choose_backend(spec, path, digest, model)
             model.engine = UpscaleEngine(run, spec.scale, halo=self.halo, pad_multiple=2 if spec.scale == 2 else 1,
-                                         bytes_per_input_pixel=spec.bytes_per_input_pixel, lane=self.lane)
+                                         bytes_per_input_pixel=spec.bytes_per_input_pixel, lanes=self.lanes)
             model.backend = run.name
             model.ready = True
             logs.log(logger, logging.INFO, "model loaded", model=spec.name, file=path.name, backend=run.name,
@@ -312,7 +311,7 @@ class ModelRegistry(Registry):
                 lambda: cached_onnx(module, self.onnx_cache_dir, stem))
             if exportable(module):
                 candidates.append(Candidate("ncnn", "ncnn", lambda: NcnnBackend(
-                    cached_ncnn(module, self.onnx_cache_dir, stem), self.threads)))
+                    cached_ncnn(module, self.onnx_cache_dir, stem), self.threads, self.narrow_threads)))
             with torch.inference_mode():  # the accuracy reference: fp32 on the CPU
                 reference = module.float().cpu()(torch.from_numpy(tile)).numpy()
         candidates = [c for c in candidates if self._wanted(c) and (self.device == "cpu" or c.family not in CPU_ONLY)]

@@ -76,26 +76,35 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 
 class NcnnBackend:
-    """One ncnn network for every tile size; an extractor per call (safe across threads)."""
+    """ncnn networks for every tile size: one of `threads` threads, and one of
+    `narrow_threads` for calls that share the cores (InferenceLanes); ncnn's Winograd
+    convolution keeps the thread count it was loaded with. An extractor per call
+    (safe across threads)."""
 
-    def __init__(self, param_path: Path, threads: int):
+    def __init__(self, param_path: Path, threads: int, narrow_threads: int = 0):
         import ncnn
         self.ncnn = ncnn
-        self.net = ncnn.Net()
-        self.net.opt.use_winograd_convolution = True
-        self.net.opt.use_fp16_storage = self.net.opt.use_fp16_arithmetic = False
-        self.net.opt.use_bf16_storage = False  # 57 dB against fp32: outside what calibration accepts anyway
-        self.net.opt.num_threads = threads
-        self.net.opt.openmp_blocktime = 0  # idle threads that spin would take the cores from the image work around
-        if self.net.load_param(str(param_path)) or self.net.load_model(str(param_path.with_suffix(".bin"))):
-            raise ValueError(f"ncnn could not load {param_path.name}")
         self.threads = threads
+        self.nets = {width: self._load(param_path, width) for width in {threads, narrow_threads or threads}}
+        self.adapts_threads = len(self.nets) > 1
         self.name = "ncnn"
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
+    def _load(self, param_path: Path, threads: int):
+        net = self.ncnn.Net()
+        net.opt.use_winograd_convolution = True
+        net.opt.use_fp16_storage = net.opt.use_fp16_arithmetic = False
+        net.opt.use_bf16_storage = False  # 57 dB against fp32: outside what calibration accepts anyway
+        net.opt.num_threads = threads
+        net.opt.openmp_blocktime = 0  # idle threads that spin would take the cores from the image work around
+        if net.load_param(str(param_path)) or net.load_model(str(param_path.with_suffix(".bin"))):
+            raise ValueError(f"ncnn could not load {param_path.name}")
+        return net
+
+    def __call__(self, batch: np.ndarray, threads: int = 0) -> np.ndarray:
+        net = self.nets.get(threads, self.nets[self.threads])
         outputs = []
         for image in np.ascontiguousarray(batch, np.float32):
-            extractor = self.net.create_extractor()
+            extractor = net.create_extractor()
             extractor.input(INPUT, self.ncnn.Mat(image))
             status, out = extractor.extract(OUTPUT)
             if status:

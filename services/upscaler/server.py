@@ -87,7 +87,8 @@ class UpscalerServicer(upscaler_pb2_grpc.UpscalerServicer):
 
     @rpc()
     async def Upscale(self, request_iterator, context):
-        async for reply in serve_stream(request_iterator, context, method="Upscale", config=self.runtime.config,
-                                        limiter=self.runtime.limiter, downstreams=self.downstreams,
-                                        plan_step=self.plan_step):
-            yield reply
+        with self.registry.lanes.request():  # how many are in flight sets each network call's threads
+            async for reply in serve_stream(request_iterator, context, method="Upscale",
+                                            config=self.runtime.config, limiter=self.runtime.limiter,
+                                            downstreams=self.downstreams, plan_step=self.plan_step):
+                yield reply
