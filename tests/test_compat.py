@@ -178,7 +178,8 @@ def test_fourth_seed_curl_examples(gateway, workdir):
 def test_third_seed_shotgun_and_pipeline(gateway, workdir):
     url = gateway.url
     shotgun = as_json(sh(f'curl -X POST {url}/remove-background -F "file=@test-image.jpg" -F "shotgun=true"', workdir))
-    assert [c["model"] for c in shotgun["candidates"]] == ["keyer"]  # every ready general model, then the keyer
+    # every ready general model (here the built-in u2netp), then the keyer
+    assert [c["model"] for c in shotgun["candidates"]] == ["u2netp", "keyer"]
     assert shotgun["request_id"]
     picked = httpx.post(f"{url}/v1/remove-background/choice", json={"request_id": shotgun["request_id"],
                                                                        "model": "keyer"})

@@ -146,8 +146,9 @@ def test_bad_input_gets_a_clear_4xx_and_the_mesh_keeps_serving(http, photo, case
 
 def test_models_health_docs_and_unknown_routes(http):
     models = http.get("/v1/models").json()
-    assert models["defaults"] == {"upscaler": "realesr-general-x4v3", "bgremoval": "keyer"}
+    assert models["defaults"] == {"upscaler": "realesr-general-x4v3", "bgremoval": "u2netp"}
     by_name = {m["name"]: m for m in models["models"]}
+    assert by_name["u2netp"]["origin"].startswith("built-in") and by_name["u2netp"]["license"] == "Apache-2.0"
     assert by_name["realesr-animevideov3"]["ready"] and by_name["realesr-animevideov3"]["sha256_matches"]
     general = by_name["realesr-general-x4v3"]  # the backend chosen at start, and its figures
     chosen = [m for m in general["calibration"] if m["chosen"]]

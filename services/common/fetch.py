@@ -25,6 +25,11 @@ class Download:
     sha256: str = ""
     md5: str = ""        # what rembg publishes
     default: bool = True  # fetched by plain `make models` (large files are opt-in)
+    at_start: bool = False  # fetched by `make run` when missing: a service's small default model
+    accepted: tuple[str, ...] = ()  # other files in MODEL_DIR the model loads from instead
+
+    def present_in(self, model_dir: Path) -> bool:
+        return any((model_dir / name).is_file() for name in (self.file, *self.accepted))
 
     def expected(self) -> tuple[str, str]:
         return ("sha256", self.sha256) if self.sha256 else ("md5", self.md5) if self.md5 else ("", "")
@@ -46,14 +51,15 @@ def file_digest(path: Path, algorithm: str) -> str:
     return h.hexdigest()
 
 
-def _open_source(item: Download, mirror: str | None):
+def _open_source(item: Download, mirror: str | None, timeout: float):
     if mirror and "://" not in mirror:
         return open(Path(mirror) / item.file, "rb")
     url = f"{mirror.rstrip('/')}/{item.file}" if mirror else item.url
-    return urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_SECONDS)
+    return urllib.request.urlopen(url, timeout=timeout)
 
 
-def fetch(item: Download, model_dir: Path, *, mirror: str | None = None, require_checksum: bool = False) -> Path:
+def fetch(item: Download, model_dir: Path, *, mirror: str | None = None, require_checksum: bool = False,
+          timeout: float = DOWNLOAD_TIMEOUT_SECONDS) -> Path:
     """Download one file; it lands in model_dir only once verified."""
     algorithm, expected = item.expected()
     target = model_dir / item.file
@@ -65,7 +71,7 @@ def fetch(item: Download, model_dir: Path, *, mirror: str | None = None, require
     digests = {name: hashlib.new(name) for name in ("sha256", "md5")}
     fd, tmp = tempfile.mkstemp(prefix=f".{item.file}.", dir=model_dir)
     try:
-        with os.fdopen(fd, "wb") as out, _open_source(item, mirror) as source:
+        with os.fdopen(fd, "wb") as out, _open_source(item, mirror, timeout) as source:
             for block in iter(lambda: source.read(1 << 20), b""):
                 for digest in digests.values():
                     digest.update(block)

@@ -9,9 +9,13 @@ from services.common.fetch import Download
 from .models import SPECS, ModelSpec, build_module, cache_stem, cached_ncnn, cached_onnx, sha256_of
 from .ncnn_export import exportable
 
+# The compact models (a few MB each, fast on a CPU) that `make run` fetches when missing.
+AT_START = ("realesr-general-x4v3", "realesr-animevideov3")
+
 
 def downloads() -> list[Download]:
-    return [Download(spec.name, spec.official_file, spec.source_url, sha256=spec.sha256) for spec in SPECS]
+    return [Download(spec.name, spec.official_file, spec.source_url, sha256=spec.sha256,
+                     at_start=spec.name in AT_START, accepted=tuple(spec.files)) for spec in SPECS]
 
 
 def default_onnx_cache() -> Path:
