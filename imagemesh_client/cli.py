@@ -1,6 +1,7 @@
 """imagemesh: the command line.
 
     imagemesh upscale in.jpg -s 4 -o out.png
+    imagemesh upscale photos/*.jpg -s 4 -o out/      (several files, globs or folders: a batch)
     imagemesh remove-bg photo.jpg -o cutout.png [-m MODEL | --models a,b]
     imagemesh effect photo.jpg blackwhite -p grain_strength=0.1 -o bw.jpg
     imagemesh process photo.jpg --steps '[{"op": "upscale", "scale": 2}]' -o out.png
@@ -8,18 +9,25 @@
 
 Over REST by default (--url, $IMAGEMESH_URL; --token, $IMAGEMESH_TOKEN), or
 straight over gRPC with --grpc. Long work shows a progress bar on stderr.
+A batch runs its files as jobs, --jobs at a time, keeps going past a file that
+fails, prints a summary, and exits with the first failure's code.
 """
 from __future__ import annotations
 
 import argparse
+import base64
+import glob
 import json
 import os
+import shutil
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from services.common.topology import SERVICES
 
-from . import Client, GrpcClient, ImagemeshError, Result
+from . import Client, GrpcClient, ImagemeshError, Progress, Result
 
 EXIT_CODES = """exit codes:
   0  success
@@ -32,6 +40,8 @@ EXIT_CODES = """exit codes:
   8  the server cannot be reached"""
 
 FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
+# What a folder given as input contributes to a batch.
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
 def exit_code(error: ImagemeshError) -> int:
@@ -63,6 +73,50 @@ class ProgressBar:
             self.stream.write("\n")
 
 
+class BatchProgress:
+    """One status line for a batch: files done and failed, and each running file's tiles."""
+
+    def __init__(self, inputs: list[Path], quiet: bool, stream=sys.stderr, width: int = 20):
+        self.quiet, self.stream, self.width = quiet, stream, width
+        self.total, self.done, self.failed = len(inputs), 0, 0
+        self.running: dict[Path, str] = {}
+        self.lock = threading.Lock()
+
+    def start(self, path: Path) -> Progress:
+        with self.lock:
+            self.running[path] = "starting"
+        self._show()
+
+        def tiles(done: int, total: int) -> None:
+            with self.lock:
+                self.running[path] = f"{done}/{total} tiles" if total else "working"
+            self._show()
+        return tiles
+
+    def end(self, path: Path, ok: bool) -> None:
+        with self.lock:
+            self.running.pop(path, None)
+            self.done += ok
+            self.failed += not ok
+        self._show()
+
+    def _show(self) -> None:
+        if self.quiet:
+            return
+        with self.lock:
+            finished = self.done + self.failed
+            filled = round(self.width * finished / self.total)
+            line = (f"[{'#' * filled}{'.' * (self.width - filled)}] {finished}/{self.total} files, "
+                    f"{self.failed} failed; " + ", ".join(f"{p.name} {state}" for p, state in self.running.items()))
+            columns = shutil.get_terminal_size((120, 20)).columns
+            self.stream.write("\r" + line[:columns - 1].ljust(columns - 1))
+            self.stream.flush()
+
+    def finish(self) -> None:
+        if not self.quiet:
+            self.stream.write("\n")
+
+
 def parse_params(pairs: list[str]) -> dict:
     params = {}
     for pair in pairs:
@@ -91,8 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     def image_command(name, help_text):
         command = commands.add_parser(name, help=help_text)
-        command.add_argument("input", type=Path)
-        command.add_argument("-o", "--output", type=Path, help="output file (its extension picks the format)")
+        command.add_argument("input", type=str, nargs="+",
+                             help="an image; several, a glob or a folder make a batch")
+        command.add_argument("-o", "--output", type=Path,
+                             help="output file (its extension picks the format); for a batch, a folder")
+        command.add_argument("-j", "--jobs", type=int, default=2, help="files of a batch processed at once")
         command.add_argument("-f", "--format", choices=("auto", "png", "jpeg", "webp"), help="output format")
         return command
 
@@ -134,67 +191,150 @@ def steps_for(args) -> list[dict]:
     return steps
 
 
-def output_path(args, result: Result, suffix: str = "") -> Path:
+def expand_inputs(arguments: list[str]) -> tuple[list[Path], bool]:
+    """The files named, globbed or inside named folders, in order, each once; and
+    whether this is a batch (several files, a glob or a folder)."""
+    files: list[Path] = []
+    batch = len(arguments) > 1
+    for argument in arguments:
+        path = Path(argument)
+        if path.is_dir():
+            batch = True
+            files += sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif not path.exists() and glob.has_magic(argument):
+            batch = True
+            files += sorted(Path(p) for p in glob.glob(argument) if Path(p).is_file())
+        else:
+            files.append(path)  # a missing file fails as that file, in its turn
+    return list(dict.fromkeys(files)), batch
+
+
+def output_path(args, source: Path, result: Result, suffix: str = "", batch: bool = False) -> Path:
+    if batch:
+        folder = args.output or source.parent
+        name = source.stem if args.output else f"{source.stem}.{args.command}"
+        return folder / f"{name}{suffix}.{result.extension}"
     if args.output and not suffix:
         return args.output
-    base = args.output or args.input.with_name(f"{args.input.stem}.{args.command}")
+    base = args.output or source.with_name(f"{source.stem}.{args.command}")
     return base.with_name(f"{base.stem}{suffix}.{result.extension}")
 
 
-def run(args) -> int:
-    if args.command in ("models", "effects"):
-        with Client(args.url, args.token) as client:
-            listing = client.models() if args.command == "models" else client.effects()
-        if args.command == "models":
-            for m in listing["models"]:
-                state = "ready" if m["ready"] else f"not ready: {m['not_ready_reason']}"
-                print(f"{m['service']:10} {m['name']:28} {m.get('backend') or '-':12} {state}")
-        else:
-            for e in listing["effects"]:
-                params = ", ".join(f"{p['name']}={p['default']:g}" for p in e.get("params", []))
-                print(f"{e['name']:12} {e['description']}" + (f"\n             {params}" if params else ""))
-        return 0
+def list_models_or_effects(args) -> int:
+    with Client(args.url, args.token) as client:
+        listing = client.models() if args.command == "models" else client.effects()
+    if args.command == "models":
+        for m in listing["models"]:
+            state = "ready" if m["ready"] else f"not ready: {m['not_ready_reason']}"
+            print(f"{m['service']:10} {m['name']:28} {m.get('backend') or '-':12} {state}")
+    else:
+        for e in listing["effects"]:
+            params = ", ".join(f"{p['name']}={p['default']:g}" for p in e.get("params", []))
+            print(f"{e['name']:12} {e['description']}" + (f"\n             {params}" if params else ""))
+    return 0
+
+
+class FileFailed(Exception):
+    """One file could not be done: the message, and the exit code it stands for."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+def convert(args, source: Path, fmt: str, progress: Progress, batch: bool) -> list[tuple[Path, Result]]:
+    """One input file through the command; its outputs, written."""
     try:
-        image = args.input.read_bytes()
+        image = source.read_bytes()
     except OSError as exc:
-        print(f"imagemesh: cannot read {args.input}: {exc.strerror}", file=sys.stderr)
-        return 3
-    fmt = args.format or (FORMATS.get(args.output.suffix.lower(), "auto") if args.output else "auto")
-    bar = ProgressBar(args.quiet)
+        raise FileFailed(f"cannot read {source}: {exc.strerror}", 3) from None
     try:
         if args.command == "remove-bg" and args.models:
             with Client(args.url, args.token) as client:
                 answer = client.candidates(image, [m.strip() for m in args.models.split(",")],
                                            fmt if fmt != "auto" else "png")
-            import base64
+            print(f"{source}: request_id {answer['request_id']}", file=sys.stderr)
+            outputs = []
             for candidate in answer["candidates"]:
                 result = Result(base64.b64decode(candidate["image_base64"]), f"image/{candidate['format']}")
-                write(output_path(args, result, f".{candidate['model']}"), result)
-            print(f"request_id {answer['request_id']}", file=sys.stderr)
-            return 0
-        steps = steps_for(args)
-        if args.grpc:
-            result = GrpcClient(args.upscaler, args.bgremoval, args.effects).process(image, steps, fmt, bar)
+                outputs.append((output_path(args, source, result, f".{candidate['model']}", batch), result))
         else:
-            with Client(args.url, args.token) as client:
-                result = client.run_job(image, steps, fmt, bar)
+            steps = steps_for(args)
+            if args.grpc:
+                result = GrpcClient(args.upscaler, args.bgremoval, args.effects).process(image, steps, fmt, progress)
+            else:
+                with Client(args.url, args.token) as client:
+                    result = client.run_job(image, steps, fmt, progress)
+            outputs = [(output_path(args, source, result, batch=batch), result)]
     except ImagemeshError as error:
-        bar.finish()
-        print(f"imagemesh: {error}", file=sys.stderr)
-        return exit_code(error)
-    bar.finish()
-    return write(output_path(args, result), result)
+        raise FileFailed(str(error), exit_code(error)) from None
+    for path, result in outputs:
+        try:
+            path.write_bytes(result.data)
+        except OSError as exc:
+            raise FileFailed(f"cannot write {path}: {exc.strerror}", 3) from None
+    return outputs
 
 
-def write(path: Path, result: Result) -> int:
-    try:
-        path.write_bytes(result.data)
-    except OSError as exc:
-        print(f"imagemesh: cannot write {path}: {exc.strerror}", file=sys.stderr)
-        return 3
+def describe(path: Path, result: Result) -> str:
     summary = ", ".join(f"{s['op']} {s['name']} ({s['backend']})" for s in result.steps)
-    print(f"{path}" + (f": {summary}" if summary else ""), file=sys.stderr)
-    return 0
+    return f"{path}" + (f": {summary}" if summary else "")
+
+
+def run(args) -> int:
+    if args.command in ("models", "effects"):
+        return list_models_or_effects(args)
+    inputs, batch = expand_inputs(args.input)
+    if not inputs:
+        print(f"imagemesh: no image files in {' '.join(args.input)}", file=sys.stderr)
+        return 3
+    if args.jobs < 1:
+        raise SystemExit("imagemesh: --jobs must be at least 1")
+    fmt = args.format or (FORMATS.get(args.output.suffix.lower(), "auto") if args.output and not batch else "auto")
+    if not batch:
+        bar = ProgressBar(args.quiet)
+        try:
+            outputs = convert(args, inputs[0], fmt, bar, batch=False)
+        except FileFailed as failure:
+            bar.finish()
+            print(f"imagemesh: {failure}", file=sys.stderr)
+            return failure.code
+        bar.finish()
+        for path, result in outputs:
+            print(describe(path, result), file=sys.stderr)
+        return 0
+    return run_batch(args, inputs, fmt)
+
+
+def run_batch(args, inputs: list[Path], fmt: str) -> int:
+    if args.output:
+        try:
+            args.output.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            print(f"imagemesh: cannot make the folder {args.output}: {exc.strerror}", file=sys.stderr)
+            return 3
+    progress = BatchProgress(inputs, args.quiet)
+    outcomes: dict[Path, list[tuple[Path, Result]] | FileFailed] = {}
+
+    def one(source: Path) -> None:
+        try:
+            outcomes[source] = convert(args, source, fmt, progress.start(source), batch=True)
+        except FileFailed as failure:
+            outcomes[source] = failure
+        progress.end(source, not isinstance(outcomes[source], FileFailed))
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        list(pool.map(one, inputs))
+    progress.finish()
+    failures = [(source, outcome) for source, outcome in outcomes.items() if isinstance(outcome, FileFailed)]
+    for source in inputs:
+        outcome = outcomes[source]
+        if isinstance(outcome, FileFailed):
+            print(f"failed  {source}: {outcome}", file=sys.stderr)
+        else:
+            for path, result in outcome:
+                print(f"done    {source} -> {describe(path, result)}", file=sys.stderr)
+    print(f"{len(inputs) - len(failures)} done, {len(failures)} failed, of {len(inputs)} files", file=sys.stderr)
+    return next((failure.code for source in inputs if isinstance(failure := outcomes[source], FileFailed)), 0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -91,3 +91,25 @@ def test_exit_codes_scripts_can_rely_on(gateway, photo_file, tmp_path, tmp_path_
         assert ok.returncode == 0, ok.stderr
     finally:
         secured.stop()
+
+
+def test_a_batch_keeps_going_past_a_broken_file_and_says_so(gateway, photo, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        Image.fromarray(photo[:, i * 10:]).save(photos / f"p{i}.png")
+    (photos / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (photos / "notes.txt").write_text("not an image, not matched by the glob")
+    out = tmp_path / "out"
+    result = cli("upscale", photos / "*.png", "-s", 2, "-m", "lanczos", "-o", out, "-j", 2, url=gateway.url)
+    assert result.returncode == 4, result.stderr  # the broken file's refusal (a 4xx)
+    for i in range(3):
+        assert Image.open(out / f"p{i}.png").size == (2 * (128 - i * 10), 192)
+    assert not (out / "broken.png").exists()
+    assert "3 done, 1 failed, of 4 files" in result.stderr
+    assert f"failed  {photos / 'broken.png'}" in result.stderr and "4/4 files" in result.stderr
+    folder = cli("effect", photos, "sepia", "-o", tmp_path / "sepia", url=gateway.url)  # a folder is a batch too
+    assert folder.returncode == 4 and sorted(p.name for p in (tmp_path / "sepia").iterdir()) == [
+        "p0.png", "p1.png", "p2.png"]
+    every_good = cli("upscale", photos / "p0.png", photos / "p1.png", "-s", 2, "-m", "lanczos", url=gateway.url)
+    assert every_good.returncode == 0 and (photos / "p1.upscale.png").is_file()  # beside the inputs without -o
