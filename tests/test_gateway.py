@@ -1,6 +1,7 @@
 """End to end: HTTP -> gateway -> gRPC upscaler, real processes on loopback."""
 import base64
 import io
+import time
 
 import cv2
 import numpy as np
@@ -171,6 +172,10 @@ def test_gateway_metrics_move_after_a_request(http, photo):
                    if line.startswith('imagemesh_http_requests_total{') and 'route="/v1/upscale"' in line)
     before = count()
     upscale(http, png(photo[:16, :16]), scale=2, model="lanczos")
+    # Counted once the answer's last byte is sent, which can be just after the client has it.
+    deadline = time.monotonic() + 10
+    while count() == before and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert count() == before + 1
 
 

@@ -152,7 +152,8 @@ def test_remove_background_single_model_png_and_jpeg(http):
     assert reply.status_code == 200 and Image.open(io.BytesIO(reply.content)).mode == "RGBA"
     jpeg = http.post("/v1/remove-background", files={"file": ("logo.png", png(logo))},
                      data={"format": "jpeg", "quality": "95"})
-    assert jpeg.headers["content-type"] == "image/jpeg" and jpeg.headers["x-imagemesh-model"] == "keyer"
+    # no model named: auto, the built-in general model
+    assert jpeg.headers["content-type"] == "image/jpeg" and jpeg.headers["x-imagemesh-model"] == "u2netp"
     assert np.asarray(Image.open(io.BytesIO(jpeg.content)))[:10].min() > 245  # composited on white
     mask = http.post("/v1/remove-background", files={"file": ("logo.png", png(logo))},
                      data={"only_mask": "true", "post_process": "true"})
