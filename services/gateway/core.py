@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import math
 import time
 from dataclasses import dataclass, replace
 from typing import Awaitable, Callable
@@ -26,6 +27,7 @@ from services.common.tiles import BandAssembler
 from .auth import TokenAuth
 from .budget import PixelBudget
 from .errors import AnswerAborted, HttpError
+from .estimate import estimate_seconds
 from .fields import FORMAT, QUALITY
 from .inputs import ImageRequest, read_image_request
 from .jobs import JobManager
@@ -36,6 +38,7 @@ from .urlfetch import UrlFetcher, parse_networks
 logger = logging.getLogger("imagemesh.gateway")
 
 SWEEP_SECONDS = 30
+MODEL_SPEEDS_SECONDS = 60  # models load and calibrate at start: their speeds rarely change
 
 
 DISCONNECT_POLL_SECONDS = 0.25
@@ -97,6 +100,19 @@ class Gateway:
         self.mesh: MeshClient | None = None
         self._sweeper: asyncio.Task | None = None
         self.effects: list[dict] | None = None  # the effects catalogue, once read
+        self._models: dict[str, common_pb2.ListModelsResponse] = {}  # the services' models, for estimates
+        self._models_read = -math.inf
+
+    async def estimate_seconds(self, image: imageio.DecodedImage, reports) -> float:
+        """How long a run of these steps should take (estimate.py), from the models' measured
+        speeds read at most every MODEL_SPEEDS_SECONDS; 0 when they cannot be read now."""
+        if time.monotonic() - self._models_read > MODEL_SPEEDS_SECONDS:
+            try:
+                self._models = await self.mesh.list_models()
+                self._models_read = time.monotonic()
+            except HttpError:
+                pass  # an estimate is a courtesy: the job goes ahead without one
+        return estimate_seconds(image.width, image.height, list(reports), self._models)
 
     async def start(self) -> None:
         self.mesh = MeshClient(self.config)  # grpc.aio channels belong to the serving event loop

@@ -40,6 +40,8 @@ class Job:
     finished: float | None = None
     tiles_done: int = 0
     tiles_total: int = 0
+    tiles_at: float | None = None  # when tiles_done last moved
+    estimated_seconds: float = 0.0  # its run, from the services' measured speeds (estimate.py)
     steps: list[dict] = field(default_factory=list)
     timings_ms: dict = field(default_factory=dict)
     error: dict | None = None
@@ -47,10 +49,32 @@ class Job:
     attempts: int = 0
     version: int = 0
 
-    def view(self, base_url: str = "") -> dict:
+    def timing(self, now: float) -> tuple[float, float | None]:
+        """(fraction done, seconds left; None when unknown). The fraction moves inside a tile
+        too, with the time spent against the estimate, and never goes back (both terms only
+        grow); the time left comes from the tiles done so far once there are some."""
+        if self.status == "done":
+            return 1.0, 0.0
+        by_tiles = self.tiles_done / self.tiles_total if self.tiles_total else 0.0
+        if self.status == "failed":
+            return by_tiles, None
+        if self.status == "queued" or not self.started:
+            return 0.0, (round(self.estimated_seconds, 2) if self.estimated_seconds else None)
+        elapsed = max(0.0, now - self.started)
+        by_time = min(elapsed / self.estimated_seconds, 0.99) if self.estimated_seconds else 0.0
+        if self.tiles_done and self.tiles_total and self.tiles_at:
+            expected = (self.tiles_at - self.started) / self.tiles_done * self.tiles_total
+        else:
+            expected = self.estimated_seconds
+        eta = round(max(expected - elapsed, 0.0), 2) if expected else None
+        return max(by_tiles, by_time), eta
+
+    def view(self, base_url: str = "", now: float | None = None) -> dict:
+        fraction, eta = self.timing(time.time() if now is None else now)
         out = {"id": self.id, "status": self.status, "status_url": f"{base_url}/v1/jobs/{self.id}",
                "progress": {"tiles_done": self.tiles_done, "tiles_total": self.tiles_total,
-                            "fraction": round(self.tiles_done / self.tiles_total, 4) if self.tiles_total else 0.0},
+                            "fraction": round(fraction, 4)},
+               "eta_seconds": eta, "estimated_seconds": round(self.estimated_seconds, 2),
                "created_at": _iso(self.created), "started_at": _iso(self.started),
                "finished_at": _iso(self.finished), "attempts": self.attempts, "steps": self.steps,
                "timings_ms": self.timings_ms}
@@ -115,8 +139,9 @@ class JobManager:
             task.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
 
-    async def submit(self, data: bytes, steps: list, fmt: str, quality: int, needs: int) -> Job:
-        job = Job(secrets.token_hex(16), logs.request_id_var.get())
+    async def submit(self, data: bytes, steps: list, fmt: str, quality: int, needs: int,
+                     estimated_seconds: float = 0.0) -> Job:
+        job = Job(secrets.token_hex(16), logs.request_id_var.get(), estimated_seconds=estimated_seconds)
         if not await self.state.enqueue(job, Work(job.id, data, steps, fmt, quality, needs), self.queue_size):
             raise HttpError(429, "queue_full", f"{self.queue_size} jobs are already waiting; retry later",
                             {"Retry-After": "5"})
@@ -180,6 +205,8 @@ class JobManager:
 
         async def progress(done: int, total: int) -> None:
             nonlocal saved
+            if done != job.tiles_done:
+                job.tiles_at = time.time()
             job.tiles_done, job.tiles_total = done, total
             if done == total or time.monotonic() - saved >= PROGRESS_SAVE_SECONDS:
                 saved = time.monotonic()

@@ -17,9 +17,16 @@ from ..jobs import FINISHED
 
 router = APIRouter(tags=["jobs"], dependencies=PROTECTED)
 EVENT_KEEPALIVE_SECONDS = 15
+# While a job runs with no change (inside one tile), a progress event this often: its fraction and eta move.
+PROGRESS_TICK_SECONDS = 1.0
 JOB_SCHEMA = {"type": "object", "required": ["id", "status", "status_url"], "properties": {
     "id": {"type": "string"}, "status": {"type": "string", "enum": ["queued", "running", "done", "failed"]},
-    "status_url": {"type": "string"}, "progress": {"type": "object"}, "steps": {"type": "array"},
+    "status_url": {"type": "string"}, "progress": {"type": "object", "description": "tiles_done, tiles_total, "
+                                                   "and fraction: done so far, moving inside a tile too"},
+    "eta_seconds": {"type": ["number", "null"], "description": "seconds left of its run (from the tiles done so "
+                    "far, before the first from the services' measured speeds); null when unknown"},
+    "estimated_seconds": {"type": "number", "description": "its run's length estimated at submission (0: none)"},
+    "steps": {"type": "array"},
     "attempts": {"type": "integer", "description": "runs started (a run is started again once if the gateway "
                  "replica running it stops)"},
     "timings_ms": {"type": "object"}, "result_url": {"type": "string"}, "expires_at": {"type": "string"},
@@ -52,8 +59,9 @@ async def submit_job(request: Request, gw: Gateway = Depends(gateway)):
     if needs > gw.budget.limit:
         raise HttpError(413, "too_large_for_gateway", f"this job needs {needs} bytes of decoded pixels; the "
                         f"gateway holds at most {gw.budget.limit} (GATEWAY_MAX_PIXEL_BYTES)")
+    estimated = await gw.estimate_seconds(image, result.steps)
     del image  # the queue keeps the upload, decoded again when the job runs
-    job = await gw.jobs.submit(req.data, steps, fmt, quality, needs)
+    job = await gw.jobs.submit(req.data, steps, fmt, quality, needs, estimated)
     status_url = f"{base_url(request)}/v1/jobs/{job.id}"
     return JSONResponse({"id": job.id, "status": job.status, "status_url": status_url}, status_code=202,
                         headers={"Location": status_url})
@@ -65,21 +73,29 @@ async def job_status(job_id: str, request: Request, gw: Gateway = Depends(gatewa
     return (await gw.jobs.get(job_id)).view(base_url(request))
 
 
-@router.get("/v1/jobs/{job_id}/events", summary="Server-sent events: `progress` while it runs, then `done` or `failed`",
+@router.get("/v1/jobs/{job_id}/events", summary="Server-sent events: `progress` at each change and every second "
+            "while it runs, then `done` or `failed`",
             response_class=Response,
             responses={200: {"description": "an event stream; each event's data is the job as JSON",
                              "content": {"text/event-stream": {"schema": EVENT_SCHEMA}}},
                        **errors(401, 404, 429)})
 async def job_events(job_id: str, request: Request, gw: Gateway = Depends(gateway)):
-    changes = gw.jobs.watch(job_id, EVENT_KEEPALIVE_SECONDS)
+    changes = gw.jobs.watch(job_id, PROGRESS_TICK_SECONDS)
     first = await anext(changes)  # 404 here, before the stream starts, for an unknown job
     root = base_url(request)
 
     async def stream():
+        latest, quiet = first, 0.0
         async for job in prepend(first, changes):
             if job is None:
-                yield ": keep-alive\n\n"
+                quiet += PROGRESS_TICK_SECONDS
+                if latest.status == "running":
+                    yield f"event: progress\ndata: {json.dumps(latest.view(root))}\n\n"
+                elif quiet >= EVENT_KEEPALIVE_SECONDS:
+                    quiet = 0.0
+                    yield ": keep-alive\n\n"
                 continue
+            latest, quiet = job, 0.0
             event = job.status if job.status in FINISHED else "progress"
             yield f"event: {event}\ndata: {json.dumps(job.view(root))}\n\n"
     return StreamingResponse(stream(), media_type="text/event-stream",
