@@ -112,8 +112,10 @@ class Client:
         return self._request("POST", "/v1/jobs", files={"file": ("image", image)},
                              data={"steps": json.dumps(steps), "format": format}).json()
 
-    def follow_job(self, job_id: str, progress: Progress | None = None) -> dict:
-        """Follow the job's events until it ends; returns its final status."""
+    def follow_job(self, job_id: str, progress: Progress | None = None,
+                   on_status: Callable[[dict], None] | None = None) -> dict:
+        """Follow the job's events until it ends; returns its final status. `progress` gets
+        (tiles done, tiles total), `on_status` the whole status (fraction, eta_seconds)."""
         try:
             with self.http.stream("GET", f"/v1/jobs/{job_id}/events") as response:
                 if not response.is_success:
@@ -127,15 +129,18 @@ class Client:
                         view = json.loads(line[6:])
                         if progress:
                             progress(view["progress"]["tiles_done"], view["progress"]["tiles_total"])
+                        if on_status:
+                            on_status(view)
                         if event in ("done", "failed"):
                             return view
         except httpx.TransportError as exc:
             raise ImagemeshError(0, "unreachable", f"lost the connection: {exc}") from None
         raise ImagemeshError(502, "incomplete", "the job's event stream ended early")
 
-    def run_job(self, image: bytes, steps: list[dict], format: str = "auto", progress: Progress | None = None) -> Result:
+    def run_job(self, image: bytes, steps: list[dict], format: str = "auto", progress: Progress | None = None,
+                on_status: Callable[[dict], None] | None = None) -> Result:
         job = self.submit_job(image, steps, format)
-        final = self.follow_job(job["id"], progress)
+        final = self.follow_job(job["id"], progress, on_status)
         if final["status"] != "done":
             error = final.get("error") or {}
             raise ImagemeshError(error.get("status", 500), error.get("code", "job_failed"),

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from services.common.topology import SERVICES
 
-from . import Client, GrpcClient, ImagemeshError, Progress, Result
+from . import Client, GrpcClient, ImagemeshError, Result
 
 EXIT_CODES = """exit codes:
   0  success
@@ -56,15 +56,37 @@ def exit_code(error: ImagemeshError) -> int:
     return 7
 
 
+def time_left(view: dict) -> str:
+    eta = view.get("eta_seconds")
+    if eta is None or view.get("status") != "running":
+        return ""
+    return f", about {eta:.0f} s left" if eta >= 1 else ", under a second left"
+
+
 class ProgressBar:
+    """One file's bar: tiles as they arrive, and the job's fraction and time left (REST)."""
+
     def __init__(self, quiet: bool, stream=sys.stderr, width: int = 30):
         self.quiet, self.stream, self.width, self.shown = quiet, stream, width, False
+        self.done = self.total = 0
+        self.fraction, self.left = 0.0, ""
 
     def __call__(self, done: int, total: int) -> None:
-        if self.quiet or not total:
+        self.done, self.total = done, total
+        self.fraction = max(self.fraction, done / total if total else 0.0)
+        self._draw()
+
+    def status(self, view: dict) -> None:
+        self.fraction, self.left = max(self.fraction, view["progress"]["fraction"]), time_left(view)
+        self._draw()
+
+    def _draw(self) -> None:
+        if self.quiet:
             return
-        filled = round(self.width * done / total)
-        self.stream.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {done}/{total} tiles")
+        filled = round(self.width * self.fraction)
+        tiles = f"{self.done}/{self.total} tiles" if self.total else "? tiles"
+        self.stream.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {tiles}, {self.fraction:.0%}{self.left}"
+                          .ljust(80))
         self.stream.flush()
         self.shown = True
 
@@ -74,7 +96,7 @@ class ProgressBar:
 
 
 class BatchProgress:
-    """One status line for a batch: files done and failed, and each running file's tiles."""
+    """One status line for a batch: files done and failed, and each running file's share and time left."""
 
     def __init__(self, inputs: list[Path], quiet: bool, stream=sys.stderr, width: int = 20):
         self.quiet, self.stream, self.width = quiet, stream, width
@@ -82,16 +104,14 @@ class BatchProgress:
         self.running: dict[Path, str] = {}
         self.lock = threading.Lock()
 
-    def start(self, path: Path) -> Progress:
-        with self.lock:
-            self.running[path] = "starting"
-        self._show()
+    def start(self, path: Path) -> FileProgress:
+        self._set(path, "starting")
+        return FileProgress(self, path)
 
-        def tiles(done: int, total: int) -> None:
-            with self.lock:
-                self.running[path] = f"{done}/{total} tiles" if total else "working"
-            self._show()
-        return tiles
+    def _set(self, path: Path, state: str) -> None:
+        with self.lock:
+            self.running[path] = state
+        self._show()
 
     def end(self, path: Path, ok: bool) -> None:
         with self.lock:
@@ -115,6 +135,19 @@ class BatchProgress:
     def finish(self) -> None:
         if not self.quiet:
             self.stream.write("\n")
+
+
+class FileProgress:
+    """A batch file's part of the status line."""
+
+    def __init__(self, batch: BatchProgress, path: Path):
+        self.batch, self.path = batch, path
+
+    def __call__(self, done: int, total: int) -> None:
+        self.batch._set(self.path, f"{done}/{total} tiles" if total else "working")
+
+    def status(self, view: dict) -> None:
+        self.batch._set(self.path, f"{view['progress']['fraction']:.0%}{time_left(view)}")
 
 
 def parse_params(pairs: list[str]) -> dict:
@@ -242,7 +275,8 @@ class FileFailed(Exception):
         self.code = code
 
 
-def convert(args, source: Path, fmt: str, progress: Progress, batch: bool) -> list[tuple[Path, Result]]:
+def convert(args, source: Path, fmt: str, progress: ProgressBar | FileProgress,
+            batch: bool) -> list[tuple[Path, Result]]:
     """One input file through the command; its outputs, written."""
     try:
         image = source.read_bytes()
@@ -264,7 +298,7 @@ def convert(args, source: Path, fmt: str, progress: Progress, batch: bool) -> li
                 result = GrpcClient(args.upscaler, args.bgremoval, args.effects).process(image, steps, fmt, progress)
             else:
                 with Client(args.url, args.token) as client:
-                    result = client.run_job(image, steps, fmt, progress)
+                    result = client.run_job(image, steps, fmt, progress, progress.status)
             outputs = [(output_path(args, source, result, batch=batch), result)]
     except ImagemeshError as error:
         raise FileFailed(str(error), exit_code(error)) from None

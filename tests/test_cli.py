@@ -113,3 +113,16 @@ def test_a_batch_keeps_going_past_a_broken_file_and_says_so(gateway, photo, tmp_
         "p0.png", "p1.png", "p2.png"]
     every_good = cli("upscale", photos / "p0.png", photos / "p1.png", "-s", 2, "-m", "lanczos", url=gateway.url)
     assert every_good.returncode == 0 and (photos / "p1.upscale.png").is_file()  # beside the inputs without -o
+
+
+def test_the_progress_bar_shows_the_share_done_and_the_time_left():
+    import io
+
+    from imagemesh_client.cli import ProgressBar
+    shown = io.StringIO()
+    bar = ProgressBar(False, shown)
+    bar.status({"status": "running", "progress": {"fraction": 0.4}, "eta_seconds": 6.2})
+    assert "? tiles, 40%, about 6 s left" in shown.getvalue()  # one tile, not yet done: still moving
+    bar(3, 12)
+    bar.status({"status": "running", "progress": {"fraction": 0.3}, "eta_seconds": 0.4})  # never back
+    assert shown.getvalue().rstrip().endswith("3/12 tiles, 40%, under a second left")
