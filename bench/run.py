@@ -9,6 +9,7 @@ section, written by bench/gpu.py on a GPU machine, is kept).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import io
@@ -393,22 +394,14 @@ def start_upscaler(model_dir: Path, backend: str, **env) -> tuple[Process, str]:
 
 # --- 2. mesh overhead -------------------------------------------------------------
 
-def mesh_overhead(model_dir: Path, rounds: int, size: int = 1024, tile: int = 256) -> dict:
-    model = "realesr-general-x4v3"
-    registry = ModelRegistry(model_dir, threads=available_cpus(),
-                             onnx_cache_dir=Path(tempfile.mkdtemp(prefix="bench-onnx-")))
-    registry.load_all()
-    engine = registry.resolve(model)
-    upscaler, address = start_upscaler(model_dir, engine.backend)
+@contextlib.contextmanager
+def running_mesh(model_dir: Path, backend: str):
+    """An upscaler (on `backend`) and a gateway on loopback; yields an HTTP client and the upscale URL."""
+    upscaler, address = start_upscaler(model_dir, backend)
     gateway_port = free_port()
     gateway = Process("services.gateway", {"GATEWAY_PORT": str(gateway_port), "UPSCALER_ADDRESS": address,
                                            "RATE_LIMIT_PER_MINUTE": "0", "LOG_LEVEL": "WARNING",
                                            "RESULT_DIR": tempfile.mkdtemp(prefix="bench-results-")})
-    url = f"http://127.0.0.1:{gateway_port}/v1/upscale"
-    image = photo(size, size)
-    upload = io.BytesIO()
-    Image.fromarray(image).save(upload, "PNG")
-    fields = {"scale": "4", "model": model, "tile": str(tile), "format": "png"}
     try:
         with httpx.Client(timeout=600) as client:
             for _ in range(100):
@@ -417,19 +410,65 @@ def mesh_overhead(model_dir: Path, rounds: int, size: int = 1024, tile: int = 25
                     break
                 except httpx.HTTPError:
                     time.sleep(0.1)
-
-            def through_mesh():
-                reply = client.post(url, files={"file": ("photo.png", upload.getvalue())}, data=fields)
-                reply.raise_for_status()
-                return reply.content
-            through_mesh()  # warm the path
-            in_process, mesh, _, answer = alternately(
-                lambda: engine.engine.upscale(image, "RGB", 4, tile=tile), through_mesh, rounds)
+            yield client, f"http://127.0.0.1:{gateway_port}/v1/upscale"
     finally:
         gateway.stop()
         upscaler.stop()
+
+
+def upscale_through(client: httpx.Client, url: str, image: np.ndarray, fields: dict):
+    """A function that sends `image` as PNG through the mesh and returns the answer's bytes, and the
+    backend that served a first (warming) request."""
+    upload = io.BytesIO()
+    Image.fromarray(image).save(upload, "PNG")
+
+    def through_mesh() -> bytes:
+        reply = client.post(url, files={"file": ("photo.png", upload.getvalue())}, data=fields)
+        reply.raise_for_status()
+        through_mesh.backend = reply.headers.get("x-imagemesh-backend", "")
+        return reply.content
+    through_mesh()  # warm the path
+    return through_mesh
+
+
+def mesh_overhead(model_dir: Path, rounds: int, size: int = 1024, tile: int = 256) -> dict:
+    model = "realesr-general-x4v3"
+    registry = ModelRegistry(model_dir, threads=available_cpus(),
+                             onnx_cache_dir=Path(tempfile.mkdtemp(prefix="bench-onnx-")))
+    registry.load_all()
+    engine = registry.resolve(model)
+    image = photo(size, size)
+    with running_mesh(model_dir, engine.backend) as (client, url):
+        through_mesh = upscale_through(client, url, image, {"scale": "4", "model": model, "tile": str(tile),
+                                                            "format": "png"})
+        in_process, mesh, _, answer = alternately(
+            lambda: engine.engine.upscale(image, "RGB", 4, tile=tile), through_mesh, rounds)
     return {"backend": engine.backend, "image": f"{size}x{size}", "in_process": in_process, "mesh": mesh,
             "ratio": mesh / in_process, "png": png_encoders(np.asarray(Image.open(io.BytesIO(answer))), rounds)}
+
+
+def mesh_vs_reference(model_dir: Path, rounds: int, width: int = 492, height: int = 480) -> dict:
+    """A photo 4x through the whole mesh (PNG in, PNG out, the upscaler's own tile choice) against
+    the reference `RealESRGANer` in-process on the same pixels, untiled (its default and its fastest
+    on an image this small)."""
+    from bench.reference import load
+    name, file, num_conv = REFERENCE_MODELS[0]
+    directory = single_model_dir(model_dir, file)
+    image = photo(width, height)
+    with running_mesh(directory, "auto") as (client, url):
+        through_mesh = upscale_through(client, url, image, {"scale": "4", "model": name, "format": "png"})
+        RealESRGANer, SRVGGNetCompact = load()
+        reference = RealESRGANer(scale=4, model_path=str(model_dir / file), tile=0, pre_pad=0, half=False,
+                                 device=torch.device("cpu"),
+                                 model=SRVGGNetCompact(num_in_ch=3, num_out_ch=3, num_feat=64, num_conv=num_conv,
+                                                       upscale=4, act_type="prelu"))
+        bgr = np.ascontiguousarray(image[:, :, ::-1])
+        reference.enhance(bgr[:64, :64], outscale=4)  # warm
+        ref_s, mesh_s, ref_out, answer = alternately(lambda: reference.enhance(bgr, outscale=4)[0], through_mesh,
+                                                     rounds)
+    ours = np.asarray(Image.open(io.BytesIO(answer)).convert("RGB"))
+    return {"model": name, "backend": through_mesh.backend, "image": f"{width}x{height}", "reference": ref_s, "mesh": mesh_s,
+            "ratio": ref_s / mesh_s, "psnr": psnr(ours, np.ascontiguousarray(ref_out[:, :, ::-1]))}
 
 
 def png_encoders(pixels: np.ndarray, rounds: int) -> dict:
@@ -589,6 +628,7 @@ def later_sections(results: dict) -> list[str]:
             "REST -> gateway -> gRPC -> upscaler -> streamed PNG answer, against the engine called in-process.\n",
             "| in-process | through the mesh | ratio |", "|---|---|---|",
             f"| {mesh['in_process']:.2f} s | {mesh['mesh']:.2f} s | **{mesh['ratio']:.3f}x** |"]
+    out += mesh_reference_report(results["mesh_reference"])
     png = mesh["png"]
     out += [f"\nThe {png['size']} answer's PNG, written as the gateway writes it (Up filter, ISA-L deflate at the "
             "default level 1) against Pillow's PNG encoder at its defaults (zlib level 6, adaptive filters):\n",
@@ -616,6 +656,15 @@ def later_sections(results: dict) -> list[str]:
     return out
 
 
+def mesh_reference_report(r: dict) -> list[str]:
+    return [f"\nA {r['image']} photo 4x ({r['model']}) through the whole mesh as a user sends it (PNG upload, the "
+            f"upscaler's own tile choice, {r['backend']}, PNG answer) against the reference `RealESRGANer` "
+            "in-process on the same pixels, untiled (its default, and its fastest on an image this small):\n",
+            "| reference in-process | ours through the mesh | reference time / ours | PSNR ours vs reference |",
+            "|---|---|---|---|",
+            f"| {r['reference']:.2f} s | {r['mesh']:.2f} s | **{r['ratio']:.2f}x** | {r['psnr']:.1f} dB |"]
+
+
 def cpu_backends_report(rows: list[dict], peaks: dict) -> list[str]:
     out = ["\n### Every CPU backend on one tile\n",
            "The network alone (float in, float out), each backend in turn in every round, medians; the ratio is "
@@ -637,7 +686,7 @@ def main(argv=None) -> int:
     parser.add_argument("--models", type=Path, default=DEFAULT_MODELS)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run, not for RESULTS.md)")
-    parser.add_argument("--only", choices=("backends", "throughput"),
+    parser.add_argument("--only", choices=("backends", "throughput", "mesh"),
                         help="one section alone, printed (RESULTS.md untouched)")
     args = parser.parse_args(argv)
     args.models = args.models.resolve()
@@ -647,6 +696,7 @@ def main(argv=None) -> int:
     steps = [
         ("mesh", lambda: mesh_overhead(args.models, args.rounds, 256 if quick else 1024)),
         ("engine", lambda: engine_vs_reference(args.models, args.rounds, 128 if quick else 512)),
+        ("mesh_reference", lambda: mesh_vs_reference(args.models, args.rounds, *((124, 120) if quick else (492, 480)))),
         ("peaks", lambda: cpu_peaks(results["machine"])),
         ("backends", lambda: cpu_backends(args.models, args.rounds, (128,) if quick else (256, 128))),
         ("throughput", lambda: throughput(args.models, args.rounds, (1, 2) if quick else (1, 2, 4),
@@ -659,14 +709,16 @@ def main(argv=None) -> int:
     ]
     if args.only:
         steps = [step for step in steps if step[0] in {"backends": ("peaks", "backends"),
-                                                       "throughput": ("throughput",)}[args.only]]
+                                                       "throughput": ("throughput",),
+                                                       "mesh": ("mesh_reference",)}[args.only]]
     for name, step in steps:
         started = time.perf_counter()
         results[name] = step()
         print(f"[{name}] done in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     if args.only:
-        lines = cpu_backends_report(results["backends"], results["peaks"]) if args.only == "backends" \
-            else throughput_report(results["throughput"])
+        lines = {"backends": lambda: cpu_backends_report(results["backends"], results["peaks"]),
+                 "throughput": lambda: throughput_report(results["throughput"]),
+                 "mesh": lambda: mesh_reference_report(results["mesh_reference"])}[args.only]()
         print("\n".join(lines))
         return 0
     text = report(results, "make bench" + (" (--quick)" if quick else ""))
