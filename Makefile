@@ -1,4 +1,4 @@
-# imagemesh: `make run` sets up and starts the mesh, `make test` runs the tests.
+# imagemesh: `make run` sets up and starts the mesh, `make test-deps test` runs the tests.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -38,7 +38,7 @@ $(GENERATED): $(PROTOS) $(INSTALLED)
 run: setup
 	exec $(PY) -m services.run
 
-test: setup test-deps
+test: setup
 	$(PY) -m pytest -q
 
 # The quality gate CI runs before the tests (rules in pyproject.toml).

@@ -41,7 +41,8 @@ def fetch_missing_at_start(model_dir: Path, mirror: str | None = None) -> str:
             print(f"imagemesh: fetched {item.model} into {path} ({item.expected()[0]} verified)", file=sys.stderr)
         except FetchError as exc:
             names = ", ".join(i.model for i in missing[done:])
-            return f"could not fetch {names} ({exc}); starting with what {model_dir} has (`make models` later)"
+            return (f"could not fetch {names} ({exc}); starting with the models in MODEL_DIR ({model_dir}); "
+                    "`make models` fetches them later")
     return ""
 
 

@@ -16,7 +16,7 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-
 @pytest.fixture(scope="module")
 def browser():
     if BROWSER is None:
-        pytest.fail("the web page test needs Debian's chromium package (`make test` installs it)")
+        pytest.fail("the web page test needs Debian's chromium package (`make test-deps` installs it)")
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=BROWSER, headless=True, args=FLAGS)
         yield browser
