@@ -146,9 +146,10 @@ class OpenVinoBackend:
     """OpenVINO's CPU plugin on an .onnx file. Its compiled forms are kept in `cache_dir`,
     so a restart does not compile again. One stream of `threads` threads (the LATENCY
     hint) and, for `lanes` calls that share the cores (InferenceLanes), the THROUGHPUT
-    hint with that many streams of threads // lanes each (one compiled model for them
-    all: separate ones pinned their threads to the same cores). An inference request
-    per calling thread and compiled form (a request serves one call at a time)."""
+    hint with that many streams of threads // lanes each (the narrow calls share one
+    compiled model: separate single-stream ones pinned their threads to the same cores).
+    An inference request per calling thread and compiled form (a request serves one
+    call at a time)."""
 
     def __init__(self, path: Path, threads: int, cache_dir: Path, lanes: int = 1):
         import openvino as ov
@@ -168,7 +169,7 @@ class OpenVinoBackend:
 
     def __call__(self, batch: np.ndarray, threads: int = 0) -> np.ndarray:
         width = threads if threads in self.compiled else self.threads
-        requests = self._requests.__dict__
+        requests = self._requests.__dict__  # this thread's own: width -> its inference request
         if width not in requests:
             requests[width] = self.compiled[width].create_infer_request()
         # The output tensor is the request's own, overwritten by its next call: copied out.
