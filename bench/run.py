@@ -639,8 +639,8 @@ def later_sections(results: dict) -> list[str]:
             f"| {mesh['in_process']:.2f} s | {mesh['mesh']:.2f} s | **{mesh['ratio']:.3f}x** |",
             f"\nThe gateway's own CPU time per request (reading the upload, tiles in and out of protobuf, the PNG "
             f"answer's deflate): {mesh['gateway_cpu']:.2f} s. Where the network keeps every core busy (this machine "
-            f"has {mesh['cpus']}), that time adds to the request's instead of hiding under it: the overhead cannot "
-            "fall below it."]
+            f"has {mesh['cpus']}), that time competes with the network for the same cores instead of hiding "
+            "under it."]
     out += mesh_reference_report(results["mesh_reference"])
     png = mesh["png"]
     out += [f"\nThe {png['size']} answer's PNG, written as the gateway writes it (Up filter, ISA-L deflate at the "
