@@ -41,9 +41,11 @@ run: setup
 test: setup
 	$(PY) -m pytest -q
 
-# The quality gate CI runs before the tests (rules in pyproject.toml).
+# The quality gate CI runs before the tests (rules in pyproject.toml): ruff, and mypy over
+# the services and the client (with the generated protobuf stubs).
 lint: setup
 	$(VENV)/bin/ruff check services tests bench imagemesh_client
+	$(VENV)/bin/mypy
 
 # System packages the tests use: Debian's Chromium (the web page test),
 # promtool, from the prometheus package (the alerting rules' tests), and the

@@ -150,8 +150,9 @@ class FileProgress:
         self.batch._set(self.path, f"{view['progress']['fraction']:.0%}{time_left(view)}")
 
 
-def parse_params(pairs: list[str]) -> dict:
-    params = {}
+def parse_params(pairs: list[str]) -> dict[str, float | str]:
+    """Numbers for parameters, text for an effect's named options."""
+    params: dict[str, float | str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:

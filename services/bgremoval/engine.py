@@ -17,7 +17,7 @@ from PIL import ImageColor
 from services.common.errors import InvalidArgument, quoted
 from services.common.imageio import to_8bit
 
-from .models import Segmenter, SegmenterSpec
+from .models import Segmenter
 
 DEFAULT_TOLERANCE = 32
 
@@ -37,9 +37,11 @@ def parse_colour(text: str) -> tuple[int, int, int]:
     text = text.strip()
     match = re.fullmatch(r"(\d{1,3})\s*,\s*(\d{1,3})\s*,\s*(\d{1,3})", text)
     if match and all(int(v) <= 255 for v in match.groups()):
-        return tuple(int(v) for v in match.groups())
+        red, green, blue = (int(v) for v in match.groups())
+        return red, green, blue
     try:
-        return ImageColor.getrgb(text)[:3]
+        named = ImageColor.getrgb(text)
+        return named[0], named[1], named[2]
     except ValueError:
         raise InvalidArgument(f"bgcolor {quoted(text)} is not a colour ('#rrggbb', 'r,g,b' or a name)",
                               field="bgcolor") from None
@@ -60,7 +62,9 @@ def resize(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def predict_mask(segmenter: Segmenter, rgb8: np.ndarray) -> np.ndarray:
-    spec: SegmenterSpec = segmenter.spec
+    spec = segmenter.spec
+    if spec is None or segmenter.infer is None:
+        raise ValueError(f"{segmenter.name} has no model to run")
     height, width = rgb8.shape[:2]
     x = resize(rgb8, (spec.size, spec.size)).astype(np.float32)
     x = x / max(float(x.max()), 1e-6) if spec.divide_by_max else x / 255.0
@@ -97,7 +101,8 @@ def keyer(rgb8: np.ndarray, tolerance: float = DEFAULT_TOLERANCE, connected: boo
     alpha = (~is_background).astype(np.float32)
     # Soft edge: within two pixels of the boundary, alpha follows the colour distance.
     kernel = np.ones((5, 5), np.uint8)
-    band = cv2.dilate(is_background.astype(np.uint8), kernel) & cv2.dilate((~is_background).astype(np.uint8), kernel)
+    band = np.logical_and(cv2.dilate(is_background.astype(np.uint8), kernel),
+                          cv2.dilate((~is_background).astype(np.uint8), kernel))
     soft = np.clip((distance - tolerance * 0.5) / tolerance, 0.0, 1.0)
     alpha = np.where(band.astype(bool), soft, alpha)
     # Unmix the background colour from edge pixels so they do not fringe on a new background.
@@ -109,7 +114,7 @@ def keyer(rgb8: np.ndarray, tolerance: float = DEFAULT_TOLERANCE, connected: boo
 
 def clean_mask(mask: np.ndarray) -> np.ndarray:
     """Binary clean-up: drop specks, fill small holes, then a smooth 1-pixel edge."""
-    binary = (mask > 0.5).astype(np.uint8)
+    binary: np.ndarray = (mask > 0.5).astype(np.uint8)
     binary = cv2.morphologyEx(binary, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3)))
     count, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
     if count > 1:

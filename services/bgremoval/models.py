@@ -92,7 +92,7 @@ class PackagedFile:
             dist = importlib.metadata.distribution(self.distribution)
         except importlib.metadata.PackageNotFoundError:
             return None
-        path = Path(dist.locate_file(self.path))
+        path = Path(str(dist.locate_file(self.path)))
         return path if path.is_file() and file_digest(path, "sha256") == self.sha256 else None
 
     def origin(self) -> str:
@@ -255,6 +255,8 @@ class SegmenterRegistry(Registry):
                                       "psnr_db": round(min(psnr, 999.0), 2), "eligible": eligible, "chosen": False})
             if eligible and (best is None or seconds < best[0]):
                 best = (seconds, name, infer)
+        if best is None:  # onnxruntime's output is its own reference, so it always qualifies
+            raise ValueError(f"no backend ran {spec.name} within {MIN_BACKEND_PSNR_DB} dB of onnxruntime")
         for m in model.calibration:
             m["chosen"] = m["backend"] == best[1]
         return best[1], best[2]

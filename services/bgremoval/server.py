@@ -67,6 +67,8 @@ class RemovalOp:
         self.compute_ms = (time.perf_counter() - started) * 1000
 
     def render(self, job: Rect, whole: np.ndarray) -> np.ndarray:
+        if self.cutout is None:
+            raise RuntimeError("render() before prepare()")
         region = (slice(job.y0, job.y1), slice(job.x0, job.x1))
         foreground = self.cutout.foreground
         return engine.cut_out(whole[region], self.mode, self.cutout.mask[region],

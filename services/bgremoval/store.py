@@ -8,6 +8,7 @@ import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -28,7 +29,8 @@ RUNS = sa.Table("runs", METADATA,
 CHOICES = sa.Table("choices", METADATA,
                 sa.Column("request_id", sa.String, primary_key=True), sa.Column("model", sa.String, nullable=False),
                 sa.Column("created", sa.Float, nullable=False))
-UPSERTS = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
+UPSERTS: dict[str, Callable[[sa.Table], sqlite.Insert | postgresql.Insert]] = {
+    "sqlite": sqlite.insert, "postgresql": postgresql.insert}
 
 
 def database_url(url: str, sqlite_path: Path) -> str:
@@ -61,7 +63,7 @@ class ChoiceStore:
     def __init__(self, url: str):
         backend = make_url(url).get_backend_name()
         if backend == "sqlite":
-            Path(make_url(url).database).parent.mkdir(parents=True, exist_ok=True)
+            Path(make_url(url).database or ":memory:").parent.mkdir(parents=True, exist_ok=True)
         self.engine = sa.create_engine(url, pool_pre_ping=True)
         if backend == "sqlite":
             sa.event.listen(self.engine, "connect", _sqlite_durability)
@@ -100,9 +102,9 @@ class ChoiceStore:
         with self.engine.connect() as db:
             runs = {m: (n, avg) for m, n, avg in db.execute(
                 sa.select(RUNS.c.model, sa.func.count(), sa.func.avg(RUNS.c.ms)).group_by(RUNS.c.model))}
-            offered = dict(db.execute(sa.select(RUNS.c.model, sa.func.count()).where(RUNS.c.candidate == 1)
+            offered: dict[str, int] = dict(db.execute(sa.select(RUNS.c.model, sa.func.count()).where(RUNS.c.candidate == 1)
                                       .group_by(RUNS.c.model)).all())
-            picks = dict(db.execute(sa.select(CHOICES.c.model, sa.func.count()).group_by(CHOICES.c.model)).all())
+            picks: dict[str, int] = dict(db.execute(sa.select(CHOICES.c.model, sa.func.count()).group_by(CHOICES.c.model)).all())
             requests = db.execute(sa.select(sa.func.count(sa.distinct(RUNS.c.request_id)))
                                   .where(RUNS.c.candidate == 1)).scalar_one()
         total_picks = sum(picks.values())

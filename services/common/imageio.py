@@ -133,7 +133,8 @@ def _normalise_mode(img: Image.Image, icc: bytes) -> tuple[Image.Image | np.ndar
             try:
                 source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
                 converted = ImageCms.profileToProfile(img, source, ImageCms.createProfile("sRGB"), outputMode="RGB")
-                return converted, "RGB", b""
+                if converted is not None:  # None only when converting in place, which this does not ask for
+                    return converted, "RGB", b""
             except (ImageCms.PyCMSError, OSError, ValueError):
                 pass
         return img.convert("RGB"), "RGB", b""  # a CMYK profile does not describe RGB pixels

@@ -227,6 +227,8 @@ class MeshClient:
                     info = wire.HeaderInfo(reply.result.image, reply.result.image.width * reply.result.image.height)
                     yield reply.result
                 elif part == "tile":
+                    if info is None:
+                        raise HttpError(502, "upstream_protocol", f"the {service} sent a tile before its result")
                     rect, pixels = wire.tile_pixels(reply.tile, info)
                     received += rect.width * rect.height
                     yield rect, pixels
@@ -251,7 +253,8 @@ class MeshClient:
         `progress(tiles_done, tiles_total)` follows the tiles as they arrive; `reserve(header)`
         is called once the output's size is known, before it is assembled."""
         scale = self._band_scale(image, steps)
-        for attempt in range(RETRIES + 1):
+        attempt = 0
+        while True:  # ends by returning, or raising once RETRIES are spent
             started = time.perf_counter()
             events = self._stream_bands(image, steps, scale) if scale else self._call(image, steps)
             try:
@@ -267,6 +270,7 @@ class MeshClient:
                 if scale or not retryable(exc) or attempt == RETRIES:
                     raise
                 await backoff(attempt, "image", exc)
+                attempt += 1
 
     async def _stream_bands(self, image: DecodedImage, steps: list[pipeline_pb2.Step], scale: int):
         """Bands of rows (with context rows above and below) upscaled concurrently,
@@ -303,20 +307,22 @@ class MeshClient:
 
         tasks = [asyncio.create_task(guarded(i, top, bottom)) for i, (top, bottom) in enumerate(bands)]
         started = time.perf_counter()
+
+        async def next_band():
+            item = await done.get()
+            if isinstance(item, BaseException):
+                raise item
+            return item
         try:
-            first, assembler = None, None
-            for _ in bands:
-                item = await done.get()
-                if isinstance(item, BaseException):
-                    raise item
-                rect, rows, result = item
-                if first is None:
-                    first = result
-                    header = wire.grid_header(width * scale, height * scale, result.mode, result.pixels.dtype,
-                                                icc_profile=image.icc_profile, source_format=image.format)
-                    assembler = GridAssembler(header.width, header.height, rows.shape[2], rows.dtype,
-                                              header.tile_width, header.tile_height)
-                    yield pipeline_pb2.StreamResult(image=header, steps=first.reports)
+            rect, rows, first = await next_band()  # the first band done sets the output's header
+            header = wire.grid_header(width * scale, height * scale, first.mode, first.pixels.dtype,
+                                      icc_profile=image.icc_profile, source_format=image.format)
+            assembler = GridAssembler(header.width, header.height, rows.shape[2], rows.dtype,
+                                      header.tile_width, header.tile_height)
+            yield pipeline_pb2.StreamResult(image=header, steps=first.reports)
+            for band_number in range(len(bands)):
+                if band_number:
+                    rect, rows, _ = await next_band()
                 for cell in assembler.add(rect, rows):
                     yield cell
             summary = pipeline_pb2.StreamSummary(steps=first.reports, total_ms=(time.perf_counter() - started) * 1000)
@@ -346,6 +352,8 @@ class MeshClient:
                     await progress(tiles_done, tiles_total)
             else:
                 summary = item
+        if summary is None:  # the streams raise before they end without one; said here for the reader
+            raise HttpError(502, "upstream_incomplete", "the stream ended without its summary")
         return Processed(assembler.pixels, assembler.info.mode, result.image.icc_profile, list(summary.steps),
                          {"mesh": round((time.perf_counter() - started) * 1000, 1),
                           "first_tile": round(first_tile_ms, 1)})
@@ -354,7 +362,7 @@ class MeshClient:
         """Several background-removal models on one upload; returns (request_id, [(report, Processed)])."""
         steps = [pipeline_pb2.Step(remove_background=options)]
         assemblers: dict[int, ImageAssembler] = {}
-        done: dict[int, dict] = {}
+        done: dict[int, pipeline_pb2.StepReport] = {}
         request_id = ""
         call = self.bgremoval.RemoveBackgroundCandidates(timeout=self.timeout, metadata=_metadata())
         sender = Sender(call, *image_messages(image, steps))

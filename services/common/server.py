@@ -183,7 +183,7 @@ class ServiceRuntime:
         self.port = port
         self.metrics_port = metrics_port
         self.health = health.aio.HealthServicer()
-        self.server: grpc.aio.Server | None = None
+        self.server = grpc.aio.server()  # built in the serving event loop (the services' async main)
         self.limiter = StreamLimiter(service, config.max_concurrent_requests, config.max_queued_requests)
 
     @contextlib.asynccontextmanager
@@ -221,7 +221,6 @@ class ServiceRuntime:
 
     async def start(self, add_servicer: Callable[[grpc.aio.Server], None]) -> int:
         """Bind and start serving (NOT_SERVING until set_serving(True)); returns the bound port."""
-        self.server = grpc.aio.server()
         add_servicer(self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

@@ -108,7 +108,7 @@ def _is_number(text: str) -> bool:
 def parse_steps(f: Fields) -> list[pipeline_pb2.Step]:
     """`steps`: [{"op": "remove_background", ...}, {"op": "upscale", "scale": 4}, {"op": "effect", ...}]."""
     value = STEPS.read(f)
-    limit = STEPS.value_schema["maxItems"]
+    limit = MAX_STEPS
     if not isinstance(value, list) or not value:
         raise bad("steps must be a non-empty JSON list of steps")
     if len(value) > limit:

@@ -92,13 +92,25 @@ async def until_end(queue: asyncio.Queue) -> AsyncIterator:
 
 
 class TileOp(Protocol):
-    """One service's operation on a streamed image."""
-    out_width: int
-    out_height: int
-    out_mode: str
-    out_dtype: np.dtype
-    jobs: Sequence[Rect]  # input regions to render, in order
-    whole_image: bool     # True: prepare() sees the whole input before any render()
+    """One service's operation on a streamed image (read-only attributes: plain ones satisfy them)."""
+
+    @property
+    def out_width(self) -> int: ...
+
+    @property
+    def out_height(self) -> int: ...
+
+    @property
+    def out_mode(self) -> str: ...
+
+    @property
+    def out_dtype(self) -> np.dtype: ...
+
+    @property
+    def jobs(self) -> Sequence[Rect]: ...  # input regions to render, in order
+
+    @property
+    def whole_image(self) -> bool: ...  # True: prepare() sees the whole input before any render()
     # Optional attribute preferred_cell: the output grid's edge in pixels, at most.
 
     def context_rect(self, job: Rect) -> Rect: ...
@@ -305,7 +317,7 @@ async def serve_stream(request_iterator, context: grpc.aio.ServicerContext, *, m
     async def local() -> None:
         await out.put(pipeline_pb2.StreamResponse(result=pipeline_pb2.StreamResult(
             image=output_header(op, info), steps=[plan.report])))
-        if start.validate_only:
+        if admission is None:  # a check only (validate_only): nothing is rendered
             return
         await render_stream(plan, info, requests, admission, emit_local)
         await out.put(pipeline_pb2.StreamResponse(summary=pipeline_pb2.StreamSummary(
@@ -323,9 +335,12 @@ async def serve_stream(request_iterator, context: grpc.aio.ServicerContext, *, m
             image=output_header(op, info), steps=rest, validate_only=start.validate_only)), until_end(to_next))
 
         async def feed() -> None:
-            if not start.validate_only:
+            if admission is not None:  # else a check only (validate_only): nothing is rendered
                 await render_stream(plan, info, requests, admission, emit_next)
             await to_next.put(_END)
+
+        def feeding_error() -> BaseException | None:
+            return feeding.exception() if feeding.done() and not feeding.cancelled() else None
 
         feeding = asyncio.create_task(feed())
         feeding.add_done_callback(lambda task: task.cancelled() or task.exception() and call.cancel())
@@ -341,12 +356,12 @@ async def serve_stream(request_iterator, context: grpc.aio.ServicerContext, *, m
                     reply.summary.total_ms = (time.perf_counter() - started) * 1000
                 await out.put(reply)
         except grpc.aio.AioRpcError as exc:
-            if feeding.done() and not feeding.cancelled() and feeding.exception():
-                raise feeding.exception() from None
+            if (error := feeding_error()) is not None:
+                raise error from None
             raise RelayedError(exc, BY_STEP[kind].method) from None
         except asyncio.CancelledError:
-            if feeding.done() and not feeding.cancelled() and feeding.exception():
-                raise feeding.exception() from None
+            if (error := feeding_error()) is not None:
+                raise error from None
             raise
         finally:
             call.cancel()

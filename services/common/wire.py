@@ -13,7 +13,8 @@ _MODE_TO_PROTO = {"L": common_pb2.COLOR_MODE_GRAY, "LA": common_pb2.COLOR_MODE_G
                   "RGB": common_pb2.COLOR_MODE_RGB, "RGBA": common_pb2.COLOR_MODE_RGBA}
 _PROTO_TO_MODE = {v: k for k, v in _MODE_TO_PROTO.items()}
 # Little-endian on the wire whatever the host is.
-_WIRE_DTYPE = {common_pb2.SAMPLE_TYPE_UINT8: np.dtype("u1"), common_pb2.SAMPLE_TYPE_UINT16: np.dtype("<u2")}
+_WIRE_DTYPE: dict[int, np.dtype] = {common_pb2.SAMPLE_TYPE_UINT8: np.dtype("u1"),
+                                    common_pb2.SAMPLE_TYPE_UINT16: np.dtype("<u2")}
 
 
 def header(width: int, height: int, mode: str, dtype: np.dtype, *, icc_profile: bytes = b"",

@@ -92,13 +92,13 @@ class Effect:
         if unknown:
             raise InvalidArgument(f"{self.name} has no option {', '.join(unknown)}; valid options: "
                                   f"{', '.join(choices) or 'none'}", field="options")
-        chosen = {}
+        chosen: dict[str, str] = {}
         for c in self.choices:
-            value = options.get(c.name, c.default).lower()
-            if value not in c.values:
-                raise InvalidArgument(f"{self.name}.{c.name} must be one of {', '.join(c.values)}, got {quoted(value)}",
+            choice = options.get(c.name, c.default).lower()
+            if choice not in c.values:
+                raise InvalidArgument(f"{self.name}.{c.name} must be one of {', '.join(c.values)}, got {quoted(choice)}",
                                       field=f"options.{c.name}")
-            chosen[c.name] = value
+            chosen[c.name] = choice
         return resolved, chosen
 
 
@@ -178,7 +178,8 @@ def _blackwhite(x, origin, p, o):
     lum = lum + p["halation_strength"] * gaussian_blur(highlights, p["halation_radius"] / 3.0)
     lum = np.clip(lum, 0.0, 1.0)
     midtones = 1.0 - np.abs(2.0 * lum - 1.0) * 0.5  # grain shows most in the midtones
-    noise = position_noise(origin, *lum.shape[:2], int(p["grain_seed"]))
+    height, width = lum.shape[:2]
+    noise = position_noise(origin, height, width, int(p["grain_seed"]))
     return grey3(lum + p["grain_strength"] * 0.5 * midtones * noise)
 
 
@@ -308,10 +309,10 @@ def _dither(x, origin, p, o):
     palette_image.putpalette(padded.flatten().tolist())
     dithered = source.quantize(palette=palette_image, dither=Image.Dither.FLOYDSTEINBERG).convert("RGB")
     if spacing > 1:
-        dithered = dithered.resize((spacing * small.width, spacing * small.height), Image.NEAREST).crop(
+        dithered = dithered.resize((spacing * small.width, spacing * small.height), Image.Resampling.NEAREST).crop(
             (0, 0, image.width, image.height))
         if dithered.size != image.size:  # reduce() rounds up; the last partial block repeats
-            dithered = dithered.resize(image.size, Image.NEAREST)
+            dithered = dithered.resize(image.size, Image.Resampling.NEAREST)
     return np.asarray(dithered, np.float32) / 255.0
 
 

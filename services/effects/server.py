@@ -39,6 +39,8 @@ class EffectsOp:
 
     def render(self, job: Rect, context: np.ndarray) -> np.ndarray:
         if self.whole_image:
+            if self._result is None:
+                raise RuntimeError("render() before prepare() on a whole-image effect")
             return self._result[job.y0:job.y1, job.x0:job.x1]
         around = self.context_rect(job)
         out = self.chain.apply(context, engine.Origin(around.x0, around.y0, self.chain.width, self.chain.height))

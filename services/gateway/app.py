@@ -15,10 +15,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from services.common import logs, metrics
 from services.common.config import Config
 from services.common.errors import ServiceError
+from services.common.mesh import MeshClient
 
 from .budget import request_holds
 from .core import Gateway, error_response
-from .deps import api_routes
+from .deps import api_routes, gateway_of
 from .errors import AnswerAborted, HttpError, from_service_error
 from .fields import complete
 from .inputs import SMALL_BODY_BYTES, body_limit
@@ -99,16 +100,16 @@ class RequestContext:
 
 def allowed_methods(app: FastAPI, path: str) -> list[str]:
     """Every method some route takes at `path` (Starlette's 405 names only the first route's)."""
-    methods = set()
+    methods: set[str] = set()
     for route in api_routes(app):
         if route.include_in_schema and route.path_regex.match(path):
-            methods |= route.methods
+            methods |= route.methods or set()
     if "GET" in methods:
         methods.add("HEAD")
     return sorted(methods)
 
 
-def openapi_for(app: FastAPI, config: Config, gw: Gateway):
+def openapi_for(app: FastAPI, config: Config):
     """The schema of this gateway as configured: bearer security only where tokens are
     set (with its 401), image_url only where URL fetching is on, and each effect's
     parameters from the effects service's catalogue (kept once it was read)."""
@@ -131,29 +132,27 @@ def openapi_for(app: FastAPI, config: Config, gw: Gateway):
                         body["oneOf"] = [alt for alt in body.get("oneOf", []) if alt["required"] != ["image_url"]]
         if not auth:
             document.get("components", {}).pop("securitySchemes", None)
-        document = complete(document, gw.effects)
-        if gw.effects is not None:
+        effects = gateway_of(app).effects
+        document = complete(document, effects)
+        if effects is not None:
             app.openapi_schema = document
         return document
     return schema
 
 
 def create_app(config: Config) -> FastAPI:
-    gw = Gateway(config)
-
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        await gw.start()
-        yield
-        await gw.stop()
+        async with Gateway(config, MeshClient(config)).running() as gw:
+            app.state.gateway = gw
+            yield
 
     app = FastAPI(title="imagemesh", version="1.0", lifespan=lifespan, openapi_url=None, docs_url=None,
                   redoc_url=None, description=(
         "AI image processing over a gRPC mesh: Real-ESRGAN upscaling, background removal and effects, "
         "alone or as pipelines that stream tile by tile through the services. The `/v1` routes are the "
         "primary API; the others keep clients of earlier services working."))
-    app.state.gateway = gw
-    app.openapi = openapi_for(app, config, gw)  # type: ignore[method-assign]
+    app.openapi = openapi_for(app, config)  # type: ignore[method-assign]
     app.add_middleware(RequestContext, max_upload_bytes=config.max_upload_bytes,
                        write_timeout=config.client_write_timeout_seconds)
 

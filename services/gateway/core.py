@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import math
 import time
 from dataclasses import dataclass, replace
-from typing import Awaitable, Callable
+from typing import AsyncIterator, Awaitable, Callable
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -87,8 +88,12 @@ class StoredRun:
 
 
 class Gateway:
-    def __init__(self, config: Config):
+    """Built whole inside the serving event loop (the mesh's grpc.aio channels belong to it);
+    `running()` holds its background work (job workers, the result sweeper)."""
+
+    def __init__(self, config: Config, mesh: MeshClient):
         self.config = config
+        self.mesh = mesh
         self.started = time.time()
         self.auth = TokenAuth(config.api_tokens, parse_networks(config.trusted_proxies))
         self.fetcher = UrlFetcher(max_bytes=config.max_upload_bytes, timeout_seconds=config.url_fetch_timeout_seconds,
@@ -97,8 +102,6 @@ class Gateway:
         self.budget = PixelBudget(config.gateway_max_pixel_bytes)
         self.jobs = JobManager(self.run_job, self.state, workers=config.max_concurrent_jobs,
                                queue_size=config.job_queue_size)
-        self.mesh: MeshClient | None = None
-        self._sweeper: asyncio.Task | None = None
         self.effects: list[dict] | None = None  # the effects catalogue, once read
         self._models: dict[str, common_pb2.ListModelsResponse] = {}  # the services' models, for estimates
         self._models_read = -math.inf
@@ -114,16 +117,17 @@ class Gateway:
                 pass  # an estimate is a courtesy: the job goes ahead without one
         return estimate_seconds(image.width, image.height, list(reports), self._models)
 
-    async def start(self) -> None:
-        self.mesh = MeshClient(self.config)  # grpc.aio channels belong to the serving event loop
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Gateway]:
         self.jobs.start()
-        self._sweeper = asyncio.create_task(self._sweep())
-
-    async def stop(self) -> None:
-        self._sweeper.cancel()
-        await self.jobs.stop()
-        await self.mesh.close()
-        await self.state.close()
+        sweeper = asyncio.create_task(self._sweep())
+        try:
+            yield self
+        finally:
+            sweeper.cancel()
+            await self.jobs.stop()
+            await self.mesh.close()
+            await self.state.close()
 
     async def _sweep(self) -> None:
         while True:

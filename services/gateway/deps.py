@@ -11,8 +11,14 @@ from .core import Gateway
 BEARER = HTTPBearer(auto_error=False, description="one of the gateway's API_TOKENS (when any are set)")
 
 
+def gateway_of(app: FastAPI) -> Gateway:
+    """The app's gateway, built when the app starts serving."""
+    gateway: Gateway = app.state.gateway
+    return gateway
+
+
 def gateway(request: Request) -> Gateway:
-    return request.app.state.gateway
+    return gateway_of(request.app)
 
 
 async def guarded(request: Request, _: HTTPAuthorizationCredentials | None = Security(BEARER)) -> str:

@@ -135,7 +135,7 @@ def complete(document: Any, effects: list[dict] | None) -> Any:
             for e in effects]
     elif mark == "effect-and-params":  # a body with `effect` and `params`
         if "file" in document["properties"]:  # a form may also give them as fields of their own, and nothing else
-            fields = {name: {} for name in document["properties"]}
+            fields: dict[str, dict] = {name: {} for name in document["properties"]}
             variants = [{"properties": {**fields, "effect": {"const": e["name"]}, "params": effect_params_schema(e),
                                         **effect_params_schema(e)["properties"]}, "additionalProperties": False}
                         for e in effects]

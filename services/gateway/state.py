@@ -20,7 +20,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
@@ -178,7 +178,9 @@ class RedisState:
     QUEUE, GROUP = b"imagemesh:jobs", b"gateways"
 
     def __init__(self, url: str, result_ttl: float, rate_per_minute: float, burst: int, claim_seconds: float):
-        self.redis = aioredis.from_url(url, socket_connect_timeout=5, health_check_interval=30)
+        # Untyped here on purpose: redis-py's annotations describe RESP3 replies (dicts) for stream
+        # commands whose RESP2 replies, what this client gets, are lists; the tests run a real server.
+        self.redis: Any = aioredis.from_url(url, socket_connect_timeout=5, health_check_interval=30)
         self.result_ttl, self.rate, self.burst = result_ttl, rate_per_minute / 60.0, burst
         self.claim_ms = int(claim_seconds * 1000)
         self.keepalive_seconds = claim_seconds / 3

@@ -8,6 +8,7 @@ serves a model is measured at start (models.calibrate), not assumed."""
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import os
 import tempfile
@@ -15,7 +16,7 @@ import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import onnxruntime as ort
@@ -62,7 +63,11 @@ class TorchBackend:
         self.device = torch.device(device)
         self.dtype = dtype
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.module = module.eval().to(device=self.device, dtype=dtype, memory_format=self.memory_format)
+        self.module: Callable[[torch.Tensor], torch.Tensor] = module.eval().to(device=self.device, dtype=dtype)
+        if channels_last:  # the 4-D weights laid out as the channels-last input (as Module.to(memory_format=) does)
+            for parameter in module.parameters():
+                if parameter.dim() == 4:
+                    parameter.data = parameter.data.contiguous(memory_format=torch.channels_last)
         self.on_gpu = self.device.type == "cuda"
         if self.on_gpu:
             torch.backends.cudnn.benchmark = True  # the fastest convolution algorithm per shape
@@ -169,7 +174,9 @@ class OpenVinoBackend:
 
     def __call__(self, batch: np.ndarray, threads: int = 0) -> np.ndarray:
         width = threads if threads in self.compiled else self.threads
-        requests = self._requests.__dict__  # this thread's own: width -> its inference request
+        requests: dict[int, Any] | None = getattr(self._requests, "by_width", None)  # this thread's own
+        if requests is None:
+            requests = self._requests.by_width = {}
         if width not in requests:
             requests[width] = self.compiled[width].create_infer_request()
         # The output tensor is the request's own, overwritten by its next call: copied out.
@@ -199,9 +206,12 @@ CPU_ONLY = ("openvino", "ncnn")
 
 def torch_candidates(module: torch.nn.Module, device: str) -> list[Candidate]:
     variants = [v for v in TORCH_VARIANTS[device] if device != "cpu" or v[1] != torch.bfloat16 or cpu_has_bf16()]
-    return [Candidate(name, "torch", lambda name=name, dtype=dtype, cl=cl, compiled=compiled: TorchBackend(
-        name, copy.deepcopy(module), device=device, dtype=dtype, channels_last=cl, compiled=compiled))
-        for name, dtype, cl, compiled in variants]
+
+    def make(name: str, dtype: torch.dtype, channels_last: bool, compiled: bool) -> Backend:
+        return TorchBackend(name, copy.deepcopy(module), device=device, dtype=dtype, channels_last=channels_last,
+                            compiled=compiled)
+    return [Candidate(name, "torch", functools.partial(make, name, dtype, cl, compiled))
+            for name, dtype, cl, compiled in variants]
 
 
 def export_onnx(module: torch.nn.Module, path: Path, channels: int = 3) -> Path:

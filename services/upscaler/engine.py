@@ -28,7 +28,8 @@ from services.common.tiles import Rect, grid
 
 from .lanes import InferenceLanes
 
-Model = Callable[[np.ndarray], np.ndarray]  # float32 NCHW RGB in [0, 1] -> same at native scale
+# float32 NCHW RGB in [0, 1] -> the same at native scale; a backend (backends.py) also takes threads=.
+Model = Callable[..., np.ndarray]
 
 UNSHARP_SIGMA, UNSHARP_AMOUNT, UNSHARP_MARGIN = 1.0, 0.5, 4
 TILE_CHOICES = (1024, 768, 512, 384, 256, 192, 128, 96, 64)
@@ -70,7 +71,7 @@ def _resize_box(planes: np.ndarray, size: tuple[int, int], box: tuple[float, flo
     """Lanczos-resize the `box` of (h, w, c) float planes to `size` (w, h);
     pixels outside the box but inside `planes` feed the filter's support."""
     channels = [np.asarray(Image.fromarray(np.ascontiguousarray(planes[:, :, c]), "F")
-                           .resize(size, Image.LANCZOS, box=box)) for c in range(planes.shape[2])]
+                           .resize(size, Image.Resampling.LANCZOS, box=box)) for c in range(planes.shape[2])]
     return np.stack(channels, axis=2)
 
 
@@ -117,6 +118,9 @@ class UpscaleEngine:
                     tile, halo, tuple(grid(width, height, tile, tile)))
 
     def _run_model(self, rgb: np.ndarray, passes: int) -> np.ndarray:
+        model = self.model
+        if model is None:
+            raise ValueError("this engine has no network (Lanczos only)")
         x = np.ascontiguousarray(rgb.transpose(2, 0, 1)[None], np.float32)
         for _ in range(passes):
             height, width = x.shape[2:]
@@ -124,7 +128,7 @@ class UpscaleEngine:
             if pad_h or pad_w:
                 x = np.pad(x, ((0, 0), (0, 0), (0, pad_h), (0, pad_w)), mode="edge")
             with self.lanes.call(self.adapts_threads) as threads:
-                y = self.model(x, threads=threads) if self.adapts_threads else self.model(x)
+                y = model(x, threads=threads) if self.adapts_threads else model(x)
             y = y[:, :, :height * self.native_scale, :width * self.native_scale]
             x = np.clip(y, 0.0, 1.0)
         return x[0].transpose(1, 2, 0)
@@ -165,8 +169,10 @@ class UpscaleEngine:
         target = plan.output_rect(rect)
         exact = plan.stage_scale * plan.in_width == plan.out_width and \
             plan.stage_scale * plan.in_height == plan.out_height
-        if exact and mode in ("RGB", "RGBA") and hasattr(self.model, "render_exact"):
-            return self._render_on_device(plan, context, target, context_pixels, mode, alpha_through_model)
+        render_exact = getattr(self.model, "render_exact", None)  # backends that run a whole tile on their device
+        if exact and mode in ("RGB", "RGBA") and render_exact is not None:
+            return self._render_on_device(render_exact, plan, context, target, context_pixels, mode,
+                                          alpha_through_model)
         maximum = float(np.iinfo(context_pixels.dtype).max)
         x = context_pixels.astype(np.float32) / maximum
         has_alpha = mode in ("LA", "RGBA")
@@ -181,15 +187,15 @@ class UpscaleEngine:
             out = np.concatenate([out, alpha_out], axis=2)
         return np.rint(np.clip(out, 0.0, 1.0) * maximum).astype(context_pixels.dtype)
 
-    def _render_on_device(self, plan: Plan, context: Rect, target: Rect, context_pixels: np.ndarray, mode: str,
-                          alpha_through_model: bool) -> np.ndarray:
+    def _render_on_device(self, render_exact: Callable[..., np.ndarray], plan: Plan, context: Rect, target: Rect,
+                          context_pixels: np.ndarray, mode: str, alpha_through_model: bool) -> np.ndarray:
         """The colour planes go through the backend's device path; alpha (if any) as usual."""
         stage = plan.stage_scale
         rows = slice(target.y0 - context.y0 * stage, target.y1 - context.y0 * stage)
         cols = slice(target.x0 - context.x0 * stage, target.x1 - context.x0 * stage)
         with self.lanes.call(self.adapts_threads):
-            colour = self.model.render_exact(np.ascontiguousarray(context_pixels[:, :, :3]), plan.passes,
-                                             self.native_scale, self.pad_multiple, rows, cols)
+            colour = render_exact(np.ascontiguousarray(context_pixels[:, :, :3]), plan.passes,
+                                  self.native_scale, self.pad_multiple, rows, cols)
         if mode == "RGB":
             return colour
         maximum = float(np.iinfo(context_pixels.dtype).max)

@@ -20,7 +20,7 @@ from services.common.contract import MIN_BACKEND_PSNR_DB
 from services.common.fetch import file_digest, onnx_parameter_count
 from services.common.registry import Registry
 
-from .arch import ARCHITECTURES
+from .arch import ARCHITECTURES, SRVGGNetCompact
 from .backends import CPU_ONLY, Backend, Candidate, OnnxBackend, OpenVinoBackend, export_onnx, torch_candidates
 from .engine import UpscaleEngine
 from .lanes import InferenceLanes
@@ -112,7 +112,7 @@ def calibration_tile(size: int) -> np.ndarray:
     """A deterministic tile with smooth areas, texture and hard edges, like a photo's."""
     rng = np.random.default_rng(7)
     coarse = rng.random((size // 8 + 2, size // 8 + 2, 3)).astype(np.float32)
-    smooth = np.stack([np.asarray(Image.fromarray(coarse[:, :, c], "F").resize((size, size), Image.BICUBIC))
+    smooth = np.stack([np.asarray(Image.fromarray(coarse[:, :, c], "F").resize((size, size), Image.Resampling.BICUBIC))
                        for c in range(3)], axis=2)
     tile = 0.7 * smooth + 0.15 * rng.random((size, size, 3), dtype=np.float32)
     tile[size // 4:size // 2, size // 4:3 * size // 4] = (0.9, 0.2, 0.1)  # hard edges
@@ -178,7 +178,7 @@ def cached_onnx(module: torch.nn.Module, cache_dir: Path, stem: str) -> Path:
     return cached if cached.is_file() else export_onnx(module, cached)
 
 
-def cached_ncnn(module: torch.nn.Module, cache_dir: Path, stem: str) -> Path:
+def cached_ncnn(module: SRVGGNetCompact, cache_dir: Path, stem: str) -> Path:
     """The module written as an ncnn network once (its .param; the .bin beside it)."""
     param = cache_dir / "ncnn" / f"{stem}.param"
     if not (param.is_file() and param.with_suffix(".bin").is_file()):
@@ -310,8 +310,9 @@ class ModelRegistry(Registry):
             candidates = torch_candidates(module, self.device) + self._onnx_candidates(
                 lambda: cached_onnx(module, self.onnx_cache_dir, stem))
             if exportable(module):
+                compact = module
                 candidates.append(Candidate("ncnn", "ncnn", lambda: NcnnBackend(
-                    cached_ncnn(module, self.onnx_cache_dir, stem), self.threads, self.narrow_threads)))
+                    cached_ncnn(compact, self.onnx_cache_dir, stem), self.threads, self.narrow_threads)))
             with torch.inference_mode():  # the accuracy reference: fp32 on the CPU
                 reference = module.float().cpu()(torch.from_numpy(tile)).numpy()
         candidates = [c for c in candidates if self._wanted(c) and (self.device == "cpu" or c.family not in CPU_ONLY)]

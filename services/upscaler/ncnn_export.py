@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import TypeGuard
 
 import numpy as np
 import torch
@@ -20,7 +21,7 @@ MAGIC = 7767517  # ncnn's .param header
 NEAREST, ADD = 1, 0
 
 
-def exportable(module: torch.nn.Module) -> bool:
+def exportable(module: torch.nn.Module) -> TypeGuard[SRVGGNetCompact]:
     return isinstance(module, SRVGGNetCompact) and all(
         isinstance(layer, (torch.nn.Conv2d, torch.nn.PReLU)) for layer in module.body)
 
@@ -40,15 +41,19 @@ def export_ncnn(module: SRVGGNetCompact, param_path: Path) -> tuple[Path, Path]:
     for index, layer in enumerate(module.body):
         out = blob()
         if isinstance(layer, torch.nn.Conv2d):
+            if layer.bias is None:
+                raise ValueError("ncnn export expects every convolution of the body to have a bias")
             weight = layer.weight.detach().float().numpy()
             bias = layer.bias.detach().float().numpy()
             lines.append(f"Convolution conv{index} 1 1 {current} {out} 0={weight.shape[0]} 1=3 4=1 5=1 "
                          f"6={weight.size}")
             weights += np.zeros(1, np.uint32).tobytes() + weight.tobytes() + bias.tobytes()  # flag 0: raw fp32
-        else:
+        elif isinstance(layer, torch.nn.PReLU):
             slope = layer.weight.detach().float().numpy()
             lines.append(f"PReLU prelu{index} 1 1 {current} {out} 0={slope.size}")
             weights += slope.tobytes()
+        else:
+            raise ValueError(f"ncnn export cannot write a {type(layer).__name__} layer")
         current = out
     shuffled = blob()
     lines.append(f"PixelShuffle shuffle 1 1 {current} {shuffled} 0={module.upscale}")

@@ -6,6 +6,7 @@ import base64
 import resource
 import time
 from dataclasses import replace
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
@@ -102,7 +103,7 @@ async def upscaler_state(gw: Gateway):
 async def health(gw: Gateway = Depends(gateway)):
     statuses = await gw.mesh.health()
     healthy = all(s == "SERVING" for s in statuses.values())
-    body = {"status": "healthy" if healthy else "unhealthy", "services": statuses,
+    body: dict[str, Any] = {"status": "healthy" if healthy else "unhealthy", "services": statuses,
             "supported_scales": SUPPORTED_SCALES, "max_file_size": f"{gw.config.max_upload_bytes // 2**20}MB",
             "system_memory": _memory_mb()}
     if statuses.get("upscaler") == "SERVING":

@@ -13,7 +13,7 @@ from ..core import Gateway, output_bytes
 from ..deps import PROTECTED, gateway
 from ..errors import HttpError
 from ..fields import IMAGE_TYPES, OUTPUT, PROCESSING_ERRORS, STEPS, errors, image_body, json_answer
-from ..jobs import FINISHED
+from ..jobs import FINISHED, Job
 
 router = APIRouter(tags=["jobs"], dependencies=PROTECTED)
 EVENT_KEEPALIVE_SECONDS = 15
@@ -85,11 +85,12 @@ async def job_events(job_id: str, request: Request, gw: Gateway = Depends(gatewa
     root = base_url(request)
 
     async def stream():
-        latest, quiet = first, 0.0
+        latest: Job | None = first
+        quiet = 0.0
         async for job in prepend(first, changes):
             if job is None:
                 quiet += PROGRESS_TICK_SECONDS
-                if latest.status == "running":
+                if latest is not None and latest.status == "running":
                     yield f"event: progress\ndata: {json.dumps(latest.view(root))}\n\n"
                 elif quiet >= EVENT_KEEPALIVE_SECONDS:
                     quiet = 0.0
@@ -106,7 +107,7 @@ async def job_events(job_id: str, request: Request, gw: Gateway = Depends(gatewa
             responses={200: {"description": "the image", "content": IMAGE_TYPES}, **errors(401, 404, 409, 429)})
 async def job_result(job_id: str, gw: Gateway = Depends(gateway)):
     job = await gw.jobs.get(job_id)
-    if job.status != "done":
+    if job.status != "done" or job.result is None:
         raise HttpError(409, "job_not_done", f"the job is {job.status}")
     return await gw.stored_response(job.result.file_id, HttpError(404, "result_expired",
                                                                   "the job's result has expired"))

@@ -35,7 +35,7 @@ async def root(request: Request):
                        "auth": any(d.call is guarded for d in route.dependant.dependencies),
                        "summary": route.summary}
                       for route in api_routes(app)
-                      for method in sorted(route.methods) if route.include_in_schema],
+                      for method in sorted(route.methods or ()) if route.include_in_schema],
     })
 
 
