@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import onnxruntime as ort
 
 from services.common import logs, metrics
 from services.common.contract import MIN_BACKEND_PSNR_DB
 from services.common.fetch import Download, file_digest, onnx_parameter_count
+from services.common.onnx import onnx_session
 from services.common.registry import Registry
 
 logger = logging.getLogger("imagemesh.bgremoval.models")
@@ -156,12 +156,7 @@ def timed(run: Callable[[], object]) -> float:
 
 
 def onnxruntime_session(path: Path, threads: int, providers: list[str]) -> tuple[str, Callable]:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    # Idle threads that spin would take the cores from the image work around each run.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(path), options, providers=providers)
+    session = onnx_session(path, threads, providers)
     name = "onnxruntime-cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "onnxruntime"
     input_name = session.get_inputs()[0].name
     return name, lambda x: np.asarray(session.run(None, {input_name: x})[0])

@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import numpy as np
-import onnxruntime as ort
 import torch
+
+from services.common.onnx import onnx_session
 
 
 class Backend(Protocol):
@@ -118,25 +119,15 @@ class TorchBackend:
         return integer if integer.dtype == pixels.dtype else integer.astype(pixels.dtype)
 
 
-def _onnx_session(path: Path, threads: int, device: str) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    # Idle threads that spin would take the cores from the image work around each run.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=onnx_providers(device))
-
-
 class OnnxBackend:
     """onnxruntime on an .onnx file: a session of `threads` threads, and one of
     `narrow_threads` for calls that share the cores (InferenceLanes)."""
 
     def __init__(self, path: Path, threads: int, device: str = "cpu", narrow_threads: int = 0):
         self.threads = threads
-        self.sessions = {threads: _onnx_session(path, threads, device)}
+        self.sessions = {threads: onnx_session(path, threads, onnx_providers(device))}
         if device == "cpu" and 0 < narrow_threads < threads:
-            self.sessions[narrow_threads] = _onnx_session(path, narrow_threads, device)
+            self.sessions[narrow_threads] = onnx_session(path, narrow_threads, onnx_providers(device))
         session = self.sessions[threads]
         self.adapts_threads = len(self.sessions) > 1
         self.name = "onnxruntime" if session.get_providers()[0] == "CPUExecutionProvider" else "onnxruntime-cuda"
