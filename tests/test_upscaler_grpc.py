@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from imagemesh.v1 import common_pb2, pipeline_pb2, upscaler_pb2_grpc
 
 from services.common import wire
-from services.common.server import ERROR_TRAILER
+from services.common.errors import ERROR_TRAILER
 from services.common.tiles import MAX_TILE_BYTES, Rect, grid
 from services.upscaler.models import ModelRegistry
 

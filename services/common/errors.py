@@ -1,6 +1,7 @@
 """Errors that carry their gRPC status and a stable reason, raised by engines
 and servicers alike and turned into a status (and an HTTP code) in one place."""
 import grpc
+from imagemesh.v1 import common_pb2
 
 # An error message travels in gRPC metadata (8 KiB at most) and HTTP headers: what
 # a client sent is quoted in part (quoted), and no message is longer than this.
@@ -77,3 +78,21 @@ class StreamTimeout(ServiceError):
     """A client stream that kept the service waiting past a configured time."""
     code = grpc.StatusCode.DEADLINE_EXCEEDED
     reason = "stream_timeout"
+
+
+# A refused call's ErrorDetail (reason, message, field) travels in this binary trailer.
+ERROR_TRAILER = "imagemesh-error-bin"
+
+
+def error_trailer(exc: ServiceError) -> tuple[tuple[str, bytes], ...]:
+    detail = common_pb2.ErrorDetail(reason=exc.reason, message=exc.message, field=exc.field)
+    return ((ERROR_TRAILER, detail.SerializeToString()),)
+
+
+def error_detail(exc: grpc.aio.AioRpcError) -> common_pb2.ErrorDetail:
+    """What the service said of a failed call (empty when it sent no ErrorDetail)."""
+    detail = common_pb2.ErrorDetail()
+    for key, value in exc.trailing_metadata() or ():
+        if key == ERROR_TRAILER:
+            detail.ParseFromString(value)
+    return detail

@@ -4,10 +4,8 @@ the gateway's answers and the client library's errors alike."""
 from __future__ import annotations
 
 import grpc
-from imagemesh.v1 import common_pb2
 
-from .errors import ServiceError, capped
-from .server import ERROR_TRAILER
+from .errors import ServiceError, capped, error_detail
 
 _BY_CODE = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
@@ -46,10 +44,7 @@ def from_service_error(exc: ServiceError) -> HttpError:
 
 
 def from_rpc_error(exc: grpc.aio.AioRpcError, upstream: str) -> HttpError:
-    detail = common_pb2.ErrorDetail()
-    for key, value in exc.trailing_metadata() or ():
-        if key == ERROR_TRAILER:
-            detail.ParseFromString(value)
+    detail = error_detail(exc)
     code = exc.code()
     status = _BY_REASON.get(detail.reason) or _BY_CODE.get(code, 500)
     if code == grpc.StatusCode.UNAVAILABLE:

@@ -22,14 +22,12 @@ from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from imagemesh.v1 import common_pb2
 from prometheus_client import Gauge
 
 from . import logs, metrics
 from .config import Config
-from .errors import Overloaded, ServiceError
+from .errors import Overloaded, ServiceError, error_trailer
 
-ERROR_TRAILER = "imagemesh-error-bin"
 # Set by a service on the streams it opens to forward a pipeline; Envoy removes it
 # from outside calls (deploy/envoy), so only the mesh itself can mark a hop.
 HOP_HEADER = "x-imagemesh-hop"
@@ -197,8 +195,7 @@ class ServiceRuntime:
             yield
         except ServiceError as exc:
             code = exc.code
-            detail = common_pb2.ErrorDetail(reason=exc.reason, message=exc.message, field=exc.field)
-            context.set_trailing_metadata(((ERROR_TRAILER, detail.SerializeToString()),))
+            context.set_trailing_metadata(error_trailer(exc))
             logs.log(logger, logging.INFO, "request refused", method=method, code=code.name, reason=exc.reason,
                      error=exc.message)
             await context.abort(code, exc.message)

@@ -20,7 +20,7 @@ from imagemesh.v1 import common_pb2, pipeline_pb2
 
 from . import logs, wire
 from .contract import MAX_STEPS
-from .errors import InvalidArgument, LimitExceeded, ServiceError, StreamTimeout
+from .errors import InvalidArgument, LimitExceeded, ServiceError, StreamTimeout, error_detail
 from .server import CHANNEL_OPTIONS, HOP_HEADER, Admission, StreamLimiter, channel_target
 from .tiles import GridAssembler, Rect, TileBuffer
 from .topology import BY_STEP
@@ -134,10 +134,7 @@ class RelayedError(ServiceError):
     """A downstream service's error, passed on with its own status and reason."""
 
     def __init__(self, exc: grpc.aio.AioRpcError, method: str):
-        detail = common_pb2.ErrorDetail()
-        for key, value in exc.trailing_metadata() or ():
-            if key == "imagemesh-error-bin":
-                detail.ParseFromString(value)
+        detail = error_detail(exc)
         self.code = exc.code()
         super().__init__(exc.details() or self.code.name, reason=detail.reason or self.code.name.lower(),
                          field=detail.field)
