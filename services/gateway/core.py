@@ -87,6 +87,14 @@ class StoredRun:
     timings_ms: dict
 
 
+def step_headers(reports: list[pipeline_pb2.StepReport], width: int, height: int) -> dict[str, str]:
+    """The X-Imagemesh-* headers of an image answer: each step's model and backend, and the size."""
+    return {"X-Imagemesh-Model": ",".join(r.name for r in reports),
+            "X-Imagemesh-Backend": ",".join(r.backend for r in reports),
+            "X-Imagemesh-Size": f"{width}x{height}",
+            "X-Imagemesh-Steps": ", ".join(f"{r.op}={r.name}/{r.backend}" for r in reports)}
+
+
 class Gateway:
     """Built whole inside the serving event loop (the mesh's grpc.aio channels belong to it);
     `running()` holds its background work (job workers, the result sweeper)."""
@@ -223,16 +231,13 @@ class Gateway:
         height, width = result.pixels.shape[:2]
         timings = {"decode": decode_ms, **result.timings_ms, "encode": encode_ms,
                    "total": round((time.perf_counter() - started) * 1000, 1)}
-        names = ",".join(s["name"] for s in result.steps)
-        backends = ",".join(s["backend"] for s in result.steps)
+        headers = step_headers(result.reports, width, height)
         if wants_json:
             return {"image_base64": base64.b64encode(body).decode("ascii"), "width": width, "height": height,
-                    "format": fmt, "model": names, "backend": backends, **extra_json(result),
-                    "steps": result.steps, "timings_ms": timings}
+                    "format": fmt, "model": headers["X-Imagemesh-Model"], "backend": headers["X-Imagemesh-Backend"],
+                    **extra_json(result), "steps": result.steps, "timings_ms": timings}
         return Response(body, media_type=imageio.MEDIA_TYPES[fmt], headers={
-            "X-Imagemesh-Model": names, "X-Imagemesh-Backend": backends, "X-Imagemesh-Size": f"{width}x{height}",
-            "X-Imagemesh-Steps": ", ".join(f"{s['op']}={s['name']}/{s['backend']}" for s in result.steps),
-            "Server-Timing": ", ".join(f"{k};dur={v}" for k, v in timings.items())})
+            **headers, "Server-Timing": ", ".join(f"{k};dur={v}" for k, v in timings.items())})
 
     def streamed_png(self, result: pipeline_pb2.StreamResult, events, decode_ms: float) -> StreamingResponse:
         """PNG written band by band as the tiles arrive: encoding overlaps the
@@ -252,13 +257,8 @@ class Gateway:
             except HttpError as exc:
                 raise AnswerAborted(f"the PNG was cut short: {exc.message}") from None
             yield writer.finish()
-        steps = result.steps
         return StreamingResponse(body(), media_type=imageio.MEDIA_TYPES["png"], headers={
-            "X-Imagemesh-Model": ",".join(s.name for s in steps),
-            "X-Imagemesh-Backend": ",".join(s.backend for s in steps),
-            "X-Imagemesh-Size": f"{info.width}x{info.height}",
-            "X-Imagemesh-Steps": ", ".join(f"{s.op}={s.name}/{s.backend}" for s in steps),
-            "Server-Timing": f"decode;dur={decode_ms}"})
+            **step_headers(list(result.steps), info.width, info.height), "Server-Timing": f"decode;dur={decode_ms}"})
 
     async def candidates(self, req: ImageRequest, models: list[str], started: float,
                          format_field: str = "format") -> dict:
