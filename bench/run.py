@@ -42,8 +42,9 @@ from services.common.resources import available_cpus
 from services.common.tiles import grid
 from services.effects import engine as fx_engine
 from services.effects.server import EffectsOp
-from services.upscaler.models import MIN_PSNR_DB, SPECS_BY_NAME, ModelRegistry, build_module, calibration_tile
-from services.upscaler.models import psnr_db as calibration_psnr
+from services.upscaler.calibration import MIN_PSNR_DB, calibration_tile
+from services.upscaler.calibration import psnr_db as calibration_psnr
+from services.upscaler.models import SPECS_BY_NAME, ModelRegistry, build_module
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "RESULTS.md"

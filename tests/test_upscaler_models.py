@@ -15,7 +15,8 @@ from services.common.fetch import Download, FetchError, fetch
 from services.upscaler import fetch as upscaler_fetch
 from services.upscaler.arch import RRDBNet
 from services.upscaler.backends import Candidate, cpu_has_bf16
-from services.upscaler.models import SPECS, SPECS_BY_NAME, ModelRegistry, calibrate, calibration_tile, sha256_of
+from services.upscaler.calibration import calibrate, calibration_tile
+from services.upscaler.models import SPECS, SPECS_BY_NAME, ModelRegistry, sha256_of
 
 UPSCALER_FILES = sorted({name for spec in SPECS for name in spec.files})
 

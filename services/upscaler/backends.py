@@ -4,7 +4,7 @@ torch runs the project's own module in one of several precisions and memory
 formats; onnxruntime and OpenVINO run an .onnx file (one that came as such, or
 one exported from a .pth with dynamic height and width); ncnn runs the
 SRVGGNetCompact models written as its own network (ncnn_export.py). Which one
-serves a model is measured at start (models.calibrate), not assumed."""
+serves a model is measured at start (calibration.py), not assumed."""
 from __future__ import annotations
 
 import copy
