@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from services.bgremoval.models import downloads as bgremoval_downloads
+from services.bgremoval.fetch import downloads as bgremoval_downloads
 from services.common.fetch import Download, FetchError, fetch
 from services.upscaler import fetch as upscaler_fetch
 from services.upscaler.models import SPECS_BY_NAME as UPSCALER_SPECS

@@ -9,7 +9,7 @@ import torch
 from conftest import psnr
 
 from services import fetch_models
-from services.bgremoval.models import downloads as bgremoval_downloads
+from services.bgremoval.fetch import downloads as bgremoval_downloads
 from services.common.errors import ModelNotFound, ModelNotReady
 from services.common.fetch import Download, FetchError, fetch
 from services.upscaler import fetch as upscaler_fetch

