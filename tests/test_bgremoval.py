@@ -55,7 +55,7 @@ def tiny_registry(tmp_path_factory, model_dir):
 def test_rembg_shaped_models_are_fed_and_read_right(tiny_registry, photo, name):
     segmenter = tiny_registry.resolve(name)
     assert segmenter.backend in ("onnxruntime", "openvino") and not segmenter.checksum_matches  # random weights
-    mask = engine.predict_mask(segmenter, photo)
+    mask = segmenter.predict(photo)
     assert mask.shape == photo.shape[:2] and 0 <= mask.min() and mask.max() <= 1
     red = photo[:, :, 0].astype(np.float64)
     assert np.corrcoef(mask.ravel(), red.ravel())[0, 1] > 0.95  # NCHW, normalisation and resize are right
@@ -107,7 +107,7 @@ def test_with_no_model_files_auto_is_the_built_in_general_model(builtin_only):
 ])
 def test_the_built_in_model_cuts_out_a_person_and_an_object(builtin_only, image, foreground, background):
     import skimage.data
-    mask = engine.predict_mask(builtin_only.resolve("auto"), getattr(skimage.data, image)())
+    mask = builtin_only.resolve("auto").predict(getattr(skimage.data, image)())
     assert all(mask[region].mean() > 0.9 for region in foreground)
     assert all(mask[region].mean() < 0.1 for region in background)
 
@@ -133,7 +133,7 @@ def test_portrait_model_on_a_real_portrait(model_dir, portrait):
     registry = SegmenterRegistry(model_dir, threads=2)
     registry.load_all()
     astronaut = skimage.data.astronaut()
-    mask = engine.predict_mask(registry.resolve("mediapipe-selfie"), astronaut)
+    mask = registry.resolve("mediapipe-selfie").predict(astronaut)
     assert mask[80:140, 190:250].mean() > 0.95   # her face
     assert mask[200:320, 180:300].mean() > 0.9   # her suit
     assert mask[:60, :40].mean() < 0.1           # the flag behind her
