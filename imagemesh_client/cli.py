@@ -360,7 +360,7 @@ def run_batch(args, inputs: list[Path], fmt: str) -> int:
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         list(pool.map(one, inputs))
     progress.finish()
-    failures = [(source, outcome) for source, outcome in outcomes.items() if isinstance(outcome, FileFailed)]
+    failures = [outcome for source in inputs if isinstance(outcome := outcomes[source], FileFailed)]
     for source in inputs:
         outcome = outcomes[source]
         if isinstance(outcome, FileFailed):
@@ -369,7 +369,7 @@ def run_batch(args, inputs: list[Path], fmt: str) -> int:
             for path, result in outcome:
                 print(f"done    {source} -> {describe(path, result)}", file=sys.stderr)
     print(f"{len(inputs) - len(failures)} done, {len(failures)} failed, of {len(inputs)} files", file=sys.stderr)
-    return next((failure.code for source in inputs if isinstance(failure := outcomes[source], FileFailed)), 0)
+    return failures[0].code if failures else 0
 
 
 def main(argv: list[str] | None = None) -> int:
