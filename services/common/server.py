@@ -99,9 +99,9 @@ class StreamLimiter:
             if waiter.done() and not waiter.cancelled():
                 self._release()  # granted as it was cancelled: pass the slot on
             raise
-        finally:
-            in_flight.inc()
+        finally:  # out of the queue before in flight: a scrape between the two never counts it twice
             self._count_waiting()
+            in_flight.inc()
 
     def _release(self) -> None:
         while self._waiting:
