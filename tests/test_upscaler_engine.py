@@ -7,7 +7,8 @@ import torch
 from conftest import psnr
 from PIL import Image
 
-from services.upscaler.engine import UpscaleEngine, output_size
+from services.common.contract import output_size
+from services.upscaler.engine import UpscaleEngine
 from services.upscaler.lanes import InferenceLanes
 from services.upscaler.models import ModelRegistry, build_module
 

@@ -11,3 +11,8 @@ MIN_TILE_EDGE = 16                        # a grid cell's edge, unless the image
 
 # A faster inference backend is chosen only if its output stays this close (PSNR) to the exact one.
 MIN_BACKEND_PSNR_DB = 45.0
+
+
+def output_size(width: int, height: int, scale: float) -> tuple[int, int]:
+    """The size an upscale by `scale` makes (the web page's app.js rounds the same way)."""
+    return max(1, round(width * scale)), max(1, round(height * scale))

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from imagemesh.v1 import common_pb2, pipeline_pb2
 
+from services.common.contract import output_size
+
 
 def chosen_speed(model: common_pb2.ModelInfo) -> float:
     """Input megapixels per second of the backend that serves the model; 0 when not measured."""
@@ -44,10 +46,10 @@ def estimate_seconds(width: int, height: int, reports: list[pipeline_pb2.StepRep
     total = 0.0
     for report in reports:
         model = by_name.get((report.service, report.name))
-        if report.op == "upscale" and model is not None:
-            total += upscale_seconds(report, width, height, model)
-            scale = float(report.details.get("scale", "1") or 1)
-            width, height = max(1, round(width * scale)), max(1, round(height * scale))
+        if report.op == "upscale":
+            if model is not None:
+                total += upscale_seconds(report, width, height, model)
+            width, height = output_size(width, height, float(report.details.get("scale", "1") or 1))
         elif report.op == "remove_background" and model is not None:
             total += segmentation_seconds(model)
     return total

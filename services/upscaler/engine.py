@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from services.common.contract import output_size
 from services.common.resources import available_memory_bytes
 from services.common.tiles import Rect, grid
 
@@ -33,10 +34,6 @@ Model = Callable[..., np.ndarray]
 
 UNSHARP_SIGMA, UNSHARP_AMOUNT, UNSHARP_MARGIN = 1.0, 0.5, 4
 TILE_CHOICES = (1024, 768, 512, 384, 256, 192, 128, 96, 64)
-
-
-def output_size(width: int, height: int, scale: float) -> tuple[int, int]:
-    return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 @dataclass(frozen=True)
