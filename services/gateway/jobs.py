@@ -69,8 +69,8 @@ class Job:
         eta = round(max(expected - elapsed, 0.0), 2) if expected else None
         return max(by_tiles, by_time), eta
 
-    def view(self, base_url: str = "", now: float | None = None) -> dict:
-        fraction, eta = self.timing(time.time() if now is None else now)
+    def view(self, base_url: str = "") -> dict:
+        fraction, eta = self.timing(time.time())
         out = {"id": self.id, "status": self.status, "status_url": f"{base_url}/v1/jobs/{self.id}",
                "progress": {"tiles_done": self.tiles_done, "tiles_total": self.tiles_total,
                             "fraction": round(fraction, 4)},
@@ -183,6 +183,7 @@ class JobManager:
                 await self.state.save_job(job)
                 return True
             job.status, job.started, job.attempts = "running", time.time(), job.attempts + 1
+            job.tiles_done, job.tiles_at = 0, None  # a run taken over starts its tiles (and their timing) again
             await self.state.save_job(job)
             run = asyncio.create_task(self._execute(job, work))
             try:
