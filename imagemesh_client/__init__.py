@@ -157,12 +157,10 @@ class GrpcClient:
                  timeout: float = 600):
         """Each service's address (host:port, a list, or a name with several addresses);
         None: its default on this machine."""
-        from types import SimpleNamespace
-
         from services.common.topology import BY_NAME
         given = {"upscaler": upscaler, "bgremoval": bgremoval, "effects": effects}
-        self.config = SimpleNamespace(upstream_timeout_seconds=timeout, **{
-            BY_NAME[name].address_setting: address or BY_NAME[name].default_address for name, address in given.items()})
+        self.addresses = {name: address or BY_NAME[name].default_address for name, address in given.items()}
+        self.timeout = timeout
 
     def process(self, image: bytes, steps: list[dict], format: str = "auto", progress: Progress | None = None,
                 max_pixels: int = 40_000_000) -> Result:
@@ -176,7 +174,7 @@ class GrpcClient:
         from services.common.steps import parse_steps
 
         async def run() -> Result:
-            mesh = MeshClient(self.config)
+            mesh = MeshClient(self.addresses, self.timeout)
             try:
                 decoded = imageio.decode(image, max_bytes=len(image) or 1, max_pixels=max_pixels)
 

@@ -27,6 +27,7 @@ from services.common.streaming import (
 from services.common.tiles import GridAssembler, Rect, TileBuffer, grid
 
 from . import engine
+from .config import BgRemovalConfig
 from .models import Segmenter, SegmenterRegistry
 from .store import ChoiceStore
 
@@ -76,11 +77,10 @@ class RemovalOp:
 
 
 class BackgroundRemovalServicer(bgremoval_pb2_grpc.BackgroundRemovalServicer):
-    def __init__(self, runtime: ServiceRuntime, registry: SegmenterRegistry, store: ChoiceStore, cache: ResultCache):
+    def __init__(self, runtime: ServiceRuntime[BgRemovalConfig], registry: SegmenterRegistry, store: ChoiceStore, cache: ResultCache):
         self.runtime, self.registry, self.store, self.cache = runtime, registry, store, cache
-        config = runtime.config
         self.candidate_executor = ThreadPoolExecutor(max_workers=MAX_CANDIDATES, thread_name_prefix="candidate")
-        self.downstreams = Downstreams(config)
+        self.downstreams = Downstreams(runtime.config.addresses)
 
     def removal_options(self, o: pipeline_pb2.RemoveBackgroundOptions, info: wire.HeaderInfo) -> engine.RemovalOptions:
         if o.keyer_tolerance > MAX_KEYER_TOLERANCE:

@@ -1,14 +1,15 @@
 """Configuration read once from environment variables and validated at start.
 
-A service declares its settings as a list of `Setting`s; `load` reads them all
-and reports every bad value at once, so a misconfigured pod fails fast with a
-message that names the variable."""
+A service declares its settings as a frozen dataclass whose fields are made by
+`setting` (the variable is the field's name in upper case); `load` reads them
+all and reports every bad value at once, so a misconfigured pod fails fast with
+a message that names the variable."""
 from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Mapping, TypeVar, get_type_hints
 
 from .topology import BY_NAME, SERVICES
 
@@ -60,73 +61,84 @@ class Setting:
             raise ConfigError(f"{self.env}={value!r}: must be one of {', '.join(self.choices)}")
 
 
-class Config:
-    """Attribute access to validated settings: config.model_dir for MODEL_DIR."""
-
-    def __init__(self, values: dict[str, Any]):
-        self._values = values
-
-    def __getattr__(self, key: str) -> Any:
-        try:
-            return self._values[key]
-        except KeyError:
-            raise AttributeError(key) from None
-
-    def as_dict(self) -> dict[str, Any]:
-        return dict(self._values)
+def setting(default: Any, help: str, *, minimum: float | None = None, maximum: float | None = None,
+            choices: tuple[str, ...] | None = None) -> Any:
+    """A field of a config dataclass, read from the variable of its name in upper case."""
+    return field(default=default, metadata={"help": help, "minimum": minimum, "maximum": maximum,
+                                            "choices": choices})
 
 
-def load(settings: list[Setting], environ: Mapping[str, str] | None = None) -> Config:
+def settings_of(config_class: type) -> list[Setting]:
+    """The settings a config dataclass reads, in declaration order."""
+    types = get_type_hints(config_class)
+    return [Setting(f.name.upper(), types[f.name], f.default, **f.metadata) for f in fields(config_class)]
+
+
+ConfigT = TypeVar("ConfigT")
+
+
+def load(config_class: type[ConfigT], environ: Mapping[str, str] | None = None) -> ConfigT:
     environ = os.environ if environ is None else environ
     values: dict[str, Any] = {}
     problems: list[str] = []
-    for setting in settings:
-        raw = environ.get(setting.env)
+    for item in settings_of(config_class):
+        raw = environ.get(item.env)
         try:
-            values[setting.key] = setting.default if raw is None or raw == "" else setting.parse(raw)
+            values[item.key] = item.default if raw is None or raw == "" else item.parse(raw)
         except ConfigError as exc:
             problems.append(str(exc))
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
-    return Config(values)
+    return config_class(**values)
 
 
-def load_or_exit(settings: list[Setting]) -> Config:
+def load_or_exit(config_class: type[ConfigT]) -> ConfigT:
     try:
-        return load(settings)
+        return load(config_class)
     except ConfigError as exc:
         print(f"imagemesh: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
-# Settings the gateway and every service share.
-COMMON_SETTINGS = [
-    Setting("BIND_HOST", str, "127.0.0.1", "address the servers listen on (0.0.0.0 in containers)"),
-    Setting("LOG_LEVEL", str, "INFO", "log level", choices=("DEBUG", "INFO", "WARNING", "ERROR")),
-    Setting("MAX_INPUT_PIXELS", int, 40_000_000, "largest input image, in pixels", minimum=1),
-    Setting("MAX_OUTPUT_PIXELS", int, 67_108_864, "largest output image, in pixels", minimum=1),
-]
-
-# Where each step's service is: the gateway calls them, and a service forwards
-# a pipeline's remaining steps to the next one.
-ADDRESS_SETTINGS = [Setting(service.address_setting.upper(), str, service.default_address,
-                            f"host:port of the {service.description} gRPC service") for service in SERVICES]
-
-
-def port_settings(name: str) -> list[Setting]:
-    """A service's gRPC and metrics ports, defaults from the services table."""
+def address_setting(name: str) -> Any:
     service = BY_NAME[name]
-    return [Setting(f"{name.upper()}_PORT", int, service.port, "gRPC port", minimum=0, maximum=65535),
-            Setting(f"{name.upper()}_METRICS_PORT", int, service.metrics_port, "Prometheus /metrics port (0: off)",
-                    minimum=0, maximum=65535)]
+    return setting(service.default_address, f"host:port of the {service.description} gRPC service")
 
-# Settings of every gRPC service.
-SERVICE_SETTINGS = COMMON_SETTINGS + ADDRESS_SETTINGS + [
-    Setting("MAX_CONCURRENT_REQUESTS", int, 2, "requests processed at once per service", minimum=1),
-    Setting("MAX_QUEUED_REQUESTS", int, 16, "requests waiting for a slot before RESOURCE_EXHAUSTED", minimum=0),
-    Setting("DRAIN_SECONDS", float, 30.0, "grace period for in-flight streams on SIGTERM", minimum=0),
-    Setting("STREAM_START_TIMEOUT_SECONDS", float, 10.0,
-            "a stream whose StreamStart has not arrived this long after it opened is refused", minimum=0.1),
-    Setting("STREAM_IDLE_TIMEOUT_SECONDS", float, 60.0,
-            "a stream that sends nothing (not even a heartbeat) for this long is ended", minimum=15),
-]
+
+def port_setting(name: str) -> Any:
+    return setting(BY_NAME[name].port, "gRPC port", minimum=0, maximum=65535)
+
+
+def metrics_port_setting(name: str) -> Any:
+    return setting(BY_NAME[name].metrics_port, "Prometheus /metrics port (0: off)", minimum=0, maximum=65535)
+
+
+@dataclass(frozen=True)
+class CommonConfig:
+    """Settings the gateway and every service share, and where each step's
+    service is: the gateway calls them, and a service forwards a pipeline's
+    remaining steps to the next one."""
+    bind_host: str = setting("127.0.0.1", "address the servers listen on (0.0.0.0 in containers)")
+    log_level: str = setting("INFO", "log level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    max_input_pixels: int = setting(40_000_000, "largest input image, in pixels", minimum=1)
+    max_output_pixels: int = setting(67_108_864, "largest output image, in pixels", minimum=1)
+    upscaler_address: str = address_setting("upscaler")
+    bgremoval_address: str = address_setting("bgremoval")
+    effects_address: str = address_setting("effects")
+
+    @property
+    def addresses(self) -> dict[str, str]:
+        """Each service's address by its name."""
+        return {service.name: getattr(self, service.address_setting) for service in SERVICES}
+
+
+@dataclass(frozen=True)
+class ServiceConfig(CommonConfig):
+    """Settings of every gRPC service."""
+    max_concurrent_requests: int = setting(2, "requests processed at once per service", minimum=1)
+    max_queued_requests: int = setting(16, "requests waiting for a slot before RESOURCE_EXHAUSTED", minimum=0)
+    drain_seconds: float = setting(30.0, "grace period for in-flight streams on SIGTERM", minimum=0)
+    stream_start_timeout_seconds: float = setting(
+        10.0, "a stream whose StreamStart has not arrived this long after it opened is refused", minimum=0.1)
+    stream_idle_timeout_seconds: float = setting(
+        60.0, "a stream that sends nothing (not even a heartbeat) for this long is ended", minimum=15)

@@ -10,7 +10,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Mapping
 
 import grpc
 import numpy as np
@@ -114,14 +114,15 @@ def image_messages(image: DecodedImage, steps: list[pipeline_pb2.Step]):
 
 
 class MeshClient:
-    def __init__(self, config):
-        self.timeout = config.upstream_timeout_seconds
+    def __init__(self, addresses: Mapping[str, str], timeout: float, *, upscale_fanout: int = 0,
+                 upscale_band_rows: int = 512):
+        """`addresses`: each service's by its name; `upscale_fanout`: how many bands of
+        one upscale run at once, on as many replicas (0: one per listed replica)."""
+        self.timeout = timeout
         self.channels = {service.name: grpc.aio.insecure_channel(
-            channel_target(getattr(config, service.address_setting)), options=CHANNEL_OPTIONS)
-            for service in SERVICES}
-        # How many bands of one upscale run at once, on as many replicas (0: one per listed replica).
-        self.fanout = getattr(config, "upscale_fanout", 0) or replica_count(config.upscaler_address)
-        self.band_rows = getattr(config, "upscale_band_rows", 512)
+            channel_target(addresses[service.name]), options=CHANNEL_OPTIONS) for service in SERVICES}
+        self.fanout = upscale_fanout or replica_count(addresses["upscaler"])
+        self.band_rows = upscale_band_rows
         self.upscaler = upscaler_pb2_grpc.UpscalerStub(self.channels["upscaler"])
         self.bgremoval = bgremoval_pb2_grpc.BackgroundRemovalStub(self.channels["bgremoval"])
         self.effects = effects_pb2_grpc.EffectsStub(self.channels["effects"])

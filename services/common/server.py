@@ -15,7 +15,7 @@ import logging
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Generic, TypeVar
 
 import grpc
 from google.protobuf import descriptor_pool
@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import Gauge
 
 from . import logs, metrics
-from .config import Config
+from .config import ServiceConfig
 from .errors import Overloaded, ServiceError, error_trailer
 
 # Set by a service on the streams it opens to forward a pipeline; Envoy removes it
@@ -170,8 +170,12 @@ def _metadata_value(context: grpc.aio.ServicerContext, key: str) -> str:
     return ""
 
 
-class ServiceRuntime:
-    def __init__(self, service: str, descriptor: ServiceDescriptor, config: Config, port: int, metrics_port: int):
+ServiceConfigT = TypeVar("ServiceConfigT", bound=ServiceConfig)
+
+
+class ServiceRuntime(Generic[ServiceConfigT]):
+    def __init__(self, service: str, descriptor: ServiceDescriptor, config: ServiceConfigT, port: int,
+                 metrics_port: int):
         """`descriptor` is the service's own, from its generated `_pb2` module: taking it
         (not a name) registers that .proto file for reflection, which resolves a service
         only from files in the default descriptor pool."""

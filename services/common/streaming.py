@@ -12,7 +12,7 @@ import asyncio
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Protocol, Sequence
+from typing import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping, Protocol, Sequence
 
 import grpc
 import numpy as np
@@ -232,13 +232,13 @@ async def render_stream(plan: StepPlan, info: wire.HeaderInfo, requests: AsyncIt
 class Downstreams:
     """gRPC channels to the next steps' services, made in the serving loop."""
 
-    def __init__(self, config):
-        self.config = config
+    def __init__(self, addresses: Mapping[str, str]):
+        self.addresses = addresses
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def call(self, kind: str, timeout: float | None) -> grpc.aio.StreamStreamCall:
         """A call to the service of a kind of step, its requests to be written (see Sender)."""
-        address = getattr(self.config, BY_STEP[kind].address_setting)
+        address = self.addresses[BY_STEP[kind].name]
         channel = self._channels.get(address)
         if channel is None:
             channel = self._channels[address] = grpc.aio.insecure_channel(channel_target(address),

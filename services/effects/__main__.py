@@ -3,19 +3,16 @@ import asyncio
 
 from imagemesh.v1 import effects_pb2, effects_pb2_grpc
 
-from services.common import config as cfg
 from services.common import logs
+from services.common.config import load_or_exit
 from services.common.server import ServiceRuntime, serve
 
+from .config import EffectsConfig
 from .server import EffectsServicer
-
-SETTINGS = cfg.SERVICE_SETTINGS + cfg.port_settings("effects") + [
-    cfg.Setting("EFFECTS_TILE_SIZE", int, 256, "tile edge for tileable effects", minimum=16, maximum=4096),
-]
 
 
 async def main() -> None:
-    config = cfg.load_or_exit(SETTINGS)
+    config = load_or_exit(EffectsConfig)
     logs.setup("effects", config.log_level)
     runtime = ServiceRuntime("effects", effects_pb2.DESCRIPTOR.services_by_name["Effects"], config,
                              config.effects_port, config.effects_metrics_port)

@@ -12,6 +12,7 @@ from services.common.tiles import Rect, grid
 from services.common.wire import HeaderInfo
 
 from . import engine
+from .config import EffectsConfig
 
 
 class EffectsOp:
@@ -58,9 +59,9 @@ def effect_info(effect: engine.Effect) -> effects_pb2.EffectInfo:
 
 
 class EffectsServicer(effects_pb2_grpc.EffectsServicer):
-    def __init__(self, runtime: ServiceRuntime):
+    def __init__(self, runtime: ServiceRuntime[EffectsConfig]):
         self.runtime = runtime
-        self.downstreams = Downstreams(runtime.config)
+        self.downstreams = Downstreams(runtime.config.addresses)
 
     @rpc()
     async def ListEffects(self, request, context):

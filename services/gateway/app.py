@@ -13,11 +13,11 @@ from fastapi.openapi.utils import get_openapi
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.common import logs, metrics
-from services.common.config import Config
 from services.common.errors import ServiceError
 from services.common.mesh import MeshClient
 
 from .budget import request_holds
+from .config import GatewayConfig
 from .core import Gateway, error_response
 from .deps import api_routes, gateway_of
 from .errors import AnswerAborted, HttpError, from_service_error
@@ -109,7 +109,7 @@ def allowed_methods(app: FastAPI, path: str) -> list[str]:
     return sorted(methods)
 
 
-def openapi_for(app: FastAPI, config: Config):
+def openapi_for(app: FastAPI, config: GatewayConfig):
     """The schema of this gateway as configured: bearer security only where tokens are
     set (with its 401), image_url only where URL fetching is on, and each effect's
     parameters from the effects service's catalogue (kept once it was read)."""
@@ -140,10 +140,11 @@ def openapi_for(app: FastAPI, config: Config):
     return schema
 
 
-def create_app(config: Config) -> FastAPI:
+def create_app(config: GatewayConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        async with Gateway(config, MeshClient(config)).running() as gw:
+        async with Gateway(config, MeshClient(config.addresses, config.upstream_timeout_seconds, upscale_fanout=config.upscale_fanout,
+                                                    upscale_band_rows=config.upscale_band_rows)).running() as gw:
             app.state.gateway = gw
             yield
 

@@ -19,7 +19,6 @@ from imagemesh.v1 import common_pb2, pipeline_pb2
 from starlette.concurrency import run_in_threadpool
 
 from services.common import imageio, logs, wire
-from services.common.config import Config
 from services.common.fields import Fields
 from services.common.mesh import MeshClient, Processed
 from services.common.steps import remove_background_options
@@ -27,6 +26,7 @@ from services.common.tiles import BandAssembler
 
 from .auth import TokenAuth
 from .budget import PixelBudget
+from .config import GatewayConfig
 from .errors import AnswerAborted, HttpError
 from .estimate import estimate_seconds
 from .fields import FORMAT, QUALITY
@@ -99,7 +99,7 @@ class Gateway:
     """Built whole inside the serving event loop (the mesh's grpc.aio channels belong to it);
     `running()` holds its background work (job workers, the result sweeper)."""
 
-    def __init__(self, config: Config, mesh: MeshClient):
+    def __init__(self, config: GatewayConfig, mesh: MeshClient):
         self.config = config
         self.mesh = mesh
         self.started = time.time()

@@ -26,6 +26,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from .auth import RateLimiter, rate_limited
+from .config import GatewayConfig
 from .errors import HttpError
 from .jobs import FINISHED, Job, Work
 from .store import DirectoryResults, Stored, new_file_id, valid_file_id
@@ -343,7 +344,7 @@ class RedisState:
                 await self.redis.xgroup_delconsumer(self.QUEUE, self.GROUP, consumer["name"])
 
 
-def open_state(config) -> LocalState | RedisState:
+def open_state(config: GatewayConfig) -> LocalState | RedisState:
     if config.redis_url:
         return RedisState(config.redis_url, config.result_ttl_seconds, config.rate_limit_per_minute,
                           config.rate_limit_burst, config.job_claim_seconds)

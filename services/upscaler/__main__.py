@@ -4,35 +4,19 @@ from pathlib import Path
 
 from imagemesh.v1 import upscaler_pb2, upscaler_pb2_grpc
 
-from services.common import config as cfg
 from services.common import logs
+from services.common.config import load_or_exit
 from services.common.resources import available_cpus
 from services.common.server import ServiceRuntime, serve
 
-from .backends import BACKEND_CHOICES, resolve_device
+from .backends import resolve_device
+from .config import UpscalerConfig
 from .models import ModelRegistry
 from .server import UpscalerServicer
 
-SETTINGS = cfg.SERVICE_SETTINGS + cfg.port_settings("upscaler") + [
-    cfg.Setting("MODEL_DIR", str, "./models", "folder the model files are loaded from"),
-    cfg.Setting("UPSCALER_BACKEND", str, "auto", "auto (measured at start), torch, onnxruntime, openvino, ncnn, "
-                "or one torch variant", choices=BACKEND_CHOICES),
-    cfg.Setting("UPSCALER_CALIBRATION_TILE", int, 128, "edge of the tile backends are timed on at start",
-                minimum=16, maximum=1024),
-    cfg.Setting("UPSCALER_DEVICE", str, "auto", "where models run: auto (CUDA when present), cpu or cuda",
-                choices=("auto", "cpu", "cuda")),
-    cfg.Setting("UPSCALER_TILE_HALO", int, 16, "context pixels around each tile", minimum=1, maximum=256),
-    cfg.Setting("UPSCALER_THREADS", int, 0, "inference threads (0: the CPUs the container may use)", minimum=0),
-    cfg.Setting("UPSCALER_INFERENCE_LANES", int, 2, "network calls run at once when several requests are in "
-                "flight, each on UPSCALER_THREADS / lanes threads; a lone request's calls always use every thread "
-                "(at most UPSCALER_THREADS and MAX_CONCURRENT_REQUESTS)", minimum=1, maximum=64),
-    cfg.Setting("ONNX_CACHE_DIR", str, "", "where .pth models exported to ONNX and ncnn, and OpenVINO's compiled "
-                "models, are cached (default ~/.cache/imagemesh/onnx)"),
-]
-
 
 async def main() -> None:
-    config = cfg.load_or_exit(SETTINGS)
+    config = load_or_exit(UpscalerConfig)
     logs.setup("upscaler", config.log_level)
     runtime = ServiceRuntime("upscaler", upscaler_pb2.DESCRIPTOR.services_by_name["Upscaler"], config,
                              config.upscaler_port, config.upscaler_metrics_port)

@@ -14,6 +14,7 @@ from services.common.streaming import Downstreams, StepPlan, serve_stream
 from services.common.tiles import Rect
 from services.common.wire import HeaderInfo
 
+from .config import UpscalerConfig
 from .engine import Plan, UpscaleEngine
 from .models import ModelRegistry
 
@@ -53,10 +54,10 @@ class UpscaleOp:
 
 
 class UpscalerServicer(upscaler_pb2_grpc.UpscalerServicer):
-    def __init__(self, runtime: ServiceRuntime, registry: ModelRegistry):
+    def __init__(self, runtime: ServiceRuntime[UpscalerConfig], registry: ModelRegistry):
         self.runtime = runtime
         self.registry = registry
-        self.downstreams = Downstreams(runtime.config)
+        self.downstreams = Downstreams(runtime.config.addresses)
 
     @rpc()
     async def ListModels(self, request, context):
