@@ -7,7 +7,9 @@ import hashlib
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from typing import AsyncIterable, AsyncIterator
 
+import grpc
 import numpy as np
 from imagemesh.v1 import bgremoval_pb2, bgremoval_pb2_grpc, common_pb2, pipeline_pb2
 
@@ -19,12 +21,12 @@ from services.common.server import Admission, ServiceRuntime, rpc
 from services.common.streaming import (
     Downstreams,
     StepPlan,
+    open_stream,
     output_header,
-    read_start,
+    receive_whole,
     serve_stream,
-    within_idle_timeout,
 )
-from services.common.tiles import GridAssembler, Rect, TileBuffer, grid
+from services.common.tiles import GridAssembler, Rect, grid
 
 from . import engine
 from .config import BgRemovalConfig
@@ -124,18 +126,18 @@ class BackgroundRemovalServicer(bgremoval_pb2_grpc.BackgroundRemovalServicer):
         return StepPlan(op, op.report, observe=observe)
 
     @rpc()
-    async def RemoveBackground(self, request_iterator, context):
+    async def RemoveBackground(self, request_iterator: AsyncIterable[pipeline_pb2.StreamRequest], context: grpc.aio.ServicerContext
+                               ) -> AsyncIterator[pipeline_pb2.StreamResponse]:
         async for reply in serve_stream(request_iterator, context, method="RemoveBackground", config=self.runtime.config,
                                         limiter=self.runtime.limiter, downstreams=self.downstreams,
                                         plan_step=self.plan_step):
             yield reply
 
     @rpc()
-    async def RemoveBackgroundCandidates(self, request_iterator, context):
+    async def RemoveBackgroundCandidates(self, request_iterator: AsyncIterable[pipeline_pb2.StreamRequest], context: grpc.aio.ServicerContext
+                                         ) -> AsyncIterator[bgremoval_pb2.CandidateResponse]:
         started = time.perf_counter()
-        requests = aiter(request_iterator)
-        start = await read_start(requests, self.runtime.config.stream_start_timeout_seconds)
-        requests = within_idle_timeout(requests, self.runtime.config.stream_idle_timeout_seconds)
+        start, requests = await open_stream(request_iterator, self.runtime.config)
         steps = start.steps
         if len(steps) != 1 or steps[0].WhichOneof("op") != "remove_background":
             raise InvalidArgument("candidates take exactly one remove_background step", field="steps")
@@ -153,19 +155,10 @@ class BackgroundRemovalServicer(bgremoval_pb2_grpc.BackgroundRemovalServicer):
         finally:
             admission.finish()
 
-    async def _candidates(self, requests, info: wire.HeaderInfo, ops: list[RemovalOp], names: list[str],
+    async def _candidates(self, requests: AsyncIterator[pipeline_pb2.StreamRequest], info: wire.HeaderInfo, ops: list[RemovalOp], names: list[str],
                           admission: Admission, started: float):
         yield bgremoval_pb2.CandidateResponse(accepted=bgremoval_pb2.CandidatesAccepted(models=names))
-        buffer = TileBuffer(info.width, info.height, info.channels, info.dtype,
-                            info.msg.tile_width, info.msg.tile_height)
-        async for message in requests:
-            if message.WhichOneof("part") != "tile":
-                raise InvalidArgument("only tiles may follow the start message", field="tile")
-            buffer.add(*wire.tile_pixels(message.tile, info))
-        if not buffer.complete:
-            raise InvalidArgument(f"the stream ended with {buffer.missing} input tiles missing", field="tile")
-        whole = buffer.read(Rect(0, 0, info.width, info.height))
-        del buffer
+        whole = await receive_whole(requests, info)
         candidates_id = uuid.uuid4().hex
         loop = asyncio.get_running_loop()
 
@@ -197,13 +190,15 @@ class BackgroundRemovalServicer(bgremoval_pb2_grpc.BackgroundRemovalServicer):
             request_id=candidates_id, total_ms=(time.perf_counter() - started) * 1000))
 
     @rpc()
-    async def ListModels(self, request, context):
+    async def ListModels(self, request: common_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+                         ) -> common_pb2.ListModelsResponse:
         return common_pb2.ListModelsResponse(
             models=[common_pb2.ModelInfo(**model.info()) for model in self.registry.models.values()],
             default_model=self.registry.default_model())
 
     @rpc()
-    async def RecordChoice(self, request, context):
+    async def RecordChoice(self, request: bgremoval_pb2.RecordChoiceRequest, context: grpc.aio.ServicerContext
+                           ) -> bgremoval_pb2.RecordChoiceResponse:
         if not request.request_id or not request.model:
             raise InvalidArgument("request_id and model are required", field="request_id")
         offered = await asyncio.to_thread(self.store.candidates, request.request_id)
@@ -217,7 +212,8 @@ class BackgroundRemovalServicer(bgremoval_pb2_grpc.BackgroundRemovalServicer):
         return bgremoval_pb2.RecordChoiceResponse(request_id=request.request_id, model=request.model)
 
     @rpc()
-    async def GetStats(self, request, context):
+    async def GetStats(self, request: bgremoval_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
+                       ) -> bgremoval_pb2.GetStatsResponse:
         stats = await asyncio.to_thread(self.store.stats)
         return bgremoval_pb2.GetStatsResponse(
             models=[bgremoval_pb2.ModelStats(**m) for m in stats["models"]], choices=stats["choices"],

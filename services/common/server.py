@@ -15,7 +15,7 @@ import logging
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, AsyncIterator, Awaitable, Callable, Generic, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Generic, TypeVar, cast
 
 import grpc
 from google.protobuf import descriptor_pool
@@ -248,10 +248,13 @@ class ServiceRuntime(Generic[ServiceConfigT]):
         logs.log(logger, logging.INFO, "stopped")
 
 
-def rpc():
+RpcMethod = TypeVar("RpcMethod", bound=Callable[..., Any])
+
+
+def rpc() -> Callable[[RpcMethod], RpcMethod]:
     """Wrap a servicer method (unary or response-streaming) with request ids,
     metrics and error mapping. The servicer must have a `runtime` attribute."""
-    def decorate(fn):
+    def decorate(fn: RpcMethod) -> RpcMethod:
         method = fn.__name__
         if inspect.isasyncgenfunction(fn):
             @functools.wraps(fn)
@@ -259,13 +262,13 @@ def rpc():
                 async with self.runtime.call(method, context):
                     async for item in fn(self, request, context):
                         yield item
-            return stream_wrapper
+            return cast(RpcMethod, stream_wrapper)
 
         @functools.wraps(fn)
         async def unary_wrapper(self, request, context):
             async with self.runtime.call(method, context):
                 return await fn(self, request, context)
-        return unary_wrapper
+        return cast(RpcMethod, unary_wrapper)
     return decorate
 
 

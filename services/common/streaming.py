@@ -19,6 +19,7 @@ import numpy as np
 from imagemesh.v1 import common_pb2, pipeline_pb2
 
 from . import logs, wire
+from .config import ServiceConfig
 from .contract import MAX_STEPS
 from .errors import InvalidArgument, LimitExceeded, ServiceError, StreamTimeout, error_detail
 from .server import CHANNEL_OPTIONS, HOP_HEADER, Admission, StreamLimiter, channel_target
@@ -155,6 +156,28 @@ def output_header(op: TileOp, info: wire.HeaderInfo) -> common_pb2.ImageHeader:
                             source_format=info.msg.source_format, max_cell=getattr(op, "preferred_cell", 1 << 30))
 
 
+async def input_tiles(requests: AsyncIterator, info: wire.HeaderInfo) -> AsyncIterator[tuple[Rect, np.ndarray]]:
+    """The input tiles of a stream after its start, each checked against its header."""
+    async for message in requests:
+        if message.WhichOneof("part") != "tile":
+            raise InvalidArgument("only tiles may follow the start message", field="tile")
+        yield wire.tile_pixels(message.tile, info)
+
+
+def incomplete(buffer: TileBuffer) -> InvalidArgument:
+    return InvalidArgument(f"the stream ended with {buffer.missing} input tiles missing", field="tile")
+
+
+async def receive_whole(requests: AsyncIterator, info: wire.HeaderInfo) -> np.ndarray:
+    """The whole input image of a stream, once its last tile has come."""
+    buffer = TileBuffer(info.width, info.height, info.channels, info.dtype, info.msg.tile_width, info.msg.tile_height)
+    async for rect, pixels in input_tiles(requests, info):
+        buffer.add(rect, pixels)
+    if not buffer.complete:
+        raise incomplete(buffer)
+    return buffer.read(Rect(0, 0, info.width, info.height))
+
+
 async def render_stream(plan: StepPlan, info: wire.HeaderInfo, requests: AsyncIterator, admission: Admission,
                         emit: Callable[[common_pb2.Tile], Awaitable[None]]) -> None:
     """Consume input tiles, render the op, emit output tiles on the output grid;
@@ -195,10 +218,7 @@ async def render_stream(plan: StepPlan, info: wire.HeaderInfo, requests: AsyncIt
     users = {key: len(jobs) for key, jobs in needed_by.items()}
     rendered = 0
 
-    async for message in requests:
-        if message.WhichOneof("part") != "tile":
-            raise InvalidArgument("only tiles may follow the start message", field="tile")
-        rect, pixels = wire.tile_pixels(message.tile, info)
+    async for rect, pixels in input_tiles(requests, info):
         buffer.add(rect, pixels)
         if op.whole_image:
             if buffer.complete:
@@ -223,7 +243,7 @@ async def render_stream(plan: StepPlan, info: wire.HeaderInfo, requests: AsyncIt
                 if not users[used]:
                     buffer.drop(used)
     if rendered < len(op.jobs) or not buffer.complete:
-        raise InvalidArgument(f"the stream ended with {buffer.missing} input tiles missing", field="tile")
+        raise incomplete(buffer)
     report.compute_ms = compute * 1000
     report.total_ms = (time.perf_counter() - started) * 1000
     admission.finish()
@@ -285,15 +305,21 @@ async def within_idle_timeout(requests: AsyncIterator, seconds: float) -> AsyncI
             yield message
 
 
-async def serve_stream(request_iterator, context: grpc.aio.ServicerContext, *, method: str, config,
-                       limiter: StreamLimiter, downstreams: "Downstreams",
+async def open_stream(request_iterator: AsyncIterable[pipeline_pb2.StreamRequest], config: ServiceConfig
+                      ) -> tuple[pipeline_pb2.StreamStart, AsyncIterator[pipeline_pb2.StreamRequest]]:
+    """A stream's start message, and its further messages, each within the configured timeouts."""
+    requests = aiter(request_iterator)
+    start = await read_start(requests, config.stream_start_timeout_seconds)
+    return start, within_idle_timeout(requests, config.stream_idle_timeout_seconds)
+
+
+async def serve_stream(request_iterator: AsyncIterable[pipeline_pb2.StreamRequest],
+                       context: grpc.aio.ServicerContext, *, method: str, config: ServiceConfig, limiter: StreamLimiter, downstreams: "Downstreams",
                        plan_step: Callable[[pipeline_pb2.StreamStart, wire.HeaderInfo], StepPlan]):
     """The body of a service's streaming RPC (an async generator of StreamResponse):
     the start is read and checked, and the step planned, before the stream is admitted."""
     started = time.perf_counter()
-    requests = aiter(request_iterator)
-    start = await read_start(requests, config.stream_start_timeout_seconds)
-    requests = within_idle_timeout(requests, config.stream_idle_timeout_seconds)
+    start, requests = await open_stream(request_iterator, config)
     if not start.steps:
         raise InvalidArgument("steps must hold at least one step", field="steps")
     if len(start.steps) > MAX_STEPS:

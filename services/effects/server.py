@@ -1,6 +1,9 @@
 """The effects service's gRPC face."""
 from __future__ import annotations
 
+from typing import AsyncIterable, AsyncIterator
+
+import grpc
 import numpy as np
 from imagemesh.v1 import effects_pb2, effects_pb2_grpc, pipeline_pb2
 
@@ -64,7 +67,8 @@ class EffectsServicer(effects_pb2_grpc.EffectsServicer):
         self.downstreams = Downstreams(runtime.config.addresses)
 
     @rpc()
-    async def ListEffects(self, request, context):
+    async def ListEffects(self, request: effects_pb2.ListEffectsRequest, context: grpc.aio.ServicerContext
+                          ) -> effects_pb2.ListEffectsResponse:
         return effects_pb2.ListEffectsResponse(effects=[effect_info(e) for e in engine.EFFECTS.values()])
 
     def plan_step(self, start: pipeline_pb2.StreamStart, info: HeaderInfo) -> StepPlan:
@@ -98,7 +102,8 @@ class EffectsServicer(effects_pb2_grpc.EffectsServicer):
                         steps_used=len(chain_steps), observe=observe)
 
     @rpc()
-    async def ApplyEffects(self, request_iterator, context):
+    async def ApplyEffects(self, request_iterator: AsyncIterable[pipeline_pb2.StreamRequest], context: grpc.aio.ServicerContext
+                           ) -> AsyncIterator[pipeline_pb2.StreamResponse]:
         async for reply in serve_stream(request_iterator, context, method="ApplyEffects", config=self.runtime.config,
                                         limiter=self.runtime.limiter, downstreams=self.downstreams,
                                         plan_step=self.plan_step):

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import math
+from typing import AsyncIterable, AsyncIterator
 
+import grpc
 import numpy as np
 from imagemesh.v1 import common_pb2, pipeline_pb2, upscaler_pb2_grpc
 
@@ -60,7 +62,8 @@ class UpscalerServicer(upscaler_pb2_grpc.UpscalerServicer):
         self.downstreams = Downstreams(runtime.config.addresses)
 
     @rpc()
-    async def ListModels(self, request, context):
+    async def ListModels(self, request: common_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+                         ) -> common_pb2.ListModelsResponse:
         return common_pb2.ListModelsResponse(
             models=[common_pb2.ModelInfo(**model.info()) for model in self.registry.models.values()],
             default_model=self.registry.default_model())
@@ -87,7 +90,8 @@ class UpscalerServicer(upscaler_pb2_grpc.UpscalerServicer):
         return StepPlan(op, report, observe=observe)
 
     @rpc()
-    async def Upscale(self, request_iterator, context):
+    async def Upscale(self, request_iterator: AsyncIterable[pipeline_pb2.StreamRequest], context: grpc.aio.ServicerContext
+                      ) -> AsyncIterator[pipeline_pb2.StreamResponse]:
         with self.registry.lanes.request():  # how many are in flight sets each network call's threads
             async for reply in serve_stream(request_iterator, context, method="Upscale",
                                             config=self.runtime.config, limiter=self.runtime.limiter,
