@@ -41,6 +41,7 @@ from services.common import imageio, wire
 from services.common.resources import available_cpus
 from services.common.tiles import grid
 from services.effects import engine as fx_engine
+from services.effects import registry as fx_registry
 from services.effects.server import EffectsOp
 from services.upscaler.calibration import MIN_PSNR_DB, calibration_tile
 from services.upscaler.calibration import psnr_db as calibration_psnr
@@ -567,7 +568,7 @@ def bgremoval_vs_plain(model_dir: Path, rounds: int, size: int = 1024) -> dict:
 def effects_throughput(rounds: int, width: int = 1600, height: int = 1200) -> list[dict]:
     image = photo(width, height)
     rows = []
-    for name, effect in fx_engine.EFFECTS.items():
+    for name, effect in fx_registry.EFFECTS.items():
         params, options = effect.resolve({}, {})
         chain = fx_engine.Chain([fx_engine.ChainStep(effect, params, options)], width, height, "RGB", image.dtype)
 

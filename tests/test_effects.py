@@ -2,14 +2,14 @@ import numpy as np
 import pytest
 
 from services.common.errors import InvalidArgument
-from services.effects import engine
+from services.effects import engine, registry
 from services.effects.server import EffectsOp
 
 
 def chain_of(specs, image, mode="RGB"):
     steps = []
     for name, params, options in specs:
-        effect = engine.get(name)
+        effect = registry.get(name)
         resolved, chosen = effect.resolve(params, options)
         steps.append(engine.ChainStep(effect, resolved, chosen))
     return engine.Chain(steps, image.shape[1], image.shape[0], mode, image.dtype)
@@ -28,7 +28,7 @@ def run(chain, image, tile):
     return out
 
 
-@pytest.mark.parametrize("name", list(engine.EFFECTS))
+@pytest.mark.parametrize("name", list(registry.EFFECTS))
 def test_tiled_equals_untiled_bit_for_bit(name, photo):
     chain = chain_of([(name, {}, {})], photo)
     whole = run(chain, photo, 4096)
@@ -52,7 +52,7 @@ def test_chains_rgba_and_16bit_tile_exactly(photo):
 
 
 def test_blackwhite_defaults_are_the_film_look_users_know():
-    defaults = {p.name: p.default for p in engine.EFFECTS["blackwhite"].params}
+    defaults = {p.name: p.default for p in registry.EFFECTS["blackwhite"].params}
     assert {k: defaults[k] for k in ("gamma_correction", "contrast_boost", "edge_strength", "halation_strength",
                                      "grain_strength")} == {"gamma_correction": 1.02, "contrast_boost": 1.12,
                                                             "edge_strength": 0.9, "halation_strength": 0.12,
@@ -106,4 +106,4 @@ def test_pixel8bit_and_popart_use_their_palettes(photo):
 ])
 def test_parameters_are_validated_naming_the_valid_ones(name, params, options, message):
     with pytest.raises(InvalidArgument, match=message):
-        engine.get(name).resolve(params, options)
+        registry.get(name).resolve(params, options)

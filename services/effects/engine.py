@@ -1,44 +1,25 @@
-"""Effects as pure computation on float32 RGB planes in [0, 1].
+"""Effects as pure computation on float32 RGB planes in [0, 1] (each one's
+declaration, with its parameters, is in registry.py).
 
-Each effect declares its parameters (with ranges), its named choices, how
-many context pixels it needs (halo) or that it needs the whole image, and
-whether its output is grey, colour or the same as its input. Tileable
-effects give tiled output equal to untiled output bit for bit: convolutions
+Tileable effects give tiled output equal to untiled output bit for bit: convolutions
 here are sums of shifted slices in a fixed order (their result for a pixel
 does not depend on the array around it), image borders are mirrored, and
 noise is a hash of the pixel's position, not a random stream."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
-from services.common.errors import InvalidArgument, quoted
+if TYPE_CHECKING:
+    from .registry import Effect
 
 BT709 = np.array([0.2126, 0.7152, 0.0722], np.float32)
 # Kodak Tri-X is panchromatic: a little less red and more blue than the eye.
 TRI_X = np.array([0.25, 0.62, 0.13], np.float32)
-
-
-@dataclass(frozen=True)
-class Param:
-    name: str
-    default: float
-    minimum: float
-    maximum: float
-    description: str
-    integer: bool = False
-
-
-@dataclass(frozen=True)
-class Choice:
-    name: str
-    default: str
-    values: tuple[str, ...]
-    description: str
 
 
 @dataclass(frozen=True)
@@ -48,58 +29,6 @@ class Origin:
     y: int
     width: int   # of the whole image
     height: int
-
-
-Apply = Callable[[np.ndarray, Origin, dict, dict], np.ndarray]
-
-
-@dataclass(frozen=True)
-class Effect:
-    name: str
-    description: str
-    apply: Apply
-    params: tuple[Param, ...] = ()
-    choices: tuple[Choice, ...] = ()
-    output: str | Callable[[dict], str] = "same"  # "grey", "colour" or "same" (or a function of the options)
-    halo: Callable[[dict, dict], int] = field(default=lambda p, o: 0)
-    whole_image: Callable[[dict, dict], bool] = field(default=lambda p, o: False)
-    scale: Callable[[dict, dict], int] = field(default=lambda p, o: 1)  # output size multiple (pop-art grid)
-    eight_bit: bool = False  # output is palette values, stored as 8-bit
-
-    def output_kind(self, options: dict) -> str:
-        return self.output(options) if callable(self.output) else self.output
-
-    def resolve(self, params: dict[str, float], options: dict[str, str]) -> tuple[dict, dict]:
-        """Defaults filled in, names and ranges checked."""
-        known = {p.name: p for p in self.params}
-        unknown = sorted(set(params) - set(known))
-        if unknown:
-            valid = ", ".join(known) or "none"
-            raise InvalidArgument(f"{self.name} has no parameter {', '.join(unknown)}; valid parameters: {valid}",
-                                  field="params")
-        resolved = {}
-        for p in self.params:
-            value = float(params.get(p.name, p.default))
-            if not math.isfinite(value) or not p.minimum <= value <= p.maximum:
-                raise InvalidArgument(f"{self.name}.{p.name} must be between {p.minimum:g} and {p.maximum:g}, "
-                                      f"got {value:g}", field=f"params.{p.name}")
-            if p.integer and not value.is_integer():
-                raise InvalidArgument(f"{self.name}.{p.name} must be a whole number, got {value:g}",
-                                      field=f"params.{p.name}")
-            resolved[p.name] = value
-        choices = {c.name: c for c in self.choices}
-        unknown = sorted(set(options) - set(choices))
-        if unknown:
-            raise InvalidArgument(f"{self.name} has no option {', '.join(unknown)}; valid options: "
-                                  f"{', '.join(choices) or 'none'}", field="options")
-        chosen: dict[str, str] = {}
-        for c in self.choices:
-            choice = options.get(c.name, c.default).lower()
-            if choice not in c.values:
-                raise InvalidArgument(f"{self.name}.{c.name} must be one of {', '.join(c.values)}, got {quoted(choice)}",
-                                      field=f"options.{c.name}")
-            chosen[c.name] = choice
-        return resolved, chosen
 
 
 # --- building blocks ------------------------------------------------------
@@ -168,9 +97,9 @@ def nearest_colour(rgb: np.ndarray, palette: np.ndarray) -> np.ndarray:
     return palette[distances.argmin(axis=2)]
 
 
-# --- effects --------------------------------------------------------------
+# --- effects (declared in registry.py) --------------------------------------------------------------
 
-def _blackwhite(x, origin, p, o):
+def blackwhite(x, origin, p, o):
     lum = luminance(x, TRI_X) ** (1.0 / p["gamma_correction"])
     lum = 0.5 + (lum - 0.5) * p["contrast_boost"]
     lum = lum + p["edge_strength"] * (lum - gaussian_blur(lum, 1.0))
@@ -183,26 +112,26 @@ def _blackwhite(x, origin, p, o):
     return grey3(lum + p["grain_strength"] * 0.5 * midtones * noise)
 
 
-def _sepia(x, origin, p, o):
+def sepia(x, origin, p, o):
     matrix = np.array([[0.393, 0.769, 0.189], [0.349, 0.686, 0.168], [0.272, 0.534, 0.131]], np.float32)
     toned = np.clip(x @ matrix.T, 0.0, 1.0)
     return x + p["strength"] * (toned - x)
 
 
-def _grayscale(x, origin, p, o):
+def grayscale(x, origin, p, o):
     return grey3(luminance(x))
 
 
-def _invert(x, origin, p, o):
+def invert(x, origin, p, o):
     return 1.0 - x
 
 
-def _posterize(x, origin, p, o):
+def posterize(x, origin, p, o):
     levels = p["levels"] - 1
     return np.rint(x * levels) / levels
 
 
-def _adjust(x, origin, p, o):
+def adjust(x, origin, p, o):
     out = x + p["brightness"]
     out = 0.5 + (out - 0.5) * p["contrast"]
     grey = luminance(out)
@@ -210,15 +139,15 @@ def _adjust(x, origin, p, o):
     return np.clip(out, 0.0, 1.0) ** (1.0 / p["gamma"])
 
 
-def _blur(x, origin, p, o):
+def blur(x, origin, p, o):
     return gaussian_blur(x, p["radius"])
 
 
-def _sharpen(x, origin, p, o):
+def sharpen(x, origin, p, o):
     return x + p["amount"] * (x - gaussian_blur(x, p["radius"]))
 
 
-def _vignette(x, origin, p, o):
+def vignette(x, origin, p, o):
     height, width = x.shape[:2]
     ys = (np.arange(origin.y, origin.y + height, dtype=np.float32) + 0.5 - origin.height / 2)[:, None]
     xs = (np.arange(origin.x, origin.x + width, dtype=np.float32) + 0.5 - origin.width / 2)[None, :]
@@ -248,7 +177,7 @@ def _block_means(x: np.ndarray, origin: Origin, block: int) -> np.ndarray:
     return means[rows[:, None], cols[None, :]]
 
 
-def _pixelate(x, origin, p, o):
+def pixelate(x, origin, p, o):
     return _block_means(x, origin, int(p["block"]))
 
 
@@ -262,7 +191,7 @@ PIXEL_PALETTES = {
 }
 
 
-def _pixel8bit(x, origin, p, o):
+def pixel8bit(x, origin, p, o):
     means, rows, cols = _block_grid(x, origin, int(p["block"]))
     return nearest_colour(means, PIXEL_PALETTES[o["palette"]])[rows[:, None], cols[None, :]]  # a colour per block
 
@@ -280,7 +209,7 @@ def _pop_single(x: np.ndarray, levels: int, palette: np.ndarray) -> np.ndarray:
     return palette[band]
 
 
-def _popart(x, origin, p, o):
+def popart(x, origin, p, o):
     levels = int(p["levels"])
     if o["grid"] == "off":
         return _pop_single(x, levels, POP_PALETTES[0])
@@ -288,7 +217,7 @@ def _popart(x, origin, p, o):
     return np.concatenate([np.concatenate(quadrants[:2], axis=1), np.concatenate(quadrants[2:], axis=1)], axis=0)
 
 
-def _dither(x, origin, p, o):
+def dither(x, origin, p, o):
     spacing = int(p["dot_spacing"])
     levels = int(p["levels"])
     image = Image.fromarray(np.rint(np.clip(x, 0, 1) * 255).astype(np.uint8), "RGB")
@@ -314,66 +243,6 @@ def _dither(x, origin, p, o):
         if dithered.size != image.size:  # reduce() rounds up; the last partial block repeats
             dithered = dithered.resize(image.size, Image.Resampling.NEAREST)
     return np.asarray(dithered, np.float32) / 255.0
-
-
-EFFECTS: dict[str, Effect] = {e.name: e for e in (
-    Effect("blackwhite", "film black and white: Tri-X response, gamma, contrast, edges, halation and grain",
-           _blackwhite, (
-               Param("gamma_correction", 1.02, 0.2, 5.0, "gamma applied to the film response"),
-               Param("contrast_boost", 1.12, 0.0, 3.0, "contrast around mid grey"),
-               Param("edge_strength", 0.9, 0.0, 3.0, "local edge enhancement"),
-               Param("halation_strength", 0.12, 0.0, 1.0, "glow around highlights"),
-               Param("halation_radius", 8, 1, 48, "glow radius in pixels", integer=True),
-               Param("grain_strength", 0.08, 0.0, 1.0, "film grain amount"),
-               Param("grain_seed", 0, 0, 2**31 - 1, "grain pattern", integer=True),
-           ), output="grey", halo=lambda p, o: kernel_radius(1.0) + kernel_radius(p["halation_radius"] / 3.0)),
-    Effect("dither", "Floyd-Steinberg error diffusion onto a small palette", _dither, (
-               Param("levels", 2, 2, 6, "levels per channel (grey or rgb palettes)", integer=True),
-               Param("dot_spacing", 1, 1, 16, "dither on a grid of this many pixels (bigger dots)", integer=True),
-           ), (Choice("palette", "bw", ("bw", "grey", "rgb"), "black and white, grey levels, or RGB levels"),),
-           output=lambda o: "colour" if o["palette"] == "rgb" else "grey", whole_image=lambda p, o: True,
-           eight_bit=True),
-    Effect("popart", "pop art: BT.709 luminance posterised into bold colour blocks", _popart, (
-               Param("levels", 4, 2, 6, "colour blocks per picture", integer=True),
-           ), (Choice("grid", "off", ("off", "2x2"), "a 2x2 grid in four palettes (doubles the size)"),),
-           output="colour", whole_image=lambda p, o: o["grid"] == "2x2",
-           scale=lambda p, o: 2 if o["grid"] == "2x2" else 1, eight_bit=True),
-    Effect("pixel8bit", "8-bit look: pixel blocks mapped to a retro palette", _pixel8bit, (
-               Param("block", 8, 2, 64, "pixel block size", integer=True),
-           ), (Choice("palette", "pico8", tuple(PIXEL_PALETTES), "retro palette"),),
-           output="colour", halo=lambda p, o: int(p["block"]) - 1, eight_bit=True),
-    Effect("pixelate", "pixel blocks in their mean colour", _pixelate,
-           (Param("block", 8, 2, 128, "pixel block size", integer=True),), halo=lambda p, o: int(p["block"]) - 1),
-    Effect("sepia", "warm sepia toning", _sepia, (Param("strength", 1.0, 0.0, 1.0, "mix with the original"),),
-           output="colour"),
-    Effect("posterize", "fewer levels per channel", _posterize,
-           (Param("levels", 4, 2, 64, "levels per channel", integer=True),)),
-    Effect("grayscale", "BT.709 luminance", _grayscale, output="grey"),
-    Effect("invert", "negative", _invert),
-    Effect("adjust", "brightness, contrast, saturation and gamma", _adjust, (
-               Param("brightness", 0.0, -1.0, 1.0, "added to every channel"),
-               Param("contrast", 1.0, 0.0, 3.0, "around mid grey"),
-               Param("saturation", 1.0, 0.0, 3.0, "0 is grey"),
-               Param("gamma", 1.0, 0.2, 5.0, "above 1 brightens the midtones"),
-           )),
-    Effect("blur", "Gaussian blur", _blur, (Param("radius", 2.0, 0.3, 25.0, "sigma in pixels"),),
-           halo=lambda p, o: kernel_radius(p["radius"])),
-    Effect("sharpen", "unsharp mask", _sharpen, (
-               Param("amount", 1.0, 0.0, 5.0, "strength"),
-               Param("radius", 1.0, 0.3, 10.0, "sigma in pixels"),
-           ), halo=lambda p, o: kernel_radius(p["radius"])),
-    Effect("vignette", "darkened corners", _vignette, (
-               Param("strength", 0.5, 0.0, 1.0, "darkening at the corners"),
-               Param("radius", 1.0, 0.2, 3.0, "where darkening starts, relative to the half diagonal"),
-           )),
-)}
-
-
-def get(name: str) -> Effect:
-    effect = EFFECTS.get(name)
-    if effect is None:
-        raise InvalidArgument(f"unknown effect {quoted(name)}; valid effects: {', '.join(EFFECTS)}", field="effect")
-    return effect
 
 
 @dataclass(frozen=True)

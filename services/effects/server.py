@@ -14,7 +14,7 @@ from services.common.streaming import Downstreams, StepPlan, check_output_size, 
 from services.common.tiles import Rect, grid
 from services.common.wire import HeaderInfo
 
-from . import engine
+from . import engine, registry
 from .config import EffectsConfig
 
 
@@ -51,7 +51,7 @@ class EffectsOp:
         return out[job.relative_to(around)]
 
 
-def effect_info(effect: engine.Effect) -> effects_pb2.EffectInfo:
+def effect_info(effect: registry.Effect) -> effects_pb2.EffectInfo:
     defaults = {p.name: p.default for p in effect.params}, {c.name: c.default for c in effect.choices}
     return effects_pb2.EffectInfo(
         name=effect.name, description=effect.description, whole_image=effect.whole_image(*defaults),
@@ -69,7 +69,7 @@ class EffectsServicer(effects_pb2_grpc.EffectsServicer):
     @rpc()
     async def ListEffects(self, request: effects_pb2.ListEffectsRequest, context: grpc.aio.ServicerContext
                           ) -> effects_pb2.ListEffectsResponse:
-        return effects_pb2.ListEffectsResponse(effects=[effect_info(e) for e in engine.EFFECTS.values()])
+        return effects_pb2.ListEffectsResponse(effects=[effect_info(e) for e in registry.EFFECTS.values()])
 
     def plan_step(self, start: pipeline_pb2.StreamStart, info: HeaderInfo) -> StepPlan:
         chain_steps = []
@@ -77,7 +77,7 @@ class EffectsServicer(effects_pb2_grpc.EffectsServicer):
         for index, step in enumerate(start.steps):
             if step.WhichOneof("op") != "effect":
                 break
-            effect = engine.get(step.effect.effect)
+            effect = registry.get(step.effect.effect)
             params, options = effect.resolve(dict(step.effect.params), dict(step.effect.options))
             scale *= effect.scale(params, options)  # each step's size, before anything is built for it
             check_output_size(info.width * scale, info.height * scale, self.runtime.config.max_output_pixels,
