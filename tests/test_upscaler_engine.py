@@ -8,6 +8,7 @@ from conftest import psnr
 from PIL import Image
 
 from services.common.contract import output_size
+from services.upscaler.backends import ArrayBackend, FunctionBackend
 from services.upscaler.engine import UpscaleEngine
 from services.upscaler.lanes import InferenceLanes
 from services.upscaler.models import ModelRegistry, build_module
@@ -51,7 +52,7 @@ def test_any_scale_gives_the_exact_size(general, lanczos, scale):
 
 def test_passes_follow_the_native_scale(general):
     assert [general.passes_for(s) for s in (1, 2, 3.9, 4, 7.5, 8)] == [1, 1, 1, 1, 1, 1]
-    x2 = UpscaleEngine(lambda x: x, 2)
+    x2 = UpscaleEngine(FunctionBackend(lambda x: x), 2)
     assert [x2.passes_for(s) for s in (1.5, 2, 3, 4, 8)] == [1, 1, 1, 2, 3]
 
 
@@ -100,15 +101,9 @@ def test_grey_in_grey_out(general, photo):
     assert psnr(out, via_rgb) > 45
 
 
-def test_the_on_device_path_equals_the_general_path(general, photo):
-    class WithoutDevicePath:  # the same network, called tile by tile through numpy
-        def __init__(self, backend):
-            self.backend = backend
-
-        def __call__(self, batch):
-            return self.backend(batch)
-    assert hasattr(general.model, "render_exact")
-    plain = UpscaleEngine(WithoutDevicePath(general.model), 4, halo=general.default_halo)
+def test_the_on_device_path_equals_the_host_arrays_path(general, photo):
+    # the same torch network called on float arrays, as onnxruntime, OpenVINO and ncnn are
+    plain = UpscaleEngine(FunctionBackend(general.model), 4, halo=general.default_halo)
     alpha = np.linspace(0, 255, photo.shape[1], dtype=np.uint8)[None].repeat(photo.shape[0], 0)
     for image, mode in ((photo, "RGB"), (np.dstack([photo, alpha]), "RGBA"), (photo.astype(np.uint16) * 257, "RGB")):
         fast = general.upscale(image, mode, 4, tile=48)
@@ -116,7 +111,7 @@ def test_the_on_device_path_equals_the_general_path(general, photo):
         assert fast.dtype == slow.dtype and np.abs(fast.astype(int) - slow).max() <= 1, mode
 
 
-class ThreadCountingModel:
+class ThreadCountingModel(ArrayBackend):
     """A 2x network that records the threads each call was given and the threads in use at once."""
     adapts_threads = True
 
@@ -175,5 +170,5 @@ def test_backends_that_cannot_narrow_run_one_call_at_a_time_on_every_thread():
         with counting:
             calls -= 1
         return np.repeat(np.repeat(x, 2, axis=2), 2, axis=3)
-    upscale_at_once(UpscaleEngine(model, 2, halo=2, lanes=InferenceLanes(threads=4, lanes=2)), 4)
+    upscale_at_once(UpscaleEngine(FunctionBackend(model), 2, halo=2, lanes=InferenceLanes(threads=4, lanes=2)), 4)
     assert most == 1

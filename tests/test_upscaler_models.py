@@ -14,7 +14,7 @@ from services.common.errors import ModelNotFound, ModelNotReady
 from services.common.fetch import Download, FetchError, fetch
 from services.upscaler import fetch as upscaler_fetch
 from services.upscaler.arch import RRDBNet
-from services.upscaler.backends import Candidate, cpu_has_bf16
+from services.upscaler.backends import ArrayBackend, Candidate, cpu_has_bf16
 from services.upscaler.calibration import calibrate, calibration_tile
 from services.upscaler.models import SPECS, SPECS_BY_NAME, ModelRegistry, sha256_of
 
@@ -227,11 +227,11 @@ def test_calibration_picks_the_fastest_backend_within_45_db(model_dir, tmp_path)
 
 
 def test_calibration_refuses_a_fast_but_inaccurate_backend():
-    class Fixed:
+    class Fixed(ArrayBackend):
         def __init__(self, name, output, delay):
             self.name, self.output, self.delay = name, output, delay
 
-        def __call__(self, batch):
+        def __call__(self, batch, threads=0):
             time.sleep(self.delay)
             return self.output
     tile = calibration_tile(32)
@@ -263,7 +263,7 @@ def test_inference_lanes_give_backends_a_wide_and_a_narrow_form_that_agree(model
         registry = ModelRegistry(directory, backend=backend, onnx_cache_dir=tmp_path / "onnx", threads=2, lanes=2)
         registry.load_all()
         engine = registry.resolve("realesr-animevideov3").engine
-        assert engine.lanes is registry.lanes and engine.adapts_threads, backend
+        assert engine.lanes is registry.lanes and engine.model.adapts_threads, backend
         if backend == "openvino":
             assert int(engine.model.compiled[1].get_property("NUM_STREAMS")) == 2
         outputs = [engine.model(tile, threads=2)]

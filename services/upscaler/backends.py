@@ -25,11 +25,64 @@ from services.common.onnx import onnx_session
 
 
 class Backend(Protocol):
+    """What the engine and calibration use of a backend."""
     name: str
     # Whether a call may ask for fewer threads than the backend was built with (InferenceLanes).
     adapts_threads: bool
+    device: str  # "cpu" or "cuda": whose memory the tiles take (the tile size follows it)
 
-    def __call__(self, batch: np.ndarray, threads: int = 0) -> np.ndarray: ...
+    def __call__(self, batch: np.ndarray, threads: int = 0) -> np.ndarray:
+        """float32 NCHW RGB in [0, 1] -> the same at the network's native scale."""
+        ...
+
+    def render_exact(self, pixels: np.ndarray, passes: int, native: int, pad_multiple: int, rows: slice,
+                     cols: slice, threads: int = 0) -> np.ndarray:
+        """A tile's integer RGB pixels (h, w, 3) through `passes` of the network, each
+        output clamped to [0, 1], then cropped to `rows` and `cols` of the result and
+        quantised back to the input's type: a tile whose scale needs no resampling."""
+        ...
+
+
+def run_passes(network: Callable[[np.ndarray], np.ndarray], x: np.ndarray, passes: int, native: int,
+               pad_multiple: int) -> np.ndarray:
+    """float32 NCHW through `network` `passes` times, padded to its multiple and cropped back."""
+    for _ in range(passes):
+        height, width = x.shape[2:]
+        pad_h, pad_w = -height % pad_multiple, -width % pad_multiple
+        if pad_h or pad_w:
+            x = np.pad(x, ((0, 0), (0, 0), (0, pad_h), (0, pad_w)), mode="edge")
+        x = np.clip(network(x)[:, :, :height * native, :width * native], 0.0, 1.0)
+    return x
+
+
+class ArrayBackend:
+    """A backend whose network runs on numpy arrays in host memory: a tile's pixels go
+    through it as float32 (onnxruntime, OpenVINO, ncnn, or a plain function)."""
+    name = "array"
+    adapts_threads = False
+    device = "cpu"
+
+    def __call__(self, batch: np.ndarray, threads: int = 0) -> np.ndarray:
+        raise NotImplementedError
+
+    def render_exact(self, pixels: np.ndarray, passes: int, native: int, pad_multiple: int, rows: slice,
+                     cols: slice, threads: int = 0) -> np.ndarray:
+        maximum = float(np.iinfo(pixels.dtype).max)
+        x = np.ascontiguousarray(pixels.transpose(2, 0, 1)[None], np.float32) / maximum
+        out = run_passes(lambda batch: self(batch, threads), x, passes, native, pad_multiple)
+        return np.rint(out[0, :, rows, cols].transpose(1, 2, 0) * maximum).astype(pixels.dtype)
+
+
+class FunctionBackend(ArrayBackend):
+    """A plain function of a float32 NCHW batch as a backend (tests, tools): it runs on
+    every thread it was given, so it never shares the cores in lanes."""
+
+    def __init__(self, network: Callable[[np.ndarray], np.ndarray], name: str = "function"):
+        self.network = network
+        self.name = name
+
+    def __call__(self, batch: np.ndarray, threads: int = 0) -> np.ndarray:
+        return self.network(batch)
 
 
 def resolve_device(requested: str) -> str:
@@ -61,15 +114,16 @@ class TorchBackend:
     def __init__(self, name: str, module: torch.nn.Module, *, device: str = "cpu",
                  dtype: torch.dtype = torch.float32, channels_last: bool = False, compiled: bool = False):
         self.name = name
-        self.device = torch.device(device)
+        self.torch_device = torch.device(device)
+        self.device = self.torch_device.type
         self.dtype = dtype
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.module: Callable[[torch.Tensor], torch.Tensor] = module.eval().to(device=self.device, dtype=dtype)
+        self.module: Callable[[torch.Tensor], torch.Tensor] = module.eval().to(device=self.torch_device, dtype=dtype)
         if channels_last:  # the 4-D weights laid out as the channels-last input (as Module.to(memory_format=) does)
             for parameter in module.parameters():
                 if parameter.dim() == 4:
                     parameter.data = parameter.data.contiguous(memory_format=torch.channels_last)
-        self.on_gpu = self.device.type == "cuda"
+        self.on_gpu = self.device == "cuda"
         if self.on_gpu:
             torch.backends.cudnn.benchmark = True  # the fastest convolution algorithm per shape
         if compiled:  # fuses each convolution's bias and activation into one kernel
@@ -80,7 +134,7 @@ class TorchBackend:
             return tensor
         pinned = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)  # PyTorch caches these
         pinned.copy_(tensor)
-        return pinned.to(self.device, non_blocking=True)
+        return pinned.to(self.torch_device, non_blocking=True)
 
     def _to_host(self, tensor: torch.Tensor) -> np.ndarray:
         if not self.on_gpu:
@@ -88,19 +142,19 @@ class TorchBackend:
         # Copies into pinned memory run at the bus's speed; into pageable memory, many times slower.
         host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
         host.copy_(tensor, non_blocking=True)
-        torch.cuda.current_stream(self.device).synchronize()
+        torch.cuda.current_stream(self.torch_device).synchronize()
         return host.numpy()
 
     def __call__(self, batch: np.ndarray, threads: int = 0) -> np.ndarray:
         with torch.inference_mode():
-            x = torch.from_numpy(batch).to(self.device, self.dtype).contiguous(memory_format=self.memory_format)
+            x = torch.from_numpy(batch).to(self.torch_device, self.dtype).contiguous(memory_format=self.memory_format)
             return self.module(x).float().cpu().numpy()
 
     def render_exact(self, pixels: np.ndarray, passes: int, native: int, pad_multiple: int,
-                     rows: slice, cols: slice) -> np.ndarray:
-        """A whole tile on the backend's device when no resampling follows the model:
-        integer pixels (h, w, 3) in, the model's passes, then clamped, quantised
-        and cropped there; only the integer result comes back."""
+                     rows: slice, cols: slice, threads: int = 0) -> np.ndarray:
+        """The whole tile on the backend's device: the integer pixels go there, the
+        passes, clamping, cropping and quantising run there, and only the integer
+        result comes back."""
         maximum = float(np.iinfo(pixels.dtype).max)
         # torch warns on read-only arrays (tiles straight off the wire); copying one costs little.
         source = torch.from_numpy(np.require(pixels, requirements="W") if pixels.dtype == np.uint8
@@ -119,9 +173,10 @@ class TorchBackend:
         return integer if integer.dtype == pixels.dtype else integer.astype(pixels.dtype)
 
 
-class OnnxBackend:
+class OnnxBackend(ArrayBackend):
     """onnxruntime on an .onnx file: a session of `threads` threads, and one of
-    `narrow_threads` for calls that share the cores (InferenceLanes)."""
+    `narrow_threads` for calls that share the cores (InferenceLanes). On CUDA the
+    session copies each batch in and out itself."""
 
     def __init__(self, path: Path, threads: int, device: str = "cpu", narrow_threads: int = 0):
         self.threads = threads
@@ -130,7 +185,8 @@ class OnnxBackend:
             self.sessions[narrow_threads] = onnx_session(path, narrow_threads, onnx_providers(device))
         session = self.sessions[threads]
         self.adapts_threads = len(self.sessions) > 1
-        self.name = "onnxruntime" if session.get_providers()[0] == "CPUExecutionProvider" else "onnxruntime-cuda"
+        self.device = "cpu" if session.get_providers()[0] == "CPUExecutionProvider" else "cuda"
+        self.name = "onnxruntime" if self.device == "cpu" else "onnxruntime-cuda"
         self.input_name = session.get_inputs()[0].name
 
     def __call__(self, batch: np.ndarray, threads: int = 0) -> np.ndarray:
@@ -138,7 +194,7 @@ class OnnxBackend:
         return session.run(None, {self.input_name: np.ascontiguousarray(batch, np.float32)})[0]
 
 
-class OpenVinoBackend:
+class OpenVinoBackend(ArrayBackend):
     """OpenVINO's CPU plugin on an .onnx file. Its compiled forms are kept in `cache_dir`,
     so a restart does not compile again. One stream of `threads` threads (the LATENCY
     hint) and, for `lanes` calls that share the cores (InferenceLanes), the THROUGHPUT

@@ -38,8 +38,8 @@ def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
 
 def calibrate(candidates: list[Candidate], reference: np.ndarray, tile: np.ndarray, runs: int,
               native_scale: int = 4) -> tuple[Backend | None, list[dict]]:
-    """Time each candidate on the tile, the way tiles will run (integer pixels in and
-    out when the backend can), the candidates in turn in every round so that the
+    """Time each candidate on the tile the way tiles will run (integer pixels in and
+    out, its exact path), the candidates in turn in every round so that the
     machine's drift falls on all alike; keep the fastest within MIN_PSNR_DB of the reference."""
     pixels = tile.shape[2] * tile.shape[3]
     integer_tile = np.ascontiguousarray((tile[0].transpose(1, 2, 0) * 255).round().astype(np.uint8))
@@ -49,12 +49,9 @@ def calibrate(candidates: list[Candidate], reference: np.ndarray, tile: np.ndarr
         try:
             backend = candidate.make()
             out = backend(tile)  # warm-up, and the output compared
-            if hasattr(backend, "render_exact"):
-                def run(backend=backend):
-                    return backend.render_exact(integer_tile, 1, native_scale, 1, whole, whole)
-            else:
-                def run(backend=backend):
-                    return backend(tile)
+
+            def run(backend: Backend = backend) -> np.ndarray:
+                return backend.render_exact(integer_tile, 1, native_scale, 1, whole, whole)
             run()
             ready.append((backend, out, run))
         except Exception as exc:  # a backend that cannot run here is skipped, not fatal

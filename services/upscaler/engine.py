@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 import cv2
 import numpy as np
@@ -27,10 +26,8 @@ from services.common.contract import output_size
 from services.common.resources import available_memory_bytes
 from services.common.tiles import Rect, grid
 
+from .backends import Backend, run_passes
 from .lanes import InferenceLanes
-
-# float32 NCHW RGB in [0, 1] -> the same at native scale; a backend (backends.py) also takes threads=.
-Model = Callable[..., np.ndarray]
 
 UNSHARP_SIGMA, UNSHARP_AMOUNT, UNSHARP_MARGIN = 1.0, 0.5, 4
 TILE_CHOICES = (1024, 768, 512, 384, 256, 192, 128, 96, 64)
@@ -63,6 +60,12 @@ class Plan:
         """The input region (core plus halo) a tile is rendered from."""
         return rect.expand(self.halo, self.in_width, self.in_height)
 
+    @property
+    def exact(self) -> bool:
+        """The model's passes give the output size itself: no resampling follows them."""
+        return self.stage_scale * self.in_width == self.out_width and \
+            self.stage_scale * self.in_height == self.out_height
+
 
 def _resize_box(planes: np.ndarray, size: tuple[int, int], box: tuple[float, float, float, float]) -> np.ndarray:
     """Lanczos-resize the `box` of (h, w, c) float planes to `size` (w, h);
@@ -73,12 +76,11 @@ def _resize_box(planes: np.ndarray, size: tuple[int, int], box: tuple[float, flo
 
 
 class UpscaleEngine:
-    def __init__(self, model: Model | None, native_scale: int, *, halo: int = 16, pad_multiple: int = 1,
+    def __init__(self, model: Backend | None, native_scale: int, *, halo: int = 16, pad_multiple: int = 1,
                  bytes_per_input_pixel: int = 1200, lanes: InferenceLanes | None = None):
         self.model = model
         # Each network call runs in one of the service's inference lanes; the rest of a tile's work outside them.
         self.lanes = lanes or InferenceLanes(1)
-        self.adapts_threads = getattr(model, "adapts_threads", False)  # plain callables (tests) do not
         self.native_scale = native_scale if model else 1
         self.default_halo = halo
         self.pad_multiple = pad_multiple
@@ -91,9 +93,8 @@ class UpscaleEngine:
 
     def auto_tile(self, passes: int, concurrency: int = 1) -> int:
         """Largest tile whose working memory fits in a quarter of what is free, per concurrent request."""
-        device = getattr(self.model, "device", None)
-        if device is not None and device.type == "cuda":  # big tiles keep a GPU busy; its memory is the limit
-            free, _ = torch.cuda.mem_get_info(device)
+        if self.model is not None and self.model.device == "cuda":  # big tiles keep a GPU busy; its memory limits
+            free, _ = torch.cuda.mem_get_info(torch.device("cuda"))
             budget, cap = free / 2 / max(1, concurrency), 1024
         else:
             budget, cap = available_memory_bytes() / 4 / max(1, concurrency), 512
@@ -114,21 +115,12 @@ class UpscaleEngine:
         return Plan(width, height, out_width, out_height, scale, passes, self.native_scale ** passes,
                     tile, halo, tuple(grid(width, height, tile, tile)))
 
-    def _run_model(self, rgb: np.ndarray, passes: int) -> np.ndarray:
-        model = self.model
-        if model is None:
-            raise ValueError("this engine has no network (Lanczos only)")
+    def _run_model(self, model: Backend, rgb: np.ndarray, passes: int) -> np.ndarray:
+        def in_a_lane(batch: np.ndarray) -> np.ndarray:
+            with self.lanes.call(model.adapts_threads) as threads:
+                return model(batch, threads)
         x = np.ascontiguousarray(rgb.transpose(2, 0, 1)[None], np.float32)
-        for _ in range(passes):
-            height, width = x.shape[2:]
-            pad_h, pad_w = -height % self.pad_multiple, -width % self.pad_multiple
-            if pad_h or pad_w:
-                x = np.pad(x, ((0, 0), (0, 0), (0, pad_h), (0, pad_w)), mode="edge")
-            with self.lanes.call(self.adapts_threads) as threads:
-                y = model(x, threads=threads) if self.adapts_threads else model(x)
-            y = y[:, :, :height * self.native_scale, :width * self.native_scale]
-            x = np.clip(y, 0.0, 1.0)
-        return x[0].transpose(1, 2, 0)
+        return run_passes(in_a_lane, x, passes, self.native_scale, self.pad_multiple)[0].transpose(1, 2, 0)
 
     def _to_output(self, plan: Plan, planes: np.ndarray, stage_scale: int, context: Rect, target: Rect) -> np.ndarray:
         """Take `planes` (the context region at `stage_scale`) to the `target` output rect."""
@@ -152,57 +144,46 @@ class UpscaleEngine:
         return sharpened[target.relative_to(wider)]
 
     def _scale_planes(self, plan: Plan, planes: np.ndarray, context: Rect, target: Rect) -> np.ndarray:
+        """float planes of the context rect to the target rect: through the network, or Lanczos without one."""
         if self.model is None:
             return self._lanczos_sharpened(plan, planes, context, target)
         grey = planes.shape[2] == 1
         rgb = np.repeat(planes, 3, axis=2) if grey else planes
-        out = self._to_output(plan, self._run_model(rgb, plan.passes), plan.stage_scale, context, target)
+        out = self._to_output(plan, self._run_model(self.model, rgb, plan.passes), plan.stage_scale, context, target)
         return out.mean(axis=2, keepdims=True) if grey else out
 
     def render(self, plan: Plan, rect: Rect, context_pixels: np.ndarray, mode: str,
                alpha_through_model: bool = False) -> np.ndarray:
-        """Output pixels of one tile from the pixels of its context rect."""
+        """Output pixels of one tile from the pixels of its context rect: the colour
+        planes through the backend's exact path when no resampling follows the
+        network, else as float planes; alpha alongside, through the network or
+        resampled."""
         context = plan.context_rect(rect)
         target = plan.output_rect(rect)
-        exact = plan.stage_scale * plan.in_width == plan.out_width and \
-            plan.stage_scale * plan.in_height == plan.out_height
-        render_exact = getattr(self.model, "render_exact", None)  # backends that run a whole tile on their device
-        if exact and mode in ("RGB", "RGBA") and render_exact is not None:
-            return self._render_on_device(render_exact, plan, context, target, context_pixels, mode,
-                                          alpha_through_model)
-        maximum = float(np.iinfo(context_pixels.dtype).max)
-        x = context_pixels.astype(np.float32) / maximum
         has_alpha = mode in ("LA", "RGBA")
-        colour = x[:, :, :-1] if has_alpha else x
-        out = self._scale_planes(plan, colour, context, target)
-        if has_alpha:
-            alpha = x[:, :, -1:]
-            if alpha_through_model and self.model is not None:
-                alpha_out = self._scale_planes(plan, alpha, context, target)
-            else:
-                alpha_out = self._to_output(plan, alpha, 1, context, target)
-            out = np.concatenate([out, alpha_out], axis=2)
-        return np.rint(np.clip(out, 0.0, 1.0) * maximum).astype(context_pixels.dtype)
-
-    def _render_on_device(self, render_exact: Callable[..., np.ndarray], plan: Plan, context: Rect, target: Rect,
-                          context_pixels: np.ndarray, mode: str, alpha_through_model: bool) -> np.ndarray:
-        """The colour planes go through the backend's device path; alpha (if any) as usual."""
-        stage = plan.stage_scale
-        rows = slice(target.y0 - context.y0 * stage, target.y1 - context.y0 * stage)
-        cols = slice(target.x0 - context.x0 * stage, target.x1 - context.x0 * stage)
-        with self.lanes.call(self.adapts_threads):
-            colour = render_exact(np.ascontiguousarray(context_pixels[:, :, :3]), plan.passes,
-                                  self.native_scale, self.pad_multiple, rows, cols)
-        if mode == "RGB":
-            return colour
+        colour = context_pixels[:, :, :-1] if has_alpha else context_pixels
         maximum = float(np.iinfo(context_pixels.dtype).max)
-        alpha = context_pixels[:, :, 3:].astype(np.float32) / maximum
-        if alpha_through_model:
+
+        def quantised(planes: np.ndarray) -> np.ndarray:
+            return np.rint(np.clip(planes, 0.0, 1.0) * maximum).astype(context_pixels.dtype)
+
+        if self.model is not None and plan.exact and colour.shape[2] == 3:
+            stage = plan.stage_scale
+            rows = slice(target.y0 - context.y0 * stage, target.y1 - context.y0 * stage)
+            cols = slice(target.x0 - context.x0 * stage, target.x1 - context.x0 * stage)
+            with self.lanes.call(self.model.adapts_threads) as threads:
+                out = self.model.render_exact(np.ascontiguousarray(colour), plan.passes, self.native_scale,
+                                              self.pad_multiple, rows, cols, threads)
+        else:
+            out = quantised(self._scale_planes(plan, colour.astype(np.float32) / maximum, context, target))
+        if not has_alpha:
+            return out
+        alpha = context_pixels[:, :, -1:].astype(np.float32) / maximum
+        if alpha_through_model and self.model is not None:
             alpha_out = self._scale_planes(plan, alpha, context, target)
         else:
             alpha_out = self._to_output(plan, alpha, 1, context, target)
-        quantised = np.rint(np.clip(alpha_out, 0.0, 1.0) * maximum).astype(context_pixels.dtype)
-        return np.concatenate([colour, quantised], axis=2)
+        return np.concatenate([out, quantised(alpha_out)], axis=2)
 
     def upscale(self, pixels: np.ndarray, mode: str, scale: float, *, tile: int = 0, halo: int = 0,
                 alpha_through_model: bool = False) -> np.ndarray:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .arch import SRVGGNetCompact
+from .backends import ArrayBackend
 
 INPUT, OUTPUT = "in0", "out0"
 MAGIC = 7767517  # ncnn's .param header
@@ -80,7 +81,7 @@ def _write_atomically(path: Path, data: bytes) -> None:
             os.unlink(tmp)
 
 
-class NcnnBackend:
+class NcnnBackend(ArrayBackend):
     """ncnn networks for every tile size: one of `threads` threads, and one of
     `narrow_threads` for calls that share the cores (InferenceLanes); ncnn's Winograd
     convolution keeps the thread count it was loaded with. An extractor per call
