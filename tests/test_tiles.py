@@ -101,3 +101,26 @@ def test_band_assembler_hands_out_complete_bands_in_order(width, height, cell, b
         out += assembler.add(r, image[r.y0:r.y1, r.x0:r.x1])
     assert np.array_equal(np.concatenate(out), image)
     assert all(b.shape[0] == band for b in out[:-1])
+
+
+def test_intersection_is_the_part_both_cover():
+    assert Rect(0, 0, 10, 8).intersection(Rect(6, 5, 20, 20)) == Rect(6, 5, 10, 8)
+    assert Rect(2, 2, 4, 4).intersection(Rect(0, 0, 10, 10)) == Rect(2, 2, 4, 4)
+
+
+def test_the_gateways_image_assembler_refuses_an_image_with_tiles_missing():
+    from services.common import wire
+    from services.common.failures import HttpError
+    from services.common.mesh import ImageAssembler
+    image = np.random.default_rng(3).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    header = wire.grid_header(53, 37, "RGB", image.dtype, max_cell=16)
+    assembler = ImageAssembler(header)
+    cells = grid(53, 37, header.tile_width, header.tile_height)
+    for rect in reversed(cells[1:]):  # any order
+        assembler.add_tile(wire.tile(rect, image[rect.y0:rect.y1, rect.x0:rect.x1]))
+    assert not assembler.complete
+    with pytest.raises(HttpError) as refused:
+        assembler.pixels
+    assert refused.value.status == 502
+    assembler.add_tile(wire.tile(cells[0], image[cells[0].y0:cells[0].y1, cells[0].x0:cells[0].x1]))
+    assert assembler.complete and np.array_equal(assembler.pixels, image)

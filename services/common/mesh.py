@@ -85,21 +85,30 @@ def _metadata() -> tuple:
 
 
 class ImageAssembler:
-    """Collects one output image from its header and tiles."""
+    """One output image from its header and tiles: a GridAssembler whose one cell is the whole image."""
 
     def __init__(self, header: common_pb2.ImageHeader):
         self.info = wire.HeaderInfo(header, header.width * header.height)
-        self.pixels = np.empty((self.info.height, self.info.width, self.info.channels), self.info.dtype)
-        self.received = 0
+        self._cells = GridAssembler(self.info.width, self.info.height, self.info.channels, self.info.dtype,
+                                    self.info.width, self.info.height)
+        self._pixels: np.ndarray | None = None
 
-    def add(self, tile: common_pb2.Tile) -> None:
-        rect, pixels = wire.tile_pixels(tile, self.info)
-        self.pixels[rect.y0:rect.y1, rect.x0:rect.x1] = pixels
-        self.received += rect.width * rect.height
+    def add_tile(self, tile: common_pb2.Tile) -> None:
+        self.add(*wire.tile_pixels(tile, self.info))
+
+    def add(self, rect: Rect, pixels: np.ndarray) -> None:
+        for _, whole in self._cells.add(rect, pixels):
+            self._pixels = whole
 
     @property
     def complete(self) -> bool:
-        return self.received == self.info.width * self.info.height
+        return self._pixels is not None
+
+    @property
+    def pixels(self) -> np.ndarray:
+        if self._pixels is None:
+            raise HttpError(502, "upstream_incomplete", "the stream ended with tiles of its image missing")
+        return self._pixels
 
 
 def image_messages(image: DecodedImage, steps: list[pipeline_pb2.Step]):
@@ -346,8 +355,7 @@ class MeshClient:
         async for item in events:
             if isinstance(item, tuple):
                 first_tile_ms = first_tile_ms or (time.perf_counter() - started) * 1000
-                rect, pixels = item
-                assembler.pixels[rect.y0:rect.y1, rect.x0:rect.x1] = pixels
+                assembler.add(*item)
                 tiles_done += 1
                 if progress:
                     await progress(tiles_done, tiles_total)
@@ -375,7 +383,7 @@ class MeshClient:
                 elif part == "start":
                     assemblers[reply.start.candidate] = ImageAssembler(reply.start.image)
                 elif part == "tile":
-                    assemblers[reply.tile.candidate].add(reply.tile.tile)
+                    assemblers[reply.tile.candidate].add_tile(reply.tile.tile)
                 elif part == "done":
                     done[reply.done.candidate] = reply.done.report
                 else:

@@ -40,6 +40,10 @@ class Rect:
     def intersects(self, other: "Rect") -> bool:
         return self.x0 < other.x1 and other.x0 < self.x1 and self.y0 < other.y1 and other.y0 < self.y1
 
+    def intersection(self, other: "Rect") -> "Rect":
+        """The part both cover (for rects that intersect)."""
+        return Rect(max(self.x0, other.x0), max(self.y0, other.y0), min(self.x1, other.x1), min(self.y1, other.y1))
+
     def relative_to(self, outer: "Rect") -> tuple[slice, slice]:
         """Numpy (rows, cols) slices of this rect inside an array covering `outer`."""
         return (slice(self.y0 - outer.y0, self.y1 - outer.y0), slice(self.x0 - outer.x0, self.x1 - outer.x0))
@@ -49,6 +53,13 @@ def grid_cell(column: int, row: int, cell_width: int, cell_height: int, width: i
     """One cell of a grid over a width x height image; the last column and row are cut short."""
     x, y = column * cell_width, row * cell_height
     return Rect(x, y, min(x + cell_width, width), min(y + cell_height, height))
+
+
+def cells_touched(rect: Rect, cell_width: int, cell_height: int) -> Iterator[tuple[int, int]]:
+    """The (column, row) of every cell of a grid that `rect` touches, in raster order."""
+    for row in range(rect.y0 // cell_height, (rect.y1 - 1) // cell_height + 1):
+        for column in range(rect.x0 // cell_width, (rect.x1 - 1) // cell_width + 1):
+            yield column, row
 
 
 def grid(width: int, height: int, tile_width: int, tile_height: int) -> list[Rect]:
@@ -131,9 +142,7 @@ class TileBuffer:
 
     def cell_keys(self, rect: Rect) -> Iterator[tuple[int, int]]:
         """The (column, row) of every grid cell that `rect` touches."""
-        for row in range(rect.y0 // self.tile_height, (rect.y1 - 1) // self.tile_height + 1):
-            for column in range(rect.x0 // self.tile_width, (rect.x1 - 1) // self.tile_width + 1):
-                yield column, row
+        return cells_touched(rect, self.tile_width, self.tile_height)
 
     def covers(self, rect: Rect) -> bool:
         return all(key in self._received for key in self.cell_keys(rect))
@@ -143,7 +152,7 @@ class TileBuffer:
         out = np.empty((rect.height, rect.width, self.channels), self.dtype)
         for key in self.cell_keys(rect):
             cell = self.cell_rect(*key)
-            part = Rect(max(cell.x0, rect.x0), max(cell.y0, rect.y0), min(cell.x1, rect.x1), min(cell.y1, rect.y1))
+            part = cell.intersection(rect)
             out[part.relative_to(rect)] = self._cells[key][part.relative_to(cell)]
         return out
 
@@ -177,22 +186,21 @@ class GridAssembler:
 
     def add(self, rect: Rect, pixels: np.ndarray) -> list[tuple[Rect, np.ndarray]]:
         done = []
-        for row in range(rect.y0 // self.cell_height, (rect.y1 - 1) // self.cell_height + 1):
-            for column in range(rect.x0 // self.cell_width, (rect.x1 - 1) // self.cell_width + 1):
-                cell = self.cell_rect(column, row)
-                part = Rect(max(cell.x0, rect.x0), max(cell.y0, rect.y0), min(cell.x1, rect.x1), min(cell.y1, rect.y1))
-                if part == cell:  # the common case: no copy needed
-                    done.append((cell, pixels[cell.relative_to(rect)]))
-                    continue
-                array, filled = self._partial.get((column, row)) or (
-                    np.empty((cell.height, cell.width, self.channels), self.dtype), 0)
-                array[part.relative_to(cell)] = pixels[part.relative_to(rect)]
-                filled += part.width * part.height
-                if filled == cell.width * cell.height:
-                    self._partial.pop((column, row), None)
-                    done.append((cell, array))
-                else:
-                    self._partial[(column, row)] = (array, filled)
+        for column, row in cells_touched(rect, self.cell_width, self.cell_height):
+            cell = self.cell_rect(column, row)
+            part = cell.intersection(rect)
+            if part == cell:  # the common case: no copy needed
+                done.append((cell, pixels[cell.relative_to(rect)]))
+                continue
+            array, filled = self._partial.get((column, row)) or (
+                np.empty((cell.height, cell.width, self.channels), self.dtype), 0)
+            array[part.relative_to(cell)] = pixels[part.relative_to(rect)]
+            filled += part.width * part.height
+            if filled == cell.width * cell.height:
+                self._partial.pop((column, row), None)
+                done.append((cell, array))
+            else:
+                self._partial[(column, row)] = (array, filled)
         return done
 
 
@@ -213,7 +221,7 @@ class BandAssembler:
     def add(self, rect: Rect, pixels: np.ndarray) -> list[np.ndarray]:
         for index in range(rect.y0 // self.band_height, (rect.y1 - 1) // self.band_height + 1):
             band = self._rect(index)
-            part = Rect(rect.x0, max(rect.y0, band.y0), rect.x1, min(rect.y1, band.y1))
+            part = band.intersection(rect)
             array, filled = self._bands.get(index) or (
                 np.empty((band.height, band.width, self.channels), self.dtype), 0)
             array[part.relative_to(band)] = pixels[part.relative_to(rect)]
