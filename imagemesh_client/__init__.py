@@ -166,7 +166,7 @@ class GrpcClient:
                 max_pixels: int = 40_000_000) -> Result:
         import asyncio
 
-        from services.common import imageio
+        from services.common import imageio, wire
         from services.common.errors import ServiceError
         from services.common.failures import HttpError, from_service_error
         from services.common.fields import Fields
@@ -185,7 +185,7 @@ class GrpcClient:
                 fmt = imageio.choose_format(format, decoded.format, result.mode in ("LA", "RGBA"))
                 data = imageio.encode(result.pixels, result.mode, fmt, icc_profile=result.icc_profile)
                 height, width = result.pixels.shape[:2]
-                return Result(data, imageio.MEDIA_TYPES[fmt], result.steps, width, height)
+                return Result(data, imageio.MEDIA_TYPES[fmt], [wire.as_json(r) for r in result.reports], width, height)
             except ServiceError as exc:
                 error = from_service_error(exc)
                 raise ImagemeshError(error.status, error.reason, error.message) from None

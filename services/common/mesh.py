@@ -14,7 +14,6 @@ from typing import Awaitable, Callable, Mapping
 
 import grpc
 import numpy as np
-from google.protobuf.json_format import MessageToDict
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from imagemesh.v1 import (
     bgremoval_pb2,
@@ -44,15 +43,6 @@ class Processed:
     icc_profile: bytes
     reports: list[pipeline_pb2.StepReport]
     timings_ms: dict = field(default_factory=dict)
-
-    @property
-    def steps(self) -> list[dict]:
-        """The step reports as JSON, for answers."""
-        return [report_dict(r) for r in self.reports]
-
-
-def report_dict(report: pipeline_pb2.StepReport) -> dict:
-    return MessageToDict(report, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
 
 
 RETRIES = 3  # attempts after the first, on another replica
@@ -368,7 +358,7 @@ class MeshClient:
                           "first_tile": round(first_tile_ms, 1)})
 
     async def candidates(self, image: DecodedImage, options: pipeline_pb2.RemoveBackgroundOptions):
-        """Several background-removal models on one upload; returns (request_id, [(report, Processed)])."""
+        """Several background-removal models on one upload; returns (request_id, [Processed]), one a model."""
         steps = [pipeline_pb2.Step(remove_background=options)]
         assemblers: dict[int, ImageAssembler] = {}
         done: dict[int, pipeline_pb2.StepReport] = {}
@@ -395,5 +385,5 @@ class MeshClient:
             await sender.close()
         if not request_id or len(done) != len(options.models) or not all(a.complete for a in assemblers.values()):
             raise HttpError(502, "upstream_incomplete", "the bgremoval service ended its stream early")
-        return request_id, [(report_dict(done[i]), Processed(a.pixels, a.info.mode, a.info.msg.icc_profile, [done[i]]))
+        return request_id, [Processed(a.pixels, a.info.mode, a.info.msg.icc_profile, [done[i]])
                             for i, a in sorted(assemblers.items())]

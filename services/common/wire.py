@@ -2,11 +2,20 @@
 from __future__ import annotations
 
 import numpy as np
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
 from imagemesh.v1 import common_pb2
 
 from .contract import MAX_TILES_PER_IMAGE, MIN_TILE_EDGE
 from .errors import InvalidArgument, LimitExceeded
 from .tiles import MAX_TILE_BYTES, Rect, wire_tile_size
+
+
+def as_json(message: Message) -> dict:
+    """A message as JSON answers carry it (step reports, model listings): the
+    .proto's field names, every field present even at its default."""
+    return MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
 
 MODE_CHANNELS = {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4}
 _MODE_TO_PROTO = {"L": common_pb2.COLOR_MODE_GRAY, "LA": common_pb2.COLOR_MODE_GRAY_ALPHA,

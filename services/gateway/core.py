@@ -210,7 +210,7 @@ class Gateway:
         stored = await self.state.put_result(body, out_format)
         height, width = result.pixels.shape[:2]
         timings = {**result.timings_ms, "encode": encode_ms, "total": round((time.perf_counter() - started) * 1000, 1)}
-        return StoredRun(stored, width, height, result.steps, timings)
+        return StoredRun(stored, width, height, [wire.as_json(r) for r in result.reports], timings)
 
     async def answer(self, request: Request, req: ImageRequest, steps: list[pipeline_pb2.Step], started: float,
                      extra_json: Callable[[Processed], dict] = lambda result: {}, *, format_field: str = "format",
@@ -235,7 +235,7 @@ class Gateway:
         if wants_json:
             return {"image_base64": base64.b64encode(body).decode("ascii"), "width": width, "height": height,
                     "format": fmt, "model": headers["X-Imagemesh-Model"], "backend": headers["X-Imagemesh-Backend"],
-                    **extra_json(result), "steps": result.steps, "timings_ms": timings}
+                    **extra_json(result), "steps": [wire.as_json(r) for r in result.reports], "timings_ms": timings}
         return Response(body, media_type=imageio.MEDIA_TYPES[fmt], headers={
             **headers, "Server-Timing": ", ".join(f"{k};dur={v}" for k, v in timings.items())})
 
@@ -270,11 +270,12 @@ class Gateway:
         self.budget.take_for_request(len(models) * cut_out)
         request_id, results = await self.mesh.candidates(image, options)
         out = []
-        for report, result in results:
+        for result in results:
             fmt, body, _ = await self.encode(result, requested_format, image.format, quality)
             height, width = result.pixels.shape[:2]
-            out.append({"model": report["name"], "backend": report["backend"],
-                        "compute_ms": round(report["compute_ms"], 1), "cache_hit": report["cache_hit"],
+            (report,) = result.reports
+            out.append({"model": report.name, "backend": report.backend,
+                        "compute_ms": round(report.compute_ms, 1), "cache_hit": report.cache_hit,
                         "width": width, "height": height, "format": fmt,
                         "image_base64": base64.b64encode(body).decode("ascii")})
         return {"request_id": request_id, "candidates": out,

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from imagemesh.v1 import pipeline_pb2
 
-from services.common import metrics
+from services.common import metrics, wire
 from services.common.failures import bad
 from services.common.fields import Fields, load_json
 from services.common.steps import effect_step, remove_background_options, upscale_step
@@ -152,17 +152,17 @@ async def seed_upscale_json(gw: Gateway, fields: Fields, data: bytes, started: f
     image, _ = await gw.decode(data)
     result = await gw.mesh.process(image, [step])
     fmt, body, _ = await gw.encode(result, requested_format, image.format, quality)
-    report = result.steps[0]
-    backend, quality_level = _quality_name(report["backend"])
+    report = result.reports[0]
+    backend, quality_level = _quality_name(report.backend)
     height, width = result.pixels.shape[:2]
     return {"success": True, "original_size": _size_text(image.width, image.height),
-            "upscaled_size": _size_text(width, height), "scale_used": float(report["details"]["scale"]),
-            "model_used": report["name"], "backend": backend, "backend_quality": quality_level,
+            "upscaled_size": _size_text(width, height), "scale_used": float(report.details["scale"]),
+            "model_used": report.name, "backend": backend, "backend_quality": quality_level,
             "format": fmt.upper(), "memory_used_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "processing_time": round(time.perf_counter() - started, 3),
-            "processing_info": {"backend": report["backend"], "tile_size": int(report["details"]["tile_size"]),
+            "processing_info": {"backend": report.backend, "tile_size": int(report.details["tile_size"]),
                                 "quality_level": quality_level, "original_format": image.format.upper(),
-                                "model_passes": int(report["details"]["model_passes"])},
+                                "model_passes": int(report.details["model_passes"])},
             "base64_image": base64.b64encode(body).decode("ascii")}
 
 
@@ -303,8 +303,9 @@ async def effects_v2(request: Request, gw: Gateway = Depends(gateway)):
     encoded = base64.b64encode(body).decode("ascii")
     return {"success": True, "image": encoded, "image_base64": encoded, "format": fmt, "width": width,
             "height": height, "effects_applied": effects,
-            "effect_params": {k: v for k, v in result.steps[0]["details"].items() if "." in k},
-            "processing_time": round(time.perf_counter() - started, 3), "steps": result.steps}
+            "effect_params": {k: v for k, v in result.reports[0].details.items() if "." in k},
+            "processing_time": round(time.perf_counter() - started, 3),
+            "steps": [wire.as_json(r) for r in result.reports]}
 
 
 @router.get("/model-info", summary="The default background-removal model",

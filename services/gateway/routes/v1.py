@@ -4,9 +4,9 @@ from __future__ import annotations
 import time
 
 from fastapi import APIRouter, Depends, Request
-from google.protobuf.json_format import MessageToDict
 from imagemesh.v1 import pipeline_pb2
 
+from services.common import wire
 from services.common.failures import bad
 from services.common.fields import Fields, load_json
 from services.common.steps import effect_step, parse_steps, remove_background_options, upscale_step
@@ -32,10 +32,6 @@ router = APIRouter(tags=["v1"])
 # Multipart fields of /v1/effects that are not effect parameters.
 EFFECT_RESERVED = {"file", "effect", "params", "format", "quality", "image_base64", "image_url"}
 
-def to_dict(message) -> dict:
-    return MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
-
-
 def cache_hit_rate(stats) -> float:
     lookups = stats.cache_hits + stats.cache_misses
     return stats.cache_hits / lookups if lookups else 0.0
@@ -52,14 +48,14 @@ def effect_from(f: Fields) -> pipeline_pb2.Step:
             responses={200: json_answer("models and each service's default"), **errors(503)})
 async def list_models(gw: Gateway = Depends(gateway)):
     replies = await gw.mesh.list_models()
-    return {"models": [dict(to_dict(m), service=service) for service, reply in replies.items() for m in reply.models],
+    return {"models": [dict(wire.as_json(m), service=service) for service, reply in replies.items() for m in reply.models],
             "defaults": {service: reply.default_model for service, reply in replies.items()}}
 
 
 @router.get("/v1/effects", summary="Every effect with its parameters, ranges and options",
             responses={200: json_answer("the effects"), **errors(503)})
 async def list_effects(gw: Gateway = Depends(gateway)):
-    return to_dict(await gw.mesh.list_effects())
+    return wire.as_json(await gw.mesh.list_effects())
 
 
 @router.post("/v1/upscale", summary="Upscale an image with Real-ESRGAN (or Lanczos)", dependencies=PROTECTED,
@@ -68,7 +64,7 @@ async def upscale(request: Request, gw: Gateway = Depends(gateway)):
     started = time.perf_counter()
     req = await gw.read(request)
     return await gw.answer(request, req, [upscale_step(req.fields)], started,
-                           lambda result: {"scale": float(result.steps[0]["details"]["scale"])})
+                           lambda result: {"scale": float(result.reports[0].details["scale"])})
 
 
 @router.post("/v1/remove-background", summary="Remove the background (one model, or candidates)",
@@ -98,7 +94,7 @@ async def record_choice(request: Request, gw: Gateway = Depends(gateway)):
     request_id, model = fields.text("request_id", ""), fields.text("model", "")
     if not request_id or not model:
         raise bad("request_id and model are required")
-    return to_dict(await gw.mesh.record_choice(request_id, model))
+    return wire.as_json(await gw.mesh.record_choice(request_id, model))
 
 
 @router.get("/v1/remove-background/stats", summary="Picks, share and mean latency per model",
