@@ -9,7 +9,7 @@ GENERATED := gen/.generated
 
 export MODEL_DIR
 
-.PHONY: setup protos run test lint test-deps models images bench loadtest clean
+.PHONY: setup protos run test lint lock test-deps models images bench loadtest clean
 
 REGISTRY ?= imagemesh
 TAG ?= latest
@@ -44,7 +44,7 @@ test: setup
 # The quality gate CI runs before the tests (rules in pyproject.toml): ruff, and mypy over
 # the services and the client (with the generated protobuf stubs).
 lint: setup
-	$(VENV)/bin/ruff check services tests bench imagemesh_client
+	$(VENV)/bin/ruff check services tests bench imagemesh_client tools
 	$(VENV)/bin/mypy
 
 # System packages the tests use: Debian's Chromium (the web page test),
@@ -58,6 +58,11 @@ test-deps:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium prometheus redis-server postgresql openssl; }
+
+# The pinned lock files (requirements.txt, deploy/docker/requirements/), resolved by pip
+# from pyproject.toml's declarations; pins stay unless UPGRADE=1.
+lock: setup
+	$(PY) -m tools.lock $(if $(UPGRADE),--upgrade)
 
 models: setup
 	$(PY) -m services.fetch_models --dir "$(MODEL_DIR)"

@@ -310,14 +310,7 @@ def test_images_are_multi_stage_slim_and_non_root(dockerfile):
     assert f'"services.{service}"' in final
 
 
-def test_image_requirements_match_the_project_pins():
-    pins = dict(line.split("==") for line in (ROOT / "requirements.txt").read_text().splitlines()
-                if "==" in line and not line.startswith("#"))
-    for path in (DEPLOY / "docker" / "requirements").glob("*.txt"):
-        for line in path.read_text().splitlines():
-            if "==" in line:
-                name, version = line.split("==")
-                assert pins[name] == version, (path.name, name)
+def test_images_leave_out_what_is_built_or_fetched_here():
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".venv", "models", "gen", ".git"} <= set(ignored)
 
