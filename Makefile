@@ -9,7 +9,7 @@ GENERATED := gen/.generated
 
 export MODEL_DIR
 
-.PHONY: setup protos run test lint lock test-deps models images bench loadtest clean
+.PHONY: setup protos run test test-unit lint lock test-deps models images bench loadtest clean
 
 REGISTRY ?= imagemesh
 TAG ?= latest
@@ -40,6 +40,10 @@ run: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# In-process tests only (tests/unit): no server started, no system package needed.
+test-unit: setup
+	$(PY) -m pytest -q tests/unit
 
 # The quality gate CI runs before the tests (rules in pyproject.toml): ruff, and mypy over
 # the services and the client (with the generated protobuf stubs).

@@ -1,0 +1,248 @@
+import hashlib
+import os
+import shutil
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from services import fetch_models
+from services.bgremoval.fetch import downloads as bgremoval_downloads
+from services.common.errors import ModelNotFound, ModelNotReady
+from services.common.fetch import Download, FetchError, fetch
+from services.upscaler import fetch as upscaler_fetch
+from services.upscaler.arch import RRDBNet
+from services.upscaler.backends import ArrayBackend, Candidate, cpu_has_bf16
+from services.upscaler.calibration import calibrate, calibration_tile
+from services.upscaler.models import SPECS, SPECS_BY_NAME, ModelRegistry, sha256_of
+from support.images import psnr
+
+UPSCALER_FILES = sorted({name for spec in SPECS for name in spec.files})
+
+
+def registry_for(directory, tmp_path, backend="torch-fp32"):
+    registry = ModelRegistry(directory, backend=backend, onnx_cache_dir=tmp_path / "onnx", threads=2)
+    registry.load_all()
+    return registry
+
+
+def only(tmp_path, source, name):
+    directory = tmp_path / f"models-{name}"
+    directory.mkdir()
+    os.symlink(source / name, directory / name)
+    return directory
+
+
+def test_every_upscaler_file_in_the_shared_folder_loads(model_dir, tmp_path, photo):
+    present = [name for name in UPSCALER_FILES if (model_dir / name).is_file()]
+    assert {"realesr-animevideov3.pth", "realesr-general-x4v3_fp16.onnx",
+            "realesr-general-x4v3.fp16-derived.pth"} <= set(present)
+    for name in present:
+        registry = registry_for(only(tmp_path, model_dir, name), tmp_path, "auto")
+        ready = [m for m in registry.models.values() if m.ready and m.name != "lanczos"]
+        assert [m.file_name for m in ready] == [name], name
+        assert ready[0].backend.startswith(("onnxruntime", "openvino") if name.endswith(".onnx") else
+                                           ("torch", "onnxruntime", "openvino", "ncnn"))
+        out = ready[0].engine.upscale(photo[:24, :24], "RGB", 4)
+        assert out.shape == (96, 96, 3) and out.std() > 10
+
+
+def test_official_checksum_is_recognised(model_dir, tmp_path):
+    registry = registry_for(model_dir, tmp_path)
+    assert registry.models["realesr-animevideov3"].sha256_matches
+    assert not registry.models["realesr-general-x4v3"].sha256_matches  # a derived file, not the release
+
+
+@pytest.mark.parametrize("model", ["realesr-general-x4v3", "realesr-animevideov3"])
+def test_torch_and_onnxruntime_backends_agree(model_dir, tmp_path, photo, model):
+    torch_engine = registry_for(model_dir, tmp_path, "torch-fp32").resolve(model)
+    ort_model = registry_for(model_dir, tmp_path, "onnxruntime").resolve(model)
+    assert (torch_engine.backend, ort_model.backend) == ("torch-fp32", "onnxruntime")
+    a = torch_engine.engine.upscale(photo, "RGB", 4, tile=64)
+    b = ort_model.engine.upscale(photo, "RGB", 4, tile=64)
+    assert psnr(a, b) >= 45
+
+
+@pytest.mark.parametrize("model", ["realesr-general-x4v3", "realesr-animevideov3"])
+@pytest.mark.parametrize("backend", ["openvino", "ncnn"])
+def test_openvino_and_ncnn_agree_with_torch(model_dir, tmp_path, photo, model, backend):
+    reference = registry_for(model_dir, tmp_path, "torch-fp32").resolve(model)
+    candidate = registry_for(only(tmp_path, model_dir, reference.file_name), tmp_path, backend).resolve(model)
+    assert candidate.backend == backend and candidate.calibration == []  # forced: no calibration
+    a = reference.engine.upscale(photo, "RGB", 4, tile=64)
+    b = candidate.engine.upscale(photo, "RGB", 4, tile=64)
+    assert a.shape == b.shape and psnr(a, b) >= 45
+
+
+def test_a_restart_reuses_the_ncnn_network_and_openvinos_compiled_model(model_dir, tmp_path):
+    directory = only(tmp_path, model_dir, "realesr-animevideov3.pth")
+
+    def cache_files() -> dict:
+        return {path: path.stat().st_mtime_ns for path in (tmp_path / "onnx").rglob("*") if path.is_file()}
+    for backend in ("ncnn", "openvino"):
+        registry_for(directory, tmp_path, backend)
+    first = cache_files()
+    assert {p.suffix for p in first} >= {".param", ".bin", ".onnx", ".blob"}, first
+    for backend in ("ncnn", "openvino"):
+        assert registry_for(directory, tmp_path, backend).resolve("realesr-animevideov3").backend == backend
+    assert cache_files() == first  # read back, nothing compiled or written again
+
+
+def test_onnx_export_is_cached(model_dir, tmp_path):
+    registry_for(model_dir, tmp_path, "onnxruntime")
+    cached = list((tmp_path / "onnx").glob("realesr-animevideov3-*.onnx"))
+    assert len(cached) == 1
+    mtime = cached[0].stat().st_mtime_ns
+    registry_for(model_dir, tmp_path, "onnxruntime")
+    assert cached[0].stat().st_mtime_ns == mtime
+
+
+@pytest.mark.parametrize("name", ["RealESRGAN_x2plus", "RealESRGAN_x4plus", "RealESRGAN_x4plus_anime_6B"])
+def test_rrdbnet_models_load_strictly_preferring_params_ema(tmp_path, name):
+    spec = SPECS_BY_NAME[name]
+    torch.manual_seed(0)
+    ema, plain = RRDBNet(**spec.params), RRDBNet(**spec.params)
+    for p in ema.parameters():  # small weights keep the random network's output in range
+        p.data.mul_(0.1)
+    (tmp_path / "m").mkdir()
+    torch.save({"params": plain.state_dict(), "params_ema": ema.state_dict()}, tmp_path / "m" / spec.official_file)
+    model = registry_for(tmp_path / "m", tmp_path).resolve(name)
+    assert model.ready and model.backend == "torch-fp32" and not model.sha256_matches
+    # Odd sizes exercise the x2 model's pixel-unshuffle padding.
+    image = np.random.default_rng(0).integers(0, 256, (11, 15, 3), dtype=np.uint8)
+    out = model.engine.upscale(image, "RGB", spec.scale, tile=4096)
+    with torch.inference_mode():
+        x = torch.from_numpy(np.pad(image, ((0, 11 % 2), (0, 15 % 2), (0, 0)), mode="edge")
+                             .astype(np.float32) / 255).permute(2, 0, 1)[None]
+        expected = ema.eval()(x).clamp(0, 1)[0].permute(1, 2, 0).numpy()[:11 * spec.scale, :15 * spec.scale]
+    assert out.shape == (11 * spec.scale, 15 * spec.scale, 3)
+    assert np.abs(out.astype(float) - np.rint(expected * 255)).max() <= 1
+    if spec.scale == 2:
+        assert model.engine.upscale(image, "RGB", 4, tile=8).shape == (44, 60, 3)  # two passes
+
+
+def test_missing_and_broken_files_are_not_ready_with_a_reason(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "realesr-animevideov3.pth").write_bytes(b"not a checkpoint")
+    registry = registry_for(tmp_path / "m", tmp_path)
+    assert "could not be loaded" in registry.models["realesr-animevideov3"].reason
+    assert "RealESRGAN_x4plus.pth" in registry.models["RealESRGAN_x4plus"].reason
+    with pytest.raises(ModelNotReady, match="not ready"):
+        registry.resolve("realesr-animevideov3")
+    with pytest.raises(ModelNotFound):
+        registry.resolve("no-such-model")
+    assert registry.resolve("auto").name == "lanczos"  # the fallback is always there
+    assert registry.resolve("").backend == "lanczos"
+
+
+def test_auto_picks_the_general_model(model_dir, tmp_path):
+    registry = registry_for(model_dir, tmp_path)
+    assert registry.resolve("auto").name == "realesr-general-x4v3"
+
+
+def test_fetch_verifies_checksums(model_dir, tmp_path):
+    by_model = {d.model: d for d in upscaler_fetch.downloads()}
+    item = by_model["realesr-animevideov3"]
+    target = fetch(item, tmp_path / "ok", mirror=str(model_dir))
+    assert sha256_of(target) == item.sha256
+    tampered = tmp_path / "tampered"
+    tampered.mkdir()
+    data = bytearray((model_dir / item.file).read_bytes())
+    data[1000] ^= 0xFF
+    (tampered / item.file).write_bytes(bytes(data))
+    with pytest.raises(FetchError, match="sha256 mismatch"):
+        fetch(item, tmp_path / "bad", mirror=str(tampered))
+    assert list((tmp_path / "bad").iterdir()) == []  # nothing half-verified is left behind
+    with pytest.raises(FetchError, match="no published checksum"):
+        fetch(by_model["realesr-general-x4v3"], tmp_path / "x", mirror=str(tampered), require_checksum=True)
+
+
+def test_fetch_verifies_rembg_md5(tmp_path):
+    (tmp_path / "mirror").mkdir()
+    (tmp_path / "mirror" / "u2netp.onnx").write_bytes(b"not the real u2netp")
+    published = {d.model: d for d in bgremoval_downloads()}["u2netp"]
+    assert published.md5 == "8e83ca70e441ab06c318d82300c84806" and published.default
+    with pytest.raises(FetchError, match="md5 mismatch"):
+        fetch(published, tmp_path / "m", mirror=str(tmp_path / "mirror"))
+    matching = Download("u2netp", "u2netp.onnx", "", md5=hashlib.md5(b"not the real u2netp").hexdigest())
+    assert fetch(matching, tmp_path / "m", mirror=str(tmp_path / "mirror")).read_bytes() == b"not the real u2netp"
+    assert not {d.model: d for d in bgremoval_downloads()}["birefnet-general"].default  # 1 GB: opt-in
+
+
+def test_make_models_command_exports_to_the_cache_the_registry_uses(model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("ONNX_CACHE_DIR", str(tmp_path / "onnx"))
+    assert fetch_models.main(["--dir", str(tmp_path / "m"), "--model", "realesr-animevideov3",
+                              "--mirror", str(model_dir), "--export"]) == 0
+    exported = sorted((tmp_path / "onnx").rglob("*.*"))
+    assert sorted(p.suffix for p in exported) == [".bin", ".onnx", ".param"]
+    mtimes = [p.stat().st_mtime_ns for p in exported]
+    for backend in ("onnxruntime", "ncnn"):
+        assert registry_for(tmp_path / "m", tmp_path, backend).resolve("realesr-animevideov3").backend == backend
+    assert [p.stat().st_mtime_ns for p in exported] == mtimes  # reused, not converted again
+    assert fetch_models.main(["--dir", str(tmp_path / "m"), "--model", "u2net", "--mirror", str(model_dir)]) == 1
+    shutil.rmtree(tmp_path / "m")
+
+
+def test_calibration_picks_the_fastest_backend_within_45_db(model_dir, tmp_path):
+    registry = registry_for(only(tmp_path, model_dir, "realesr-animevideov3.pth"), tmp_path, "auto")
+    model = registry.resolve("realesr-animevideov3")
+    figures = {m["backend"]: m for m in model.calibration}
+    expected = {"torch-fp32", "torch-fp32-cl", "onnxruntime", "openvino", "ncnn"} | (
+        {"torch-bf16-cl"} if cpu_has_bf16() else set())
+    assert set(figures) == expected
+    chosen = [m for m in model.calibration if m["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["backend"] == model.backend
+    eligible = [m for m in model.calibration if m["eligible"]]
+    assert chosen[0]["megapixels_per_second"] == max(m["megapixels_per_second"] for m in eligible)
+    assert all(m["psnr_db"] >= 45 for m in eligible) and figures["torch-fp32"]["psnr_db"] > 100
+    assert model.info()["calibration"] == model.calibration
+
+
+def test_calibration_refuses_a_fast_but_inaccurate_backend():
+    class Fixed(ArrayBackend):
+        def __init__(self, name, output, delay):
+            self.name, self.output, self.delay = name, output, delay
+
+        def __call__(self, batch, threads=0):
+            time.sleep(self.delay)
+            return self.output
+    tile = calibration_tile(32)
+    reference = np.repeat(np.repeat(tile, 4, axis=2), 4, axis=3)
+    wrong = Candidate("fast-wrong", "torch", lambda: Fixed("fast-wrong", reference * 0.5, 0.0))
+    right = Candidate("slow-right", "torch", lambda: Fixed("slow-right", reference + 1e-4, 0.01))
+    chosen, figures = calibrate([wrong, right], reference, tile, runs=2)
+    assert chosen.name == "slow-right"
+    assert [(f["backend"], f["eligible"], f["chosen"]) for f in figures] == [
+        ("fast-wrong", False, False), ("slow-right", True, True)]
+
+
+def test_a_forced_backend_is_used_without_calibration(model_dir, tmp_path):
+    model = registry_for(model_dir, tmp_path, "torch-fp32-cl").resolve("realesr-animevideov3")
+    assert model.backend == "torch-fp32-cl" and model.calibration == []
+    if not cpu_has_bf16():
+        broken = registry_for(model_dir, tmp_path, "torch-bf16-cl").models["realesr-animevideov3"]
+        assert not broken.ready and "not available" in broken.reason
+
+
+def test_inference_lanes_give_backends_a_wide_and_a_narrow_form_that_agree(model_dir, tmp_path):
+    import threading
+    directory = only(tmp_path, model_dir, "realesr-animevideov3.pth")
+    tile = calibration_tile(48)
+    one_lane = ModelRegistry(directory, backend="ncnn", onnx_cache_dir=tmp_path / "onnx", threads=2)
+    one_lane.load_all()
+    expected = one_lane.resolve("realesr-animevideov3").engine.model(tile)
+    for backend in ("ncnn", "openvino", "onnxruntime"):
+        registry = ModelRegistry(directory, backend=backend, onnx_cache_dir=tmp_path / "onnx", threads=2, lanes=2)
+        registry.load_all()
+        engine = registry.resolve("realesr-animevideov3").engine
+        assert engine.lanes is registry.lanes and engine.model.adapts_threads, backend
+        if backend == "openvino":
+            assert int(engine.model.compiled[1].get_property("NUM_STREAMS")) == 2
+        outputs = [engine.model(tile, threads=2)]
+        narrow = [threading.Thread(target=lambda: outputs.append(engine.model(tile, threads=1))) for _ in range(2)]
+        for call in narrow:
+            call.start()
+        for call in narrow:
+            call.join()
+        assert len(outputs) == 3 and all(psnr(out, expected, 1.0) >= 45 for out in outputs), backend
