@@ -9,7 +9,7 @@ GENERATED := gen/.generated
 
 export MODEL_DIR
 
-.PHONY: setup protos run test test-unit lint lock test-deps models images bench loadtest clean
+.PHONY: setup protos run test test-unit lint format lock test-deps models images bench loadtest clean
 
 REGISTRY ?= imagemesh
 TAG ?= latest
@@ -45,11 +45,18 @@ test: setup
 test-unit: setup
 	$(PY) -m pytest -q tests/unit
 
-# The quality gate CI runs before the tests (rules in pyproject.toml): ruff, and mypy over
-# the services and the client (with the generated protobuf stubs).
+# The quality gate CI runs before the tests (rules in pyproject.toml): ruff's lint rules and
+# its formatting (`make format` applies it), and mypy over the services, the client and the
+# tools (with the generated protobuf stubs).
+LINTED := services tests bench imagemesh_client tools
 lint: setup
-	$(VENV)/bin/ruff check services tests bench imagemesh_client tools
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
 	$(VENV)/bin/mypy
+
+format: setup
+	$(VENV)/bin/ruff format $(LINTED)
+	$(VENV)/bin/ruff check --fix $(LINTED)
 
 # System packages the tests use: Debian's Chromium (the web page test),
 # promtool, from the prometheus package (the alerting rules' tests), and the

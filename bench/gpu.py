@@ -8,6 +8,7 @@ and the chosen backend on a large photo, in input megapixels per second and in
 achieved TFLOP/s (convolution FLOPs counted from the network). Prints a
 Markdown section for bench/RESULTS.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,10 @@ from PIL import Image
 
 from services.upscaler.models import SPECS_BY_NAME, ModelRegistry, build_module
 
-MODELS = (("realesr-general-x4v3", "realesr-general-x4v3.fp16-derived.pth"),
-          ("realesr-animevideov3", "realesr-animevideov3.pth"))
+MODELS = (
+    ("realesr-general-x4v3", "realesr-general-x4v3.fp16-derived.pth"),
+    ("realesr-animevideov3", "realesr-animevideov3.pth"),
+)
 
 
 def matmul_tflops(n: int = 8192, runs: int = 10) -> float:
@@ -40,7 +43,7 @@ def matmul_tflops(n: int = 8192, runs: int = 10) -> float:
         a @ b
     end.record()
     torch.cuda.synchronize()
-    return 2 * n ** 3 * runs / (start.elapsed_time(end) / 1000) / 1e12
+    return 2 * n**3 * runs / (start.elapsed_time(end) / 1000) / 1e12
 
 
 def conv_flops_per_input_pixel(module: torch.nn.Module) -> float:
@@ -50,8 +53,15 @@ def conv_flops_per_input_pixel(module: torch.nn.Module) -> float:
     def hook(layer, inputs, output):
         nonlocal total
         out_pixels = output.shape[2] * output.shape[3]
-        total += 2 * out_pixels * layer.out_channels * (layer.in_channels // layer.groups) * \
-            layer.kernel_size[0] * layer.kernel_size[1]
+        total += (
+            2
+            * out_pixels
+            * layer.out_channels
+            * (layer.in_channels // layer.groups)
+            * layer.kernel_size[0]
+            * layer.kernel_size[1]
+        )
+
     handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, torch.nn.Conv2d)]
     with torch.inference_mode():
         module(torch.zeros(1, 3, 32, 32))
@@ -62,8 +72,7 @@ def conv_flops_per_input_pixel(module: torch.nn.Module) -> float:
 
 def network_alone(backend, edge: int, flops_per_pixel: float, runs: int = 5) -> float:
     """TFLOP/s of the backend's network on one tile, timed on the GPU."""
-    x = torch.rand(1, 3, edge, edge, device="cuda", dtype=backend.dtype).contiguous(
-        memory_format=backend.memory_format)
+    x = torch.rand(1, 3, edge, edge, device="cuda", dtype=backend.dtype).contiguous(memory_format=backend.memory_format)
     with torch.inference_mode():
         backend.module(x)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -87,10 +96,12 @@ def main(argv=None) -> int:
     peak = matmul_tflops()
     name = torch.cuda.get_device_name()
     image = np.asarray(Image.fromarray(skimage.data.astronaut()).resize((args.size, args.size), Image.LANCZOS))
-    lines = [f"## GPU: {name}\n",
-             f"Command: `python -m bench.gpu --models ../shared/models --size {args.size}` on the lent machine  \n"
-             f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; torch {torch.__version__}, "
-             f"CUDA {torch.version.cuda}; bf16 matrix multiply (8192^3) measured in the same run: **{peak:.0f} TFLOP/s**\n"]
+    lines = [
+        f"## GPU: {name}\n",
+        f"Command: `python -m bench.gpu --models ../shared/models --size {args.size}` on the lent machine  \n"
+        f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; torch {torch.__version__}, "
+        f"CUDA {torch.version.cuda}; bf16 matrix multiply (8192^3) measured in the same run: **{peak:.0f} TFLOP/s**\n",
+    ]
     for model_name, file in MODELS:
         directory = Path(tempfile.mkdtemp())
         (directory / file).symlink_to((args.models / file).resolve())
@@ -115,19 +126,29 @@ def main(argv=None) -> int:
         # The halo makes the network see more pixels than the image has: count what it computes.
         computed = sum(plan.context_rect(r).width * plan.context_rect(r).height for r in plan.tiles)
         tflops = flops * computed / statistics.median(times) / 1e12
-        lines += [f"\n### {model_name} ({flops / 1e6:.2f} MFLOP per input pixel; start with calibration "
-                  f"{load_seconds:.1f} s)\n",
-                  "| backend (512-pixel calibration tile) | MP/s | PSNR vs fp32 CPU | chosen |", "|---|---|---|---|"]
-        lines += [f"| {m['backend']} | {m['megapixels_per_second']:.2f} | {m['psnr_db']:.1f} dB | "
-                  f"{'yes' if m['chosen'] else ''} |" for m in model.calibration]
+        lines += [
+            f"\n### {model_name} ({flops / 1e6:.2f} MFLOP per input pixel; start with calibration "
+            f"{load_seconds:.1f} s)\n",
+            "| backend (512-pixel calibration tile) | MP/s | PSNR vs fp32 CPU | chosen |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {m['backend']} | {m['megapixels_per_second']:.2f} | {m['psnr_db']:.1f} dB | "
+            f"{'yes' if m['chosen'] else ''} |"
+            for m in model.calibration
+        ]
         network_tflops = network_alone(engine.model, plan.tile + 2 * plan.halo, flops)
-        lines += [f"\nThe network alone on one {plan.tile + 2 * plan.halo}-pixel tile (CUDA events): "
-                  f"{network_tflops:.0f} TFLOP/s = {100 * network_tflops / peak:.1f}% of the matrix-multiply rate; "
-                  "end to end, each tile also uploads its pixels and brings back its output, not yet overlapped "
-                  "with the next tile's compute."]
-        lines += [f"\n{args.size}x{args.size} photo upscaled 4x with {model.backend}, tile {plan.tile}, halo "
-                  f"{plan.halo}: **{speed:.1f} input MP/s** (median of {args.rounds}), {tflops:.0f} TFLOP/s "
-                  f"achieved = **{100 * tflops / peak:.1f}% of the measured bf16 matrix-multiply rate**.\n"]
+        lines += [
+            f"\nThe network alone on one {plan.tile + 2 * plan.halo}-pixel tile (CUDA events): "
+            f"{network_tflops:.0f} TFLOP/s = {100 * network_tflops / peak:.1f}% of the matrix-multiply rate; "
+            "end to end, each tile also uploads its pixels and brings back its output, not yet overlapped "
+            "with the next tile's compute."
+        ]
+        lines += [
+            f"\n{args.size}x{args.size} photo upscaled 4x with {model.backend}, tile {plan.tile}, halo "
+            f"{plan.halo}: **{speed:.1f} input MP/s** (median of {args.rounds}), {tflops:.0f} TFLOP/s "
+            f"achieved = **{100 * tflops / peak:.1f}% of the measured bf16 matrix-multiply rate**.\n"
+        ]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

@@ -7,6 +7,7 @@ percentiles, answers by status and each service's peak memory.
 
     .venv/bin/python -m bench.loadtest [--models DIR] [--seconds 20] [--out FILE]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,19 +36,27 @@ def workload(image: bytes) -> list[tuple[str, dict]]:
         ("/v1/upscale", {"scale": "4", "model": "lanczos"}),
         ("/v1/remove-background", {"model": "mediapipe-selfie"}),
         ("/v1/effects", {"effect": "blackwhite"}),
-        ("/v1/process", {"steps": '[{"op": "remove_background", "model": "keyer"}, '
-                                  '{"op": "upscale", "scale": 2, "model": "lanczos"}]'}),
+        (
+            "/v1/process",
+            {
+                "steps": '[{"op": "remove_background", "model": "keyer"}, '
+                '{"op": "upscale", "scale": 2, "model": "lanczos"}]'
+            },
+        ),
     ]
 
 
 def memory_limits() -> dict[str, str]:
     """The Kubernetes memory limits (CPU overlay): what each service must stay under."""
     limits = {}
-    for path in list((ROOT / "deploy/k8s/base").glob("*.yaml")) + list((ROOT / "deploy/k8s/overlays/cpu").glob("*.yaml")):
+    for path in list((ROOT / "deploy/k8s/base").glob("*.yaml")) + list(
+        (ROOT / "deploy/k8s/overlays/cpu").glob("*.yaml")
+    ):
         for doc in yaml.safe_load_all(path.read_text()):
             if doc and doc.get("kind") == "Deployment":
                 limits[doc["metadata"]["name"]] = doc["spec"]["template"]["spec"]["containers"][0]["resources"][
-                    "limits"]["memory"]
+                    "limits"
+                ]["memory"]
     return limits
 
 
@@ -60,15 +69,29 @@ class Mesh:
     def __init__(self, models: Path):
         ports = {name: free_port() for name in ("upscaler", "bgremoval", "effects")}
         addresses = {f"{n.upper()}_ADDRESS": f"127.0.0.1:{p}" for n, p in ports.items()}
-        common = {"MODEL_DIR": str(models), "LOG_LEVEL": "WARNING", "MAX_CONCURRENT_REQUESTS": "2",
-                  "MAX_QUEUED_REQUESTS": "4", **addresses}
-        self.services = {name: Process(f"services.{name}", {**common, f"{name.upper()}_PORT": str(port),
-                                                            f"{name.upper()}_METRICS_PORT": "0"})
-                         for name, port in ports.items()}
+        common = {
+            "MODEL_DIR": str(models),
+            "LOG_LEVEL": "WARNING",
+            "MAX_CONCURRENT_REQUESTS": "2",
+            "MAX_QUEUED_REQUESTS": "4",
+            **addresses,
+        }
+        self.services = {
+            name: Process(
+                f"services.{name}", {**common, f"{name.upper()}_PORT": str(port), f"{name.upper()}_METRICS_PORT": "0"}
+            )
+            for name, port in ports.items()
+        }
         gateway_port = free_port()
-        self.services["gateway"] = Process("services.gateway", {
-            **common, "GATEWAY_PORT": str(gateway_port), "RATE_LIMIT_PER_MINUTE": "0",
-            "RESULT_DIR": str(Path(os.environ.get("TMPDIR", "/tmp")) / f"loadtest-{gateway_port}")})
+        self.services["gateway"] = Process(
+            "services.gateway",
+            {
+                **common,
+                "GATEWAY_PORT": str(gateway_port),
+                "RATE_LIMIT_PER_MINUTE": "0",
+                "RESULT_DIR": str(Path(os.environ.get("TMPDIR", "/tmp")) / f"loadtest-{gateway_port}"),
+            },
+        )
         self.url = f"http://127.0.0.1:{gateway_port}"
 
     async def ready(self) -> None:
@@ -105,9 +128,11 @@ async def closed_loop(url: str, image: bytes, seconds: float, concurrency: int) 
     """Requests a second the mesh completes when kept busy: its sustainable rate."""
     mix, results, stop = workload(image), [], time.monotonic() + seconds
     async with httpx.AsyncClient(timeout=120) as client:
+
         async def worker():
             while time.monotonic() < stop:
                 await one(client, url, image, *random.choice(mix), results)
+
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     return sum(1 for status, _, _ in results if status == 200) / seconds
 
@@ -124,12 +149,16 @@ async def open_loop(url: str, image: bytes, rate: float, seconds: float) -> dict
     elapsed = time.monotonic() - started
     latencies = sorted(seconds for status, seconds, _ in results if status == 200)
     statuses = Counter(str(status) for status, _, _ in results)
-    return {"rate": rate, "sent": len(results), "ok_per_s": len(latencies) / elapsed, "statuses": dict(statuses),
-            "p50": np.percentile(latencies, 50) if latencies else float("nan"),
-            "p95": np.percentile(latencies, 95) if latencies else float("nan"),
-            "p99": np.percentile(latencies, 99) if latencies else float("nan"),
-            "refusals_without_retry_after": sum(1 for status, _, after in results
-                                                if status in (429, 503) and not after)}
+    return {
+        "rate": rate,
+        "sent": len(results),
+        "ok_per_s": len(latencies) / elapsed,
+        "statuses": dict(statuses),
+        "p50": np.percentile(latencies, 50) if latencies else float("nan"),
+        "p95": np.percentile(latencies, 95) if latencies else float("nan"),
+        "p99": np.percentile(latencies, 99) if latencies else float("nan"),
+        "refusals_without_retry_after": sum(1 for status, _, after in results if status in (429, 503) and not after),
+    }
 
 
 async def run(models: Path, seconds: float) -> str:
@@ -143,26 +172,40 @@ async def run(models: Path, seconds: float) -> str:
         await closed_loop(mesh.url, image, 3, 2)  # warm up
         capacity = await closed_loop(mesh.url, image, seconds / 2, 4)
         sustainable = max(0.5, 0.8 * capacity)
-        phases = [("steady (80% of capacity)", sustainable), ("twice that", 2 * sustainable),
-                  ("steady again (recovery)", sustainable)]
+        phases = [
+            ("steady (80% of capacity)", sustainable),
+            ("twice that", 2 * sustainable),
+            ("steady again (recovery)", sustainable),
+        ]
         rows = [(name, await open_loop(mesh.url, image, rate, seconds)) for name, rate in phases]
         peaks, limits = mesh.peak_mib(), memory_limits()
     finally:
         mesh.stop()
-    lines = ["# Load test\n", f"Command: `make loadtest` ({seconds:g} s a phase); the mix: upscale 2x "
-             "(realesr-general-x4v3), upscale 4x (lanczos), background removal (mediapipe-selfie), film black and "
-             "white, and a remove-background + upscale pipeline, on a 192x192 photo; each service runs 2 requests "
-             "at once and queues 4.\n", f"Capacity measured closed-loop: {capacity:.2f} requests/s.\n",
-             "| phase | sent at | sent | answered 200 per s | p50 | p95 | p99 | answers |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Load test\n",
+        f"Command: `make loadtest` ({seconds:g} s a phase); the mix: upscale 2x "
+        "(realesr-general-x4v3), upscale 4x (lanczos), background removal (mediapipe-selfie), film black and "
+        "white, and a remove-background + upscale pipeline, on a 192x192 photo; each service runs 2 requests "
+        "at once and queues 4.\n",
+        f"Capacity measured closed-loop: {capacity:.2f} requests/s.\n",
+        "| phase | sent at | sent | answered 200 per s | p50 | p95 | p99 | answers |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, r in rows:
         answers = ", ".join(f"{k}: {v}" for k, v in sorted(r["statuses"].items()))
-        lines.append(f"| {name} | {r['rate']:.2f}/s | {r['sent']} | {r['ok_per_s']:.2f} | {r['p50']:.2f} s | "
-                     f"{r['p95']:.2f} s | {r['p99']:.2f} s | {answers} |")
+        lines.append(
+            f"| {name} | {r['rate']:.2f}/s | {r['sent']} | {r['ok_per_s']:.2f} | {r['p50']:.2f} s | "
+            f"{r['p95']:.2f} s | {r['p99']:.2f} s | {answers} |"
+        )
     bad = [s for _, r in rows for s in r["statuses"] if s not in ("200", "429", "503")]
     missing_retry = sum(r["refusals_without_retry_after"] for _, r in rows)
-    lines += ["", f"Answers other than 200, 429 and 503: {', '.join(bad) or 'none'}; refusals without Retry-After: "
-              f"{missing_retry}.\n", "| service | peak memory | Kubernetes limit |", "|---|---|---|"]
+    lines += [
+        "",
+        f"Answers other than 200, 429 and 503: {', '.join(bad) or 'none'}; refusals without Retry-After: "
+        f"{missing_retry}.\n",
+        "| service | peak memory | Kubernetes limit |",
+        "|---|---|---|",
+    ]
     lines += [f"| {name} | {peak:.0f} MiB | {limits.get(name, 'n/a')} |" for name, peak in peaks.items()]
     over = [name for name, peak in peaks.items() if name in limits and peak > mib(limits[name])]
     lines.append(f"\nOver its limit: {', '.join(over) or 'none'}.")

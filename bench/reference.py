@@ -3,6 +3,7 @@ the benchmark's own folder (.bench/reference, installed --no-deps by `make
 bench`). realesrgan and basicsr import torchvision at module level, and no
 CPU build of torchvision exists here: this harness (never the product) puts
 stand-ins for the few names they import in its place. Inference never calls them."""
+
 from __future__ import annotations
 
 import sys
@@ -15,6 +16,7 @@ REFERENCE_DIR = Path(__file__).resolve().parent.parent / ".bench" / "reference"
 def _unavailable(name: str):
     def call(*args, **kwargs):
         raise RuntimeError(f"torchvision.{name} is not available in the benchmark harness")
+
     return call
 
 
@@ -51,4 +53,5 @@ def load():
     sys.path.insert(0, str(REFERENCE_DIR))
     from realesrgan import RealESRGANer
     from realesrgan.archs.srvgg_arch import SRVGGNetCompact
+
     return RealESRGANer, SRVGGNetCompact

@@ -6,6 +6,7 @@ section, written by bench/gpu.py on a GPU machine, is kept).
 
     .venv/bin/python -m bench.run [--models DIR] [--rounds N] [--quick]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,7 +60,7 @@ def photo(width: int, height: int) -> np.ndarray:
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 def timed(fn):
@@ -91,9 +92,14 @@ def machine() -> dict:
     except (OSError, StopIteration):
         pass
     wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile")
-    return {"cpu": model, "flags": " ".join(f for f in wanted if f in flags) or "none of note",
-            "cores": available_cpus(), "torch": torch.__version__, "python": platform.python_version(),
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    return {
+        "cpu": model,
+        "flags": " ".join(f for f in wanted if f in flags) or "none of note",
+        "cores": available_cpus(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
 
 
 def single_model_dir(model_dir: Path, file: str) -> Path:
@@ -104,15 +110,17 @@ def single_model_dir(model_dir: Path, file: str) -> Path:
 
 # --- 1. engine vs RealESRGANer ------------------------------------------------
 
-REFERENCE_MODELS = (("realesr-general-x4v3", "realesr-general-x4v3.fp16-derived.pth", 32),
-                    ("realesr-animevideov3", "realesr-animevideov3.pth", 16))
+REFERENCE_MODELS = (
+    ("realesr-general-x4v3", "realesr-general-x4v3.fp16-derived.pth", 32),
+    ("realesr-animevideov3", "realesr-animevideov3.pth", 16),
+)
 
 
 def cpu_matmul_gflops(dtype: torch.dtype, n: int = 2048, runs: int = 5) -> float:
     """The CPU's matrix-multiply rate in this precision: the ceiling a convolution engine can approach."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
-    return 2 * n ** 3 / min(timed(lambda: a @ b)[0] for _ in range(runs)) / 1e9
+    return 2 * n**3 / min(timed(lambda: a @ b)[0] for _ in range(runs)) / 1e9
 
 
 def cpu_conv_gflops(edge: int, precision: str = "bf16", runs: int = 10) -> float:
@@ -127,8 +135,12 @@ def cpu_conv_gflops(edge: int, precision: str = "bf16", runs: int = 10) -> float
             warnings.simplefilter("ignore")
             scales = conv.weight.detach().abs().amax(dim=(1, 2, 3)) / 127
             quantised = torch.ao.nn.quantized.Conv2d(64, 64, 3, padding=1)
-            quantised.set_weight_bias(torch.quantize_per_channel(
-                conv.weight.detach(), scales, torch.zeros(64, dtype=torch.long), 0, torch.qint8), conv.bias.detach())
+            quantised.set_weight_bias(
+                torch.quantize_per_channel(
+                    conv.weight.detach(), scales, torch.zeros(64, dtype=torch.long), 0, torch.qint8
+                ),
+                conv.bias.detach(),
+            )
             quantised.scale, quantised.zero_point = 0.05, 0
             conv, x = quantised, torch.quantize_per_tensor(x, 0.05, 0, torch.quint8)
     elif precision == "bf16":
@@ -150,6 +162,7 @@ def int8_psnr(module: torch.nn.Module, image: np.ndarray) -> float:
 
     def record_range(conv, inputs):
         ranges[conv] = inputs[0].aminmax()
+
     hooks = [conv.register_forward_pre_hook(record_range) for conv in convs]
     with torch.inference_mode():
         exact = module(x)
@@ -161,6 +174,7 @@ def int8_psnr(module: torch.nn.Module, image: np.ndarray) -> float:
             step = max(high - low, 1e-8) / 255
             zero = round(-low / step)
             return ((inputs[0] / step).round() + zero).clamp(0, 255).sub(zero).mul(step)
+
         for conv in convs:
             step = conv.weight.abs().amax(dim=(1, 2, 3), keepdim=True).clamp(min=1e-12) / 127
             conv.weight.copy_((conv.weight / step).round() * step)
@@ -169,13 +183,16 @@ def int8_psnr(module: torch.nn.Module, image: np.ndarray) -> float:
 
     def as_image(output: torch.Tensor) -> np.ndarray:
         return (output[0].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+
     return psnr(as_image(approximate), as_image(exact))
 
 
 def int8_quality(model_dir: Path, size: int) -> list[dict]:
     image = photo(size, size)
-    return [{"model": name, "psnr": int8_psnr(build_module(SPECS_BY_NAME[name], model_dir / file), image)}
-            for name, file, _ in REFERENCE_MODELS]
+    return [
+        {"model": name, "psnr": int8_psnr(build_module(SPECS_BY_NAME[name], model_dir / file), image)}
+        for name, file, _ in REFERENCE_MODELS
+    ]
 
 
 def tiled_gflop(model_dir: Path, name: str, file: str, size: int, tile: int, halo: int) -> float:
@@ -187,10 +204,14 @@ def tiled_gflop(model_dir: Path, name: str, file: str, size: int, tile: int, hal
 
 def engine_vs_reference(model_dir: Path, rounds: int, size: int, tile: int = 128, halo: int = 10) -> list[dict]:
     from bench.reference import load
+
     ours_by_name = {}
     for name, file, _ in REFERENCE_MODELS:  # before the reference's stand-ins for torchvision exist
-        registry = ModelRegistry(single_model_dir(model_dir, file), threads=available_cpus(),
-                                 onnx_cache_dir=Path(tempfile.mkdtemp(prefix="bench-onnx-")))
+        registry = ModelRegistry(
+            single_model_dir(model_dir, file),
+            threads=available_cpus(),
+            onnx_cache_dir=Path(tempfile.mkdtemp(prefix="bench-onnx-")),
+        )
         registry.load_all()
         ours_by_name[name] = registry.resolve(name)
     RealESRGANer, SRVGGNetCompact = load()
@@ -198,22 +219,41 @@ def engine_vs_reference(model_dir: Path, rounds: int, size: int, tile: int = 128
     bgr = np.ascontiguousarray(image[:, :, ::-1])
     rows = []
     for name, file, num_conv in REFERENCE_MODELS:
-        reference = RealESRGANer(scale=4, model_path=str(model_dir / file), tile=tile, tile_pad=halo, pre_pad=0,
-                                 half=False, device=torch.device("cpu"),
-                                 model=SRVGGNetCompact(num_in_ch=3, num_out_ch=3, num_feat=64, num_conv=num_conv,
-                                                       upscale=4, act_type="prelu"))
+        reference = RealESRGANer(
+            scale=4,
+            model_path=str(model_dir / file),
+            tile=tile,
+            tile_pad=halo,
+            pre_pad=0,
+            half=False,
+            device=torch.device("cpu"),
+            model=SRVGGNetCompact(
+                num_in_ch=3, num_out_ch=3, num_feat=64, num_conv=num_conv, upscale=4, act_type="prelu"
+            ),
+        )
         ours = ours_by_name[name]
         reference.enhance(bgr[:64, :64], outscale=4)  # warm both
         ours.engine.upscale(image[:64, :64], "RGB", 4, tile=tile, halo=halo)
         ref_s, ours_s, ref_out, our_out = alternately(
             lambda: reference.enhance(bgr, outscale=4)[0],
-            lambda: ours.engine.upscale(image, "RGB", 4, tile=tile, halo=halo), rounds)
+            lambda: ours.engine.upscale(image, "RGB", 4, tile=tile, halo=halo),
+            rounds,
+        )
         megapixels, gflop = size * size / 1e6, tiled_gflop(model_dir, name, file, size, tile, halo)
-        rows.append({"model": name, "backend": ours.backend, "ours": megapixels / ours_s,
-                     "reference": megapixels / ref_s, "ratio": ref_s / ours_s,
-                     "ours_gflops": gflop / ours_s, "reference_gflops": gflop / ref_s,
-                     "psnr": psnr(our_out, np.ascontiguousarray(ref_out[:, :, ::-1])),
-                     "image": f"{size}x{size}", "tile": f"{tile}/{halo}"})
+        rows.append(
+            {
+                "model": name,
+                "backend": ours.backend,
+                "ours": megapixels / ours_s,
+                "reference": megapixels / ref_s,
+                "ratio": ref_s / ours_s,
+                "ours_gflops": gflop / ours_s,
+                "reference_gflops": gflop / ref_s,
+                "psnr": psnr(our_out, np.ascontiguousarray(ref_out[:, :, ::-1])),
+                "image": f"{size}x{size}",
+                "tile": f"{tile}/{halo}",
+            }
+        )
     return rows
 
 
@@ -236,8 +276,14 @@ CPU_BACKENDS = ("torch-fp32", "torch-fp32-cl", "torch-bf16-cl", "onnxruntime", "
 
 def conv_gflop(module: torch.nn.Module, height: int, width: int) -> float:
     """The network's convolutions, counted as a direct convolution computes them."""
-    return sum(2 * m.in_channels * m.out_channels * m.kernel_size[0] * m.kernel_size[1] * height * width
-               for m in module.modules() if isinstance(m, torch.nn.Conv2d)) / 1e9
+    return (
+        sum(
+            2 * m.in_channels * m.out_channels * m.kernel_size[0] * m.kernel_size[1] * height * width
+            for m in module.modules()
+            if isinstance(m, torch.nn.Conv2d)
+        )
+        / 1e9
+    )
 
 
 def cpu_backends(model_dir: Path, rounds: int, tiles: tuple[int, ...] = (256, 128)) -> list[dict]:
@@ -269,9 +315,18 @@ def cpu_backends(model_dir: Path, rounds: int, tiles: tuple[int, ...] = (256, 12
             medians = {b: statistics.median(t) for b, t in times.items()}
             gflop = conv_gflop(module, edge, edge)
             for backend, seconds in medians.items():
-                rows.append({"model": name, "tile": edge, "backend": backend, "seconds": seconds,
-                             "ratio": medians["torch-fp32"] / seconds, "gflops": gflop / seconds,
-                             "psnr": calibration_psnr(outputs[backend], reference), "chosen": backend == chosen})
+                rows.append(
+                    {
+                        "model": name,
+                        "tile": edge,
+                        "backend": backend,
+                        "seconds": seconds,
+                        "ratio": medians["torch-fp32"] / seconds,
+                        "gflops": gflop / seconds,
+                        "psnr": calibration_psnr(outputs[backend], reference),
+                        "chosen": backend == chosen,
+                    }
+                )
     return rows
 
 
@@ -293,8 +348,9 @@ def throughput(model_dir: Path, rounds: int, concurrencies=(1, 2, 4), size: int 
     backend = ""
     engines = {}
     for label, lanes in THROUGHPUT_SETUPS:
-        registry = ModelRegistry(directory, backend=backend or "auto", lanes=lanes, threads=available_cpus(),
-                                 onnx_cache_dir=cache)
+        registry = ModelRegistry(
+            directory, backend=backend or "auto", lanes=lanes, threads=available_cpus(), onnx_cache_dir=cache
+        )
         registry.load_all()
         model = registry.resolve(name)
         backend = backend or model.backend
@@ -312,6 +368,7 @@ def throughput(model_dir: Path, rounds: int, concurrencies=(1, 2, 4), size: int 
                 started = time.perf_counter()
                 engine.upscale(image, "RGB", 4, tile=tile)
                 latencies.append(time.perf_counter() - started)
+
         workers = [threading.Thread(target=request) for _ in range(concurrency)]
         started = time.perf_counter()
         for worker in workers:
@@ -325,32 +382,51 @@ def throughput(model_dir: Path, rounds: int, concurrencies=(1, 2, 4), size: int 
         for concurrency in concurrencies:
             for label, engine in engines.items():
                 measured.setdefault((label, concurrency), []).append(images_per_minute(engine, concurrency))
-    rows = [{"setup": label, "concurrency": c, "images_per_minute": statistics.median(r[0] for r in runs),
-             "latency": statistics.median(r[1] for r in runs)} for (label, c), runs in measured.items()]
-    return {"model": name, "backend": backend, "image": f"{size}x{size}", "tile": tile, "rows": rows,
-            "threads": available_cpus()}
+    rows = [
+        {
+            "setup": label,
+            "concurrency": c,
+            "images_per_minute": statistics.median(r[0] for r in runs),
+            "latency": statistics.median(r[1] for r in runs),
+        }
+        for (label, c), runs in measured.items()
+    ]
+    return {
+        "model": name,
+        "backend": backend,
+        "image": f"{size}x{size}",
+        "tile": tile,
+        "rows": rows,
+        "threads": available_cpus(),
+    }
 
 
 def throughput_report(result: dict) -> list[str]:
     rows = result["rows"]
     one_lane = THROUGHPUT_SETUPS[0][0]
     lone = {r["setup"]: r["latency"] for r in rows if r["concurrency"] == 1}
-    out = ["\n### Throughput: requests at once on the same cores\n",
-           f"{result['model']} ({result['backend']}), a {result['image']} photo 4x in {result['tile']}-pixel tiles, "
-           f"{result['threads']} threads; one thread per request, as the service's compute pool runs them "
-           "(`python -m bench.run --only throughput`). Latency: one image, median; single-request latency is "
-           "the latency at concurrency 1, against one lane's.\n",
-           "| setup | requests at once | images per minute | vs the same setup at 1 | latency | single-request "
-           "latency vs 1 lane |", "|---|---|---|---|---|---|"]
+    out = [
+        "\n### Throughput: requests at once on the same cores\n",
+        f"{result['model']} ({result['backend']}), a {result['image']} photo 4x in {result['tile']}-pixel tiles, "
+        f"{result['threads']} threads; one thread per request, as the service's compute pool runs them "
+        "(`python -m bench.run --only throughput`). Latency: one image, median; single-request latency is "
+        "the latency at concurrency 1, against one lane's.\n",
+        "| setup | requests at once | images per minute | vs the same setup at 1 | latency | single-request "
+        "latency vs 1 lane |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in sorted(rows, key=lambda r: ([s[0] for s in THROUGHPUT_SETUPS].index(r["setup"]), r["concurrency"])):
         at_one = next(x["images_per_minute"] for x in rows if x["setup"] == r["setup"] and x["concurrency"] == 1)
-        out.append(f"| {r['setup']} | {r['concurrency']} | {r['images_per_minute']:.1f} | "
-                   f"**{r['images_per_minute'] / at_one:.2f}x** | {r['latency']:.2f} s | "
-                   f"{lone[r['setup']] / lone[one_lane]:.2f}x |")
+        out.append(
+            f"| {r['setup']} | {r['concurrency']} | {r['images_per_minute']:.1f} | "
+            f"**{r['images_per_minute'] / at_one:.2f}x** | {r['latency']:.2f} s | "
+            f"{lone[r['setup']] / lone[one_lane]:.2f}x |"
+        )
     return out
 
 
 # --- services as subprocesses --------------------------------------------------
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -360,8 +436,13 @@ def free_port() -> int:
 
 class Process:
     def __init__(self, module: str, env: dict):
-        self.process = subprocess.Popen([sys.executable, "-m", module], cwd=ROOT, env={**os.environ, **env},
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", module],
+            cwd=ROOT,
+            env={**os.environ, **env},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
 
     def peak_rss_mib(self) -> float:
         status = Path(f"/proc/{self.process.pid}/status").read_text()
@@ -382,11 +463,21 @@ class Process:
 
 def start_upscaler(model_dir: Path, backend: str, **env) -> tuple[Process, str]:
     port = free_port()
-    process = Process("services.upscaler", {
-        "MODEL_DIR": str(model_dir), "UPSCALER_PORT": str(port), "UPSCALER_METRICS_PORT": "0",
-        "UPSCALER_BACKEND": backend, "MAX_CONCURRENT_REQUESTS": "1", "LOG_LEVEL": "WARNING", **env})
+    process = Process(
+        "services.upscaler",
+        {
+            "MODEL_DIR": str(model_dir),
+            "UPSCALER_PORT": str(port),
+            "UPSCALER_METRICS_PORT": "0",
+            "UPSCALER_BACKEND": backend,
+            "MAX_CONCURRENT_REQUESTS": "1",
+            "LOG_LEVEL": "WARNING",
+            **env,
+        },
+    )
     address = f"127.0.0.1:{port}"
     from grpc_health.v1 import health_pb2, health_pb2_grpc
+
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         for _ in range(600):
@@ -401,15 +492,23 @@ def start_upscaler(model_dir: Path, backend: str, **env) -> tuple[Process, str]:
 
 # --- 2. mesh overhead -------------------------------------------------------------
 
+
 @contextlib.contextmanager
 def running_mesh(model_dir: Path, backend: str):
     """An upscaler (on `backend`) and a gateway on loopback; yields an HTTP client, the upscale URL and
     the gateway's process."""
     upscaler, address = start_upscaler(model_dir, backend)
     gateway_port = free_port()
-    gateway = Process("services.gateway", {"GATEWAY_PORT": str(gateway_port), "UPSCALER_ADDRESS": address,
-                                           "RATE_LIMIT_PER_MINUTE": "0", "LOG_LEVEL": "WARNING",
-                                           "RESULT_DIR": tempfile.mkdtemp(prefix="bench-results-")})
+    gateway = Process(
+        "services.gateway",
+        {
+            "GATEWAY_PORT": str(gateway_port),
+            "UPSCALER_ADDRESS": address,
+            "RATE_LIMIT_PER_MINUTE": "0",
+            "LOG_LEVEL": "WARNING",
+            "RESULT_DIR": tempfile.mkdtemp(prefix="bench-results-"),
+        },
+    )
     try:
         with httpx.Client(timeout=600) as client:
             for _ in range(100):
@@ -435,27 +534,38 @@ def upscale_through(client: httpx.Client, url: str, image: np.ndarray, fields: d
         reply.raise_for_status()
         through_mesh.backend = reply.headers.get("x-imagemesh-backend", "")
         return reply.content
+
     through_mesh()  # warm the path
     return through_mesh
 
 
 def mesh_overhead(model_dir: Path, rounds: int, size: int = 1024, tile: int = 256) -> dict:
     model = "realesr-general-x4v3"
-    registry = ModelRegistry(model_dir, threads=available_cpus(),
-                             onnx_cache_dir=Path(tempfile.mkdtemp(prefix="bench-onnx-")))
+    registry = ModelRegistry(
+        model_dir, threads=available_cpus(), onnx_cache_dir=Path(tempfile.mkdtemp(prefix="bench-onnx-"))
+    )
     registry.load_all()
     engine = registry.resolve(model)
     image = photo(size, size)
     with running_mesh(model_dir, engine.backend) as (client, url, gateway):
-        through_mesh = upscale_through(client, url, image, {"scale": "4", "model": model, "tile": str(tile),
-                                                            "format": "png"})
+        through_mesh = upscale_through(
+            client, url, image, {"scale": "4", "model": model, "tile": str(tile), "format": "png"}
+        )
         gateway_cpu = gateway.cpu_seconds()  # it works only while a request goes through the mesh
         in_process, mesh, _, answer = alternately(
-            lambda: engine.engine.upscale(image, "RGB", 4, tile=tile), through_mesh, rounds)
+            lambda: engine.engine.upscale(image, "RGB", 4, tile=tile), through_mesh, rounds
+        )
         gateway_cpu = (gateway.cpu_seconds() - gateway_cpu) / rounds
-    return {"backend": engine.backend, "image": f"{size}x{size}", "in_process": in_process, "mesh": mesh,
-            "ratio": mesh / in_process, "gateway_cpu": gateway_cpu, "cpus": available_cpus(),
-            "png": png_encoders(np.asarray(Image.open(io.BytesIO(answer))), rounds)}
+    return {
+        "backend": engine.backend,
+        "image": f"{size}x{size}",
+        "in_process": in_process,
+        "mesh": mesh,
+        "ratio": mesh / in_process,
+        "gateway_cpu": gateway_cpu,
+        "cpus": available_cpus(),
+        "png": png_encoders(np.asarray(Image.open(io.BytesIO(answer))), rounds),
+    }
 
 
 def mesh_vs_reference(model_dir: Path, rounds: int, width: int = 492, height: int = 480) -> dict:
@@ -463,37 +573,61 @@ def mesh_vs_reference(model_dir: Path, rounds: int, width: int = 492, height: in
     the reference `RealESRGANer` in-process on the same pixels, untiled (its default and its fastest
     on an image this small)."""
     from bench.reference import load
+
     name, file, num_conv = REFERENCE_MODELS[0]
     directory = single_model_dir(model_dir, file)
     image = photo(width, height)
     with running_mesh(directory, "auto") as (client, url, _):
         through_mesh = upscale_through(client, url, image, {"scale": "4", "model": name, "format": "png"})
         RealESRGANer, SRVGGNetCompact = load()
-        reference = RealESRGANer(scale=4, model_path=str(model_dir / file), tile=0, pre_pad=0, half=False,
-                                 device=torch.device("cpu"),
-                                 model=SRVGGNetCompact(num_in_ch=3, num_out_ch=3, num_feat=64, num_conv=num_conv,
-                                                       upscale=4, act_type="prelu"))
+        reference = RealESRGANer(
+            scale=4,
+            model_path=str(model_dir / file),
+            tile=0,
+            pre_pad=0,
+            half=False,
+            device=torch.device("cpu"),
+            model=SRVGGNetCompact(
+                num_in_ch=3, num_out_ch=3, num_feat=64, num_conv=num_conv, upscale=4, act_type="prelu"
+            ),
+        )
         bgr = np.ascontiguousarray(image[:, :, ::-1])
         reference.enhance(bgr[:64, :64], outscale=4)  # warm
-        ref_s, mesh_s, ref_out, answer = alternately(lambda: reference.enhance(bgr, outscale=4)[0], through_mesh,
-                                                     rounds)
+        ref_s, mesh_s, ref_out, answer = alternately(
+            lambda: reference.enhance(bgr, outscale=4)[0], through_mesh, rounds
+        )
     ours = np.asarray(Image.open(io.BytesIO(answer)).convert("RGB"))
-    return {"model": name, "backend": through_mesh.backend, "image": f"{width}x{height}", "reference": ref_s, "mesh": mesh_s,
-            "ratio": ref_s / mesh_s, "psnr": psnr(ours, np.ascontiguousarray(ref_out[:, :, ::-1]))}
+    return {
+        "model": name,
+        "backend": through_mesh.backend,
+        "image": f"{width}x{height}",
+        "reference": ref_s,
+        "mesh": mesh_s,
+        "ratio": ref_s / mesh_s,
+        "psnr": psnr(ours, np.ascontiguousarray(ref_out[:, :, ::-1])),
+    }
 
 
 def png_encoders(pixels: np.ndarray, rounds: int) -> dict:
     """The answer's PNG as the gateway writes it against Pillow's PNG encoder at its defaults."""
+
     def pillow():
         out = io.BytesIO()
         Image.fromarray(pixels).save(out, "PNG")
         return out.getvalue()
+
     ours_s, pillow_s, ours, reference = alternately(lambda: imageio.encode(pixels, "RGB", "png"), pillow, rounds)
-    return {"size": f"{pixels.shape[1]}x{pixels.shape[0]}", "ours_s": ours_s, "ours_mb": len(ours) / 1e6,
-            "pillow_s": pillow_s, "pillow_mb": len(reference) / 1e6}
+    return {
+        "size": f"{pixels.shape[1]}x{pixels.shape[0]}",
+        "ours_s": ours_s,
+        "ours_mb": len(ours) / 1e6,
+        "pillow_s": pillow_s,
+        "pillow_mb": len(reference) / 1e6,
+    }
 
 
 # --- 3. upscaler memory ----------------------------------------------------------
+
 
 def upscale_over_grpc(address: str, image: np.ndarray, tile: int) -> int:
     """Stream an image to the upscaler and drop the output tiles as they come; output bytes."""
@@ -502,16 +636,27 @@ def upscale_over_grpc(address: str, image: np.ndarray, tile: int) -> int:
     accepted = __import__("threading").Event()
 
     def requests():
-        yield pipeline_pb2.StreamRequest(start=pipeline_pb2.StreamStart(image=header, steps=[pipeline_pb2.Step(
-            upscale=pipeline_pb2.UpscaleOptions(model="realesr-general-x4v3", scale=4, tile_size=tile))]))
+        yield pipeline_pb2.StreamRequest(
+            start=pipeline_pb2.StreamStart(
+                image=header,
+                steps=[
+                    pipeline_pb2.Step(
+                        upscale=pipeline_pb2.UpscaleOptions(model="realesr-general-x4v3", scale=4, tile_size=tile)
+                    )
+                ],
+            )
+        )
         accepted.wait(60)
         for rect in grid(width, height, 256, 256):
-            yield pipeline_pb2.StreamRequest(tile=wire.tile(rect, image[rect.y0:rect.y1, rect.x0:rect.x1]))
+            yield pipeline_pb2.StreamRequest(tile=wire.tile(rect, image[rect.y0 : rect.y1, rect.x0 : rect.x1]))
+
     received = 0
     with grpc.insecure_channel(address) as channel:
-        call = channel.stream_stream("/imagemesh.v1.Upscaler/Upscale",
-                                     request_serializer=pipeline_pb2.StreamRequest.SerializeToString,
-                                     response_deserializer=pipeline_pb2.StreamResponse.FromString)
+        call = channel.stream_stream(
+            "/imagemesh.v1.Upscaler/Upscale",
+            request_serializer=pipeline_pb2.StreamRequest.SerializeToString,
+            response_deserializer=pipeline_pb2.StreamResponse.FromString,
+        )
         for reply in call(requests(), timeout=3600):
             accepted.set()
             if reply.WhichOneof("part") == "tile":
@@ -522,19 +667,28 @@ def upscale_over_grpc(address: str, image: np.ndarray, tile: int) -> int:
 def upscaler_memory(model_dir: Path, backend: str, sizes=(1024, 4096), tile: int = 256) -> list[dict]:
     rows = []
     for size in sizes:
-        process, address = start_upscaler(model_dir, backend, MAX_INPUT_PIXELS=str(20_000_000),
-                                          MAX_OUTPUT_PIXELS=str(300_000_000))
+        process, address = start_upscaler(
+            model_dir, backend, MAX_INPUT_PIXELS=str(20_000_000), MAX_OUTPUT_PIXELS=str(300_000_000)
+        )
         try:
             idle = process.peak_rss_mib()
             seconds, received = timed(lambda: upscale_over_grpc(address, photo(size, size), tile))
-            rows.append({"input": f"{size}x{size} ({size * size / 1e6:.0f} MP)", "idle_mib": idle,
-                         "peak_mib": process.peak_rss_mib(), "output_mib": received / 2**20, "seconds": seconds})
+            rows.append(
+                {
+                    "input": f"{size}x{size} ({size * size / 1e6:.0f} MP)",
+                    "idle_mib": idle,
+                    "peak_mib": process.peak_rss_mib(),
+                    "output_mib": received / 2**20,
+                    "seconds": seconds,
+                }
+            )
         finally:
             process.stop()
     return rows
 
 
 # --- 4. background removal and effects -----------------------------------------------
+
 
 def bgremoval_vs_plain(model_dir: Path, rounds: int, size: int = 1024) -> dict:
     """Ours (mask at model size, resized, cut out) against the way rembg does it:
@@ -559,10 +713,16 @@ def bgremoval_vs_plain(model_dir: Path, rounds: int, size: int = 1024) -> dict:
         cut = picture.copy()
         cut.putalpha(alpha)
         return np.asarray(cut)
+
     ours(), plain()
     ours_s, plain_s, _, _ = alternately(ours, plain, 20 * rounds)  # a few milliseconds each: many rounds
-    return {"model": "mediapipe-selfie", "image": f"{size}x{size}", "ours_ms": 1000 * ours_s,
-            "plain_ms": 1000 * plain_s, "ratio": plain_s / ours_s}
+    return {
+        "model": "mediapipe-selfie",
+        "image": f"{size}x{size}",
+        "ours_ms": 1000 * ours_s,
+        "plain_ms": 1000 * plain_s,
+        "ratio": plain_s / ours_s,
+    }
 
 
 def effects_throughput(rounds: int, width: int = 1600, height: int = 1200) -> list[dict]:
@@ -578,7 +738,8 @@ def effects_throughput(rounds: int, width: int = 1600, height: int = 1200) -> li
                 op.prepare(image)
             for job in op.jobs:
                 context = job if op.whole_image else op.context_rect(job)
-                op.render(job, image if op.whole_image else image[context.y0:context.y1, context.x0:context.x1])
+                op.render(job, image if op.whole_image else image[context.y0 : context.y1, context.x0 : context.x1])
+
         times = [timed(run)[0] for _ in range(rounds)]
         rows.append({"effect": name, "mps": width * height / 1e6 / statistics.median(times)})
     return rows
@@ -586,47 +747,59 @@ def effects_throughput(rounds: int, width: int = 1600, height: int = 1200) -> li
 
 # --- report -------------------------------------------------------------------------
 
+
 def report(results: dict, command: str) -> str:
     m = results["machine"]
-    out = ["# Benchmarks\n",
-           f"Command: `{command}`  \nDate: {m['date']}  \nMachine: {m['cpu']}, {m['cores']} cores available, "
-           f"CPU flags: {m['flags']}; torch {m['torch']}, Python {m['python']}\n",
-           "Each comparison runs both sides alternately in one process and reports medians; ratios are what to "
-           "compare between machines, absolute times drift.\n",
-           "## 1. Upscaler engine vs the reference `RealESRGANer`\n",
-           "Same weights, same image (skimage's astronaut photograph), same tile size and halo "
-           "(`tile`/`tile_pad`), 4x. Input megapixels per second.\n",
-           "| model | image | tile/halo | ours (backend) | reference (fp32) | ratio | PSNR ours vs reference |",
-           "|---|---|---|---|---|---|---|"]
+    out = [
+        "# Benchmarks\n",
+        f"Command: `{command}`  \nDate: {m['date']}  \nMachine: {m['cpu']}, {m['cores']} cores available, "
+        f"CPU flags: {m['flags']}; torch {m['torch']}, Python {m['python']}\n",
+        "Each comparison runs both sides alternately in one process and reports medians; ratios are what to "
+        "compare between machines, absolute times drift.\n",
+        "## 1. Upscaler engine vs the reference `RealESRGANer`\n",
+        "Same weights, same image (skimage's astronaut photograph), same tile size and halo "
+        "(`tile`/`tile_pad`), 4x. Input megapixels per second.\n",
+        "| model | image | tile/halo | ours (backend) | reference (fp32) | ratio | PSNR ours vs reference |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in results["engine"]:
-        out.append(f"| {r['model']} | {r['image']} | {r['tile']} | {r['ours']:.3f} MP/s ({r['backend']}) | "
-                   f"{r['reference']:.3f} MP/s | **{r['ratio']:.2f}x** | {r['psnr']:.1f} dB |")
+        out.append(
+            f"| {r['model']} | {r['image']} | {r['tile']} | {r['ours']:.3f} MP/s ({r['backend']}) | "
+            f"{r['reference']:.3f} MP/s | **{r['ratio']:.2f}x** | {r['psnr']:.1f} dB |"
+        )
     peaks = results["peaks"]
     precision = "bf16" if "bf16" in peaks else "fp32"  # the fastest this CPU runs natively, int8 aside
     matmul, conv = (peaks["bf16"], peaks["conv"]) if precision == "bf16" else (peaks["fp32"], peaks["conv_fp32"])
     ceiling = max(matmul, conv)
-    out += ["\nAgainst this CPU's ceiling, measured in the same run: convolution GFLOP/s achieved (every tile's "
-            f"context counted, for both sides); a {precision} matrix multiply reaches {matmul:.0f} GFLOP/s (fp32: "
-            f"{peaks['fp32']:.0f}), and one of the network's own convolutions alone, {precision} channels-last on a "
-            f"148-pixel tile, {conv:.0f} GFLOP/s. No {precision} engine computing every multiplication can beat the "
-            "reference by more than the higher of the two over the reference's rate (Winograd does fewer).\n",
-            f"| model | ours | share of the ceiling | reference | ceiling / reference: the most a direct {precision} "
-            "engine can reach |",
-            "|---|---|---|---|---|"]
+    out += [
+        "\nAgainst this CPU's ceiling, measured in the same run: convolution GFLOP/s achieved (every tile's "
+        f"context counted, for both sides); a {precision} matrix multiply reaches {matmul:.0f} GFLOP/s (fp32: "
+        f"{peaks['fp32']:.0f}), and one of the network's own convolutions alone, {precision} channels-last on a "
+        f"148-pixel tile, {conv:.0f} GFLOP/s. No {precision} engine computing every multiplication can beat the "
+        "reference by more than the higher of the two over the reference's rate (Winograd does fewer).\n",
+        f"| model | ours | share of the ceiling | reference | ceiling / reference: the most a direct {precision} "
+        "engine can reach |",
+        "|---|---|---|---|---|",
+    ]
     for r in results["engine"]:
-        out.append(f"| {r['model']} | {r['ours_gflops']:.0f} GFLOP/s | {r['ours_gflops'] / ceiling:.0%} | "
-                   f"{r['reference_gflops']:.0f} GFLOP/s | {ceiling / r['reference_gflops']:.2f}x |")
+        out.append(
+            f"| {r['model']} | {r['ours_gflops']:.0f} GFLOP/s | {r['ours_gflops'] / ceiling:.0%} | "
+            f"{r['reference_gflops']:.0f} GFLOP/s | {ceiling / r['reference_gflops']:.2f}x |"
+        )
     slowest_reference = min(r["reference_gflops"] for r in results["engine"])
     out += cpu_backends_report(results["backends"], peaks) + throughput_report(results["throughput"])
     if "int8" not in peaks:
         return "\n".join(out + later_sections(results)) + "\n"
-    out += [f"\nint8 (AVX-512 VNNI) is the one faster precision this CPU has: the same convolution in int8 reaches "
-            f"{peaks['int8']:.0f} GFLOP/s, so even a perfect int8 engine would stay under "
-            f"{peaks['int8'] / slowest_reference:.1f}x the reference. And it fails the quality bar every backend must "
-            f"meet ({MIN_PSNR_DB:.0f} dB against fp32): the network with 8-bit weights (per output channel) and "
-            "8-bit convolution inputs (per tensor, ranges calibrated on the very image measured, int8's best case), "
-            "against fp32, same photo:\n",
-            "| model | PSNR int8 vs fp32 |", "|---|---|"]
+    out += [
+        f"\nint8 (AVX-512 VNNI) is the one faster precision this CPU has: the same convolution in int8 reaches "
+        f"{peaks['int8']:.0f} GFLOP/s, so even a perfect int8 engine would stay under "
+        f"{peaks['int8'] / slowest_reference:.1f}x the reference. And it fails the quality bar every backend must "
+        f"meet ({MIN_PSNR_DB:.0f} dB against fp32): the network with 8-bit weights (per output channel) and "
+        "8-bit convolution inputs (per tensor, ranges calibrated on the very image measured, int8's best case), "
+        "against fp32, same photo:\n",
+        "| model | PSNR int8 vs fp32 |",
+        "|---|---|",
+    ]
     out += [f"| {r['model']} | {r['psnr']:.1f} dB |" for r in results["int8"]]
     return "\n".join(out + later_sections(results)) + "\n"
 
@@ -634,65 +807,87 @@ def report(results: dict, command: str) -> str:
 def later_sections(results: dict) -> list[str]:
     out = []
     mesh = results["mesh"]
-    out += ["\n## 2. Mesh overhead\n",
-            f"The same {mesh['image']} upscale 4x (realesr-general-x4v3, {mesh['backend']}): PNG upload through "
-            "REST -> gateway -> gRPC -> upscaler -> streamed PNG answer, against the engine called in-process.\n",
-            "| in-process | through the mesh | ratio |", "|---|---|---|",
-            f"| {mesh['in_process']:.2f} s | {mesh['mesh']:.2f} s | **{mesh['ratio']:.3f}x** |",
-            f"\nThe gateway's own CPU time per request (reading the upload, tiles in and out of protobuf, the PNG "
-            f"answer's deflate): {mesh['gateway_cpu']:.2f} s. Where the network keeps every core busy (this machine "
-            f"has {mesh['cpus']}), that time competes with the network for the same cores instead of hiding "
-            "under it."]
+    out += [
+        "\n## 2. Mesh overhead\n",
+        f"The same {mesh['image']} upscale 4x (realesr-general-x4v3, {mesh['backend']}): PNG upload through "
+        "REST -> gateway -> gRPC -> upscaler -> streamed PNG answer, against the engine called in-process.\n",
+        "| in-process | through the mesh | ratio |",
+        "|---|---|---|",
+        f"| {mesh['in_process']:.2f} s | {mesh['mesh']:.2f} s | **{mesh['ratio']:.3f}x** |",
+        f"\nThe gateway's own CPU time per request (reading the upload, tiles in and out of protobuf, the PNG "
+        f"answer's deflate): {mesh['gateway_cpu']:.2f} s. Where the network keeps every core busy (this machine "
+        f"has {mesh['cpus']}), that time competes with the network for the same cores instead of hiding "
+        "under it.",
+    ]
     out += mesh_reference_report(results["mesh_reference"])
     png = mesh["png"]
-    out += [f"\nThe {png['size']} answer's PNG, written as the gateway writes it (Up filter, ISA-L deflate at the "
-            "default level 1) against Pillow's PNG encoder at its defaults (zlib level 6, adaptive filters):\n",
-            "| ours | Pillow | Pillow time / ours |", "|---|---|---|",
-            f"| {png['ours_s']:.2f} s, {png['ours_mb']:.1f} MB | {png['pillow_s']:.2f} s, {png['pillow_mb']:.1f} MB "
-            f"| **{png['pillow_s'] / png['ours_s']:.1f}x** |"]
+    out += [
+        f"\nThe {png['size']} answer's PNG, written as the gateway writes it (Up filter, ISA-L deflate at the "
+        "default level 1) against Pillow's PNG encoder at its defaults (zlib level 6, adaptive filters):\n",
+        "| ours | Pillow | Pillow time / ours |",
+        "|---|---|---|",
+        f"| {png['ours_s']:.2f} s, {png['ours_mb']:.1f} MB | {png['pillow_s']:.2f} s, {png['pillow_mb']:.1f} MB "
+        f"| **{png['pillow_s'] / png['ours_s']:.1f}x** |",
+    ]
     memory = results["memory"]
-    out += ["\n## 3. Upscaler peak memory\n",
-            "Peak resident memory (VmHWM) of a fresh upscaler process for one 4x upscale, streamed over gRPC "
-            "(the client drops output tiles as they come).\n",
-            "| input | after start | peak | output streamed | time |", "|---|---|---|---|---|"]
+    out += [
+        "\n## 3. Upscaler peak memory\n",
+        "Peak resident memory (VmHWM) of a fresh upscaler process for one 4x upscale, streamed over gRPC "
+        "(the client drops output tiles as they come).\n",
+        "| input | after start | peak | output streamed | time |",
+        "|---|---|---|---|---|",
+    ]
     for r in memory:
-        out.append(f"| {r['input']} | {r['idle_mib']:.0f} MiB | {r['peak_mib']:.0f} MiB | {r['output_mib']:.0f} MiB "
-                   f"| {r['seconds']:.1f} s |")
-    out.append(f"\nPeak for the largest input / peak for the smallest: **{memory[-1]['peak_mib'] / memory[0]['peak_mib']:.2f}x**")
+        out.append(
+            f"| {r['input']} | {r['idle_mib']:.0f} MiB | {r['peak_mib']:.0f} MiB | {r['output_mib']:.0f} MiB "
+            f"| {r['seconds']:.1f} s |"
+        )
+    growth = memory[-1]["peak_mib"] / memory[0]["peak_mib"]
+    out.append(f"\nPeak for the largest input / peak for the smallest: **{growth:.2f}x**")
     bg = results["bgremoval"]
-    out += ["\n## 4. Background removal and effects\n",
-            f"Background removal of a {bg['image']} photo with {bg['model']}: ours (engine, as the service runs it) "
-            "against an in-process pipeline done the way rembg does it (onnxruntime session, Pillow resizes, putalpha).\n",
-            "| ours | plain pipeline | speed ratio (plain time / ours) |", "|---|---|---|",
-            f"| {bg['ours_ms']:.0f} ms | {bg['plain_ms']:.0f} ms | **{bg['ratio']:.2f}x** |",
-            "\nEffects on a 1600x1200 photo, tile by tile as the service runs them (default parameters):\n",
-            "| effect | MP/s |", "|---|---|"]
+    out += [
+        "\n## 4. Background removal and effects\n",
+        f"Background removal of a {bg['image']} photo with {bg['model']}: ours (engine, as the service runs it) "
+        "against an in-process pipeline done the way rembg does it (onnxruntime session, Pillow resizes, putalpha).\n",
+        "| ours | plain pipeline | speed ratio (plain time / ours) |",
+        "|---|---|---|",
+        f"| {bg['ours_ms']:.0f} ms | {bg['plain_ms']:.0f} ms | **{bg['ratio']:.2f}x** |",
+        "\nEffects on a 1600x1200 photo, tile by tile as the service runs them (default parameters):\n",
+        "| effect | MP/s |",
+        "|---|---|",
+    ]
     out += [f"| {r['effect']} | {r['mps']:.1f} |" for r in results["effects"]]
     return out
 
 
 def mesh_reference_report(r: dict) -> list[str]:
-    return [f"\nA {r['image']} photo 4x ({r['model']}) through the whole mesh as a user sends it (PNG upload, the "
-            f"upscaler's own tile choice, {r['backend']}, PNG answer) against the reference `RealESRGANer` "
-            "in-process on the same pixels, untiled (its default, and its fastest on an image this small):\n",
-            "| reference in-process | ours through the mesh | reference time / ours | PSNR ours vs reference |",
-            "|---|---|---|---|",
-            f"| {r['reference']:.2f} s | {r['mesh']:.2f} s | **{r['ratio']:.2f}x** | {r['psnr']:.1f} dB |"]
+    return [
+        f"\nA {r['image']} photo 4x ({r['model']}) through the whole mesh as a user sends it (PNG upload, the "
+        f"upscaler's own tile choice, {r['backend']}, PNG answer) against the reference `RealESRGANer` "
+        "in-process on the same pixels, untiled (its default, and its fastest on an image this small):\n",
+        "| reference in-process | ours through the mesh | reference time / ours | PSNR ours vs reference |",
+        "|---|---|---|---|",
+        f"| {r['reference']:.2f} s | {r['mesh']:.2f} s | **{r['ratio']:.2f}x** | {r['psnr']:.1f} dB |",
+    ]
 
 
 def cpu_backends_report(rows: list[dict], peaks: dict) -> list[str]:
-    out = ["\n### Every CPU backend on one tile\n",
-           "The network alone (float in, float out), each backend in turn in every round, medians; the ratio is "
-           "against torch fp32 NCHW, what the reference runs. GFLOP/s counts a direct convolution's work, so "
-           "Winograd (ncnn) can pass the CPU's matrix-multiply rate. PSNR against fp32. Chosen: what the "
-           f"upscaler's calibration picked at start. This CPU in the same run: fp32 matrix multiply "
-           f"{peaks['fp32']:.0f} GFLOP/s, the network's 64->64 3x3 convolution alone (fp32, channels-last) "
-           f"{peaks['conv_fp32']:.0f} GFLOP/s.\n",
-           "| model | tile | backend | s per tile | vs torch fp32 | GFLOP/s | PSNR | chosen |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = [
+        "\n### Every CPU backend on one tile\n",
+        "The network alone (float in, float out), each backend in turn in every round, medians; the ratio is "
+        "against torch fp32 NCHW, what the reference runs. GFLOP/s counts a direct convolution's work, so "
+        "Winograd (ncnn) can pass the CPU's matrix-multiply rate. PSNR against fp32. Chosen: what the "
+        f"upscaler's calibration picked at start. This CPU in the same run: fp32 matrix multiply "
+        f"{peaks['fp32']:.0f} GFLOP/s, the network's 64->64 3x3 convolution alone (fp32, channels-last) "
+        f"{peaks['conv_fp32']:.0f} GFLOP/s.\n",
+        "| model | tile | backend | s per tile | vs torch fp32 | GFLOP/s | PSNR | chosen |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        out.append(f"| {r['model']} | {r['tile']} | {r['backend']} | {r['seconds']:.3f} | **{r['ratio']:.2f}x** | "
-                   f"{r['gflops']:.0f} | {min(r['psnr'], 999):.1f} dB | {'yes' if r['chosen'] else ''} |")
+        out.append(
+            f"| {r['model']} | {r['tile']} | {r['backend']} | {r['seconds']:.3f} | **{r['ratio']:.2f}x** | "
+            f"{r['gflops']:.0f} | {min(r['psnr'], 999):.1f} dB | {'yes' if r['chosen'] else ''} |"
+        )
     return out
 
 
@@ -701,8 +896,9 @@ def main(argv=None) -> int:
     parser.add_argument("--models", type=Path, default=DEFAULT_MODELS)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run, not for RESULTS.md)")
-    parser.add_argument("--only", choices=("backends", "throughput", "mesh"),
-                        help="one section alone, printed (RESULTS.md untouched)")
+    parser.add_argument(
+        "--only", choices=("backends", "throughput", "mesh"), help="one section alone, printed (RESULTS.md untouched)"
+    )
     args = parser.parse_args(argv)
     args.models = args.models.resolve()
     torch.set_num_threads(available_cpus())
@@ -714,54 +910,73 @@ def main(argv=None) -> int:
         ("mesh_reference", lambda: mesh_vs_reference(args.models, args.rounds, *((124, 120) if quick else (492, 480)))),
         ("peaks", lambda: cpu_peaks(results["machine"])),
         ("backends", lambda: cpu_backends(args.models, args.rounds, (128,) if quick else (256, 128))),
-        ("throughput", lambda: throughput(args.models, args.rounds, (1, 2) if quick else (1, 2, 4),
-                                          128 if quick else 256)),
+        (
+            "throughput",
+            lambda: throughput(args.models, args.rounds, (1, 2) if quick else (1, 2, 4), 128 if quick else 256),
+        ),
         ("int8", lambda: int8_quality(args.models, 128 if quick else 512) if "int8" in results["peaks"] else []),
-        ("memory", lambda: upscaler_memory(args.models, results["mesh"]["backend"],
-                                           (128, 512) if quick else (1024, 4096))),
+        (
+            "memory",
+            lambda: upscaler_memory(args.models, results["mesh"]["backend"], (128, 512) if quick else (1024, 4096)),
+        ),
         ("bgremoval", lambda: bgremoval_vs_plain(args.models, args.rounds)),
         ("effects", lambda: effects_throughput(args.rounds)),
     ]
     if args.only:
-        steps = [step for step in steps if step[0] in {"backends": ("peaks", "backends"),
-                                                       "throughput": ("throughput",),
-                                                       "mesh": ("mesh_reference",)}[args.only]]
+        steps = [
+            step
+            for step in steps
+            if step[0]
+            in {"backends": ("peaks", "backends"), "throughput": ("throughput",), "mesh": ("mesh_reference",)}[
+                args.only
+            ]
+        ]
     for name, step in steps:
         started = time.perf_counter()
         results[name] = step()
         print(f"[{name}] done in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     if args.only:
-        lines = {"backends": lambda: cpu_backends_report(results["backends"], results["peaks"]),
-                 "throughput": lambda: throughput_report(results["throughput"]),
-                 "mesh": lambda: mesh_reference_report(results["mesh_reference"])}[args.only]()
+        lines = {
+            "backends": lambda: cpu_backends_report(results["backends"], results["peaks"]),
+            "throughput": lambda: throughput_report(results["throughput"]),
+            "mesh": lambda: mesh_reference_report(results["mesh_reference"]),
+        }[args.only]()
         print("\n".join(lines))
         return 0
     text = report(results, "make bench" + (" (--quick)" if quick else ""))
     print(text)
     if not quick:
-        RESULTS.write_text(with_machine_section(RESULTS.read_text() if RESULTS.exists() else "", results["machine"], text))
+        RESULTS.write_text(
+            with_machine_section(RESULTS.read_text() if RESULTS.exists() else "", results["machine"], text)
+        )
         print(f"written to {RESULTS.relative_to(ROOT)}", file=sys.stderr)
     return 0
 
 
 MACHINE_MARK = "<!-- CPU section: "
-RESULTS_HEADER = ("# Benchmarks\n\nOne section per kind of CPU, each written by `make bench` on such a machine (a run "
-                  "replaces its own machine's section and keeps the others); the GPU section by `python -m bench.gpu`.\n")
+RESULTS_HEADER = (
+    "# Benchmarks\n\nOne section per kind of CPU, each written by `make bench` on such a machine (a run "
+    "replaces its own machine's section and keeps the others); the GPU section by `python -m bench.gpu`.\n"
+)
 
 
 def with_machine_section(previous: str, machine: dict, text: str) -> str:
     """RESULTS.md with this machine's section (its CPU and flags) replaced or added, the others kept."""
     key = f"{machine['cpu']}, {machine['flags']}"
-    gpu = previous[previous.index(GPU_MARK):] if GPU_MARK in previous else GPU_MARK + "\n"
-    body = previous[:previous.index(GPU_MARK)] if GPU_MARK in previous else previous
+    gpu = previous[previous.index(GPU_MARK) :] if GPU_MARK in previous else GPU_MARK + "\n"
+    body = previous[: previous.index(GPU_MARK)] if GPU_MARK in previous else previous
     sections = {}
     for chunk in body.split(MACHINE_MARK)[1:]:
         name, _, content = chunk.partition(" -->\n")
         sections[name] = content
     demoted = "\n".join("#" + line if line.startswith("#") else line for line in text.splitlines())
     sections[key] = demoted.replace("## Benchmarks", f"## CPU: {key}", 1).rstrip() + "\n\n"
-    return RESULTS_HEADER + "\n" + "".join(f"{MACHINE_MARK}{name} -->\n{content}" for name, content in sections.items()) \
+    return (
+        RESULTS_HEADER
+        + "\n"
+        + "".join(f"{MACHINE_MARK}{name} -->\n{content}" for name, content in sections.items())
         + gpu
+    )
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
 """A small client for imagemesh: over REST (the gateway) or straight over gRPC.
 
-    from imagemesh_client import Client
-    client = Client("http://127.0.0.1:8080", token=None)
-    result = client.upscale(open("in.jpg", "rb").read(), scale=4)
-    open("out.png", "wb").write(result.data)
+from imagemesh_client import Client
+client = Client("http://127.0.0.1:8080", token=None)
+result = client.upscale(open("in.jpg", "rb").read(), scale=4)
+open("out.png", "wb").write(result.data)
 """
+
 from __future__ import annotations
 
 import base64
@@ -43,8 +44,9 @@ def _raise_for(response: httpx.Response) -> None:
         return
     try:
         error = response.json()["error"]
-        raise ImagemeshError(response.status_code, error.get("code", ""), error.get("message", ""),
-                             error.get("request_id", ""))
+        raise ImagemeshError(
+            response.status_code, error.get("code", ""), error.get("message", ""), error.get("request_id", "")
+        )
     except (ValueError, KeyError, TypeError):
         raise ImagemeshError(response.status_code, "http_error", response.text[:300]) from None
 
@@ -78,27 +80,44 @@ class Client:
         return self._request("GET", "/v1/effects").json()
 
     def _image(self, path: str, image: bytes, fields: dict) -> Result:
-        response = self._request("POST", path, files={"file": ("image", image)},
-                                 data={k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()},
-                                 headers={"Accept": "application/json"})
+        response = self._request(
+            "POST",
+            path,
+            files={"file": ("image", image)},
+            data={k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()},
+            headers={"Accept": "application/json"},
+        )
         body = response.json()
-        return Result(base64.b64decode(body["image_base64"]), f"image/{body['format']}", body.get("steps", []),
-                      body["width"], body["height"])
+        return Result(
+            base64.b64decode(body["image_base64"]),
+            f"image/{body['format']}",
+            body.get("steps", []),
+            body["width"],
+            body["height"],
+        )
 
     def upscale(self, image: bytes, scale: float = 4, model: str = "auto", format: str = "auto") -> Result:
         return self._image("/v1/upscale", image, {"scale": str(scale), "model": model, "format": format})
 
     def remove_background(self, image: bytes, model: str = "auto", format: str = "auto", **options) -> Result:
-        return self._image("/v1/remove-background", image,
-                           {"model": model, "format": format, **{k: str(v).lower() for k, v in options.items()}})
+        return self._image(
+            "/v1/remove-background",
+            image,
+            {"model": model, "format": format, **{k: str(v).lower() for k, v in options.items()}},
+        )
 
     def candidates(self, image: bytes, models: list[str], format: str = "png") -> dict:
-        return self._request("POST", "/v1/remove-background", files={"file": ("image", image)},
-                             data={"models": ",".join(models), "format": format}).json()
+        return self._request(
+            "POST",
+            "/v1/remove-background",
+            files={"file": ("image", image)},
+            data={"models": ",".join(models), "format": format},
+        ).json()
 
     def choose(self, request_id: str, model: str) -> dict:
-        return self._request("POST", "/v1/remove-background/choice",
-                             json={"request_id": request_id, "model": model}).json()
+        return self._request(
+            "POST", "/v1/remove-background/choice", json={"request_id": request_id, "model": model}
+        ).json()
 
     def effect(self, image: bytes, effect: str, params: dict | None = None, format: str = "auto") -> Result:
         return self._image("/v1/effects", image, {"effect": effect, "params": params or {}, "format": format})
@@ -109,11 +128,13 @@ class Client:
     # --- jobs: the same pipelines, with progress ------------------------------
 
     def submit_job(self, image: bytes, steps: list[dict], format: str = "auto") -> dict:
-        return self._request("POST", "/v1/jobs", files={"file": ("image", image)},
-                             data={"steps": json.dumps(steps), "format": format}).json()
+        return self._request(
+            "POST", "/v1/jobs", files={"file": ("image", image)}, data={"steps": json.dumps(steps), "format": format}
+        ).json()
 
-    def follow_job(self, job_id: str, progress: Progress | None = None,
-                   on_status: Callable[[dict], None] | None = None) -> dict:
+    def follow_job(
+        self, job_id: str, progress: Progress | None = None, on_status: Callable[[dict], None] | None = None
+    ) -> dict:
         """Follow the job's events until it ends; returns its final status. `progress` gets
         (tiles done, tiles total), `on_status` the whole status (fraction, eta_seconds)."""
         try:
@@ -137,14 +158,21 @@ class Client:
             raise ImagemeshError(0, "unreachable", f"lost the connection: {exc}") from None
         raise ImagemeshError(502, "incomplete", "the job's event stream ended early")
 
-    def run_job(self, image: bytes, steps: list[dict], format: str = "auto", progress: Progress | None = None,
-                on_status: Callable[[dict], None] | None = None) -> Result:
+    def run_job(
+        self,
+        image: bytes,
+        steps: list[dict],
+        format: str = "auto",
+        progress: Progress | None = None,
+        on_status: Callable[[dict], None] | None = None,
+    ) -> Result:
         job = self.submit_job(image, steps, format)
         final = self.follow_job(job["id"], progress, on_status)
         if final["status"] != "done":
             error = final.get("error") or {}
-            raise ImagemeshError(error.get("status", 500), error.get("code", "job_failed"),
-                                 error.get("message", "the job failed"))
+            raise ImagemeshError(
+                error.get("status", 500), error.get("code", "job_failed"), error.get("message", "the job failed")
+            )
         response = self._request("GET", f"/v1/jobs/{job['id']}/result")
         return Result(response.content, response.headers["content-type"], final["steps"])
 
@@ -153,17 +181,29 @@ class GrpcClient:
     """Straight to the services over gRPC, no gateway: the image is decoded and
     encoded here and streamed as tiles to the first step's service."""
 
-    def __init__(self, upscaler: str | None = None, bgremoval: str | None = None, effects: str | None = None,
-                 timeout: float = 600):
+    def __init__(
+        self,
+        upscaler: str | None = None,
+        bgremoval: str | None = None,
+        effects: str | None = None,
+        timeout: float = 600,
+    ):
         """Each service's address (host:port, a list, or a name with several addresses);
         None: its default on this machine."""
         from services.common.topology import BY_NAME
+
         given = {"upscaler": upscaler, "bgremoval": bgremoval, "effects": effects}
         self.addresses = {name: address or BY_NAME[name].default_address for name, address in given.items()}
         self.timeout = timeout
 
-    def process(self, image: bytes, steps: list[dict], format: str = "auto", progress: Progress | None = None,
-                max_pixels: int = 40_000_000) -> Result:
+    def process(
+        self,
+        image: bytes,
+        steps: list[dict],
+        format: str = "auto",
+        progress: Progress | None = None,
+        max_pixels: int = 40_000_000,
+    ) -> Result:
         import asyncio
 
         from services.common import imageio, wire
@@ -181,6 +221,7 @@ class GrpcClient:
                 async def report(done: int, total: int) -> None:
                     if progress:
                         progress(done, total)
+
                 result = await mesh.process(decoded, parse_steps(Fields({"steps": steps})), report)
                 fmt = imageio.choose_format(format, decoded.format, result.mode in ("LA", "RGBA"))
                 data = imageio.encode(result.pixels, result.mode, fmt, icc_profile=result.icc_profile)
@@ -193,4 +234,5 @@ class GrpcClient:
                 raise ImagemeshError(exc.status, exc.reason, exc.message) from None
             finally:
                 await mesh.close()
+
         return asyncio.run(run())

@@ -12,6 +12,7 @@ straight over gRPC with --grpc. Long work shows a progress bar on stderr.
 A batch runs its files as jobs, --jobs at a time, keeps going past a file that
 fails, prints a summary, and exits with the first failure's code.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -85,8 +86,9 @@ class ProgressBar:
             return
         filled = round(self.width * self.fraction)
         tiles = f"{self.done}/{self.total} tiles" if self.total else "? tiles"
-        self.stream.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {tiles}, {self.fraction:.0%}{self.left}"
-                          .ljust(80))
+        self.stream.write(
+            f"\r[{'#' * filled}{'.' * (self.width - filled)}] {tiles}, {self.fraction:.0%}{self.left}".ljust(80)
+        )
         self.stream.flush()
         self.shown = True
 
@@ -126,10 +128,12 @@ class BatchProgress:
         with self.lock:
             finished = self.done + self.failed
             filled = round(self.width * finished / self.total)
-            line = (f"[{'#' * filled}{'.' * (self.width - filled)}] {finished}/{self.total} files, "
-                    f"{self.failed} failed; " + ", ".join(f"{p.name} {state}" for p, state in self.running.items()))
+            line = (
+                f"[{'#' * filled}{'.' * (self.width - filled)}] {finished}/{self.total} files, "
+                f"{self.failed} failed; " + ", ".join(f"{p.name} {state}" for p, state in self.running.items())
+            )
             columns = shutil.get_terminal_size((120, 20)).columns
-            self.stream.write("\r" + line[:columns - 1].ljust(columns - 1))
+            self.stream.write("\r" + line[: columns - 1].ljust(columns - 1))
             self.stream.flush()
 
     def finish(self) -> None:
@@ -165,24 +169,29 @@ def parse_params(pairs: list[str]) -> dict[str, float | str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="imagemesh", description=__doc__, epilog=EXIT_CODES,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", default=os.environ.get("IMAGEMESH_URL", "http://127.0.0.1:8080"),
-                        help="the gateway (default $IMAGEMESH_URL or http://127.0.0.1:8080)")
+    parser = argparse.ArgumentParser(
+        prog="imagemesh", description=__doc__, epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("IMAGEMESH_URL", "http://127.0.0.1:8080"),
+        help="the gateway (default $IMAGEMESH_URL or http://127.0.0.1:8080)",
+    )
     parser.add_argument("--token", default=os.environ.get("IMAGEMESH_TOKEN"), help="bearer token ($IMAGEMESH_TOKEN)")
     parser.add_argument("--grpc", action="store_true", help="talk to the services over gRPC, not the gateway")
     for service in SERVICES:
-        parser.add_argument(f"--{service.name}", default=os.environ.get(service.address_setting.upper(),
-                                                                        service.default_address))
+        parser.add_argument(
+            f"--{service.name}", default=os.environ.get(service.address_setting.upper(), service.default_address)
+        )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def image_command(name, help_text):
         command = commands.add_parser(name, help=help_text)
-        command.add_argument("input", type=str, nargs="+",
-                             help="an image; several, a glob or a folder make a batch")
-        command.add_argument("-o", "--output", type=Path,
-                             help="output file (its extension picks the format); for a batch, a folder")
+        command.add_argument("input", type=str, nargs="+", help="an image; several, a glob or a folder make a batch")
+        command.add_argument(
+            "-o", "--output", type=Path, help="output file (its extension picks the format); for a batch, a folder"
+        )
         command.add_argument("-j", "--jobs", type=int, default=2, help="files of a batch processed at once")
         command.add_argument("-f", "--format", choices=("auto", "png", "jpeg", "webp"), help="output format")
         return command
@@ -210,8 +219,14 @@ def steps_for(args) -> list[dict]:
     if args.command == "upscale":
         return [{"op": "upscale", "scale": args.scale, "model": args.model}]
     if args.command == "remove-bg":
-        step = {"op": "remove_background", "model": args.model, "refine": args.refine,
-                "post_process": args.post_process, "only_mask": args.only_mask, "alpha_matting": args.alpha_matting}
+        step = {
+            "op": "remove_background",
+            "model": args.model,
+            "refine": args.refine,
+            "post_process": args.post_process,
+            "only_mask": args.only_mask,
+            "alpha_matting": args.alpha_matting,
+        }
         if args.bgcolor:
             step["bgcolor"] = args.bgcolor
         return [step]
@@ -276,8 +291,9 @@ class FileFailed(Exception):
         self.code = code
 
 
-def convert(args, source: Path, fmt: str, progress: ProgressBar | FileProgress,
-            batch: bool) -> list[tuple[Path, Result]]:
+def convert(
+    args, source: Path, fmt: str, progress: ProgressBar | FileProgress, batch: bool
+) -> list[tuple[Path, Result]]:
     """One input file through the command; its outputs, written."""
     try:
         image = source.read_bytes()
@@ -286,8 +302,9 @@ def convert(args, source: Path, fmt: str, progress: ProgressBar | FileProgress,
     try:
         if args.command == "remove-bg" and args.models:
             with Client(args.url, args.token) as client:
-                answer = client.candidates(image, [m.strip() for m in args.models.split(",")],
-                                           fmt if fmt != "auto" else "png")
+                answer = client.candidates(
+                    image, [m.strip() for m in args.models.split(",")], fmt if fmt != "auto" else "png"
+                )
             print(f"{source}: request_id {answer['request_id']}", file=sys.stderr)
             outputs = []
             for candidate in answer["candidates"]:
@@ -357,6 +374,7 @@ def run_batch(args, inputs: list[Path], fmt: str) -> int:
         except FileFailed as failure:
             outcomes[source] = failure
         progress.end(source, not isinstance(outcomes[source], FileFailed))
+
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         list(pool.map(one, inputs))
     progress.finish()

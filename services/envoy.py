@@ -1,6 +1,7 @@
 """The Envoy configuration a local mesh runs: deploy/envoy/envoy.yaml, the one
 that deploys, with loopback addresses (and the files of a local certificate) as
 its only changes."""
+
 from __future__ import annotations
 
 import copy
@@ -19,6 +20,7 @@ TLS_LISTENER = "ingress_tls"
 class LocalTls:
     """Envoy's HTTPS listener on `port` with a certificate and key from local files;
     the secret naming them is written to `secret_path`."""
+
     port: int
     certificate: Path
     key: Path
@@ -37,8 +39,13 @@ def tls_secret_source(listener: dict) -> dict:
     return context["tls_certificate_sds_secret_configs"][0]["sds_config"]["path_config_source"]
 
 
-def local_config(endpoints: dict[str, list[int]], listener: int, admin: int,
-                 web_origins: list[str] | None = None, tls: LocalTls | None = None) -> dict:
+def local_config(
+    endpoints: dict[str, list[int]],
+    listener: int,
+    admin: int,
+    web_origins: list[str] | None = None,
+    tls: LocalTls | None = None,
+) -> dict:
     """`endpoints`: each cluster's loopback ports (a service's replicas); `web_origins`:
     the origins whose browsers may call gRPC-Web (default: this listener's own); `tls`:
     the HTTPS listener, left out without it."""
@@ -59,7 +66,12 @@ def local_config(endpoints: dict[str, list[int]], listener: int, admin: int,
         if cors:
             cors["allow_origin_string_match"] = [{"exact": origin} for origin in origins]
     for cluster in config["static_resources"]["clusters"]:
-        cluster["load_assignment"]["endpoints"] = [{"lb_endpoints": [
-            {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}
-            for port in endpoints[cluster["name"]]]}]
+        cluster["load_assignment"]["endpoints"] = [
+            {
+                "lb_endpoints": [
+                    {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}
+                    for port in endpoints[cluster["name"]]
+                ]
+            }
+        ]
     return config

@@ -11,6 +11,7 @@ official addresses, verified all the same. --export also converts the
 upscaler's .pth files in ONNX_CACHE_DIR, as its first start would: to ONNX
 (onnxruntime, OpenVINO) and, for the compact models, to ncnn.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,10 @@ def fetch_missing_at_start(model_dir: Path, mirror: str | None = None) -> str:
             print(f"imagemesh: fetched {item.model} into {path} ({item.expected()[0]} verified)", file=sys.stderr)
         except FetchError as exc:
             names = ", ".join(i.model for i in missing[done:])
-            return (f"could not fetch {names} ({exc}); starting with the models in MODEL_DIR ({model_dir}); "
-                    "`make models` fetches them later")
+            return (
+                f"could not fetch {names} ({exc}); starting with the models in MODEL_DIR ({model_dir}); "
+                "`make models` fetches them later"
+            )
     return ""
 
 
@@ -55,11 +58,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--all", action="store_true", help="include the large background-removal models")
     parser.add_argument("--mirror", help="local folder or base URL to fetch from instead of the official releases")
     parser.add_argument("--require-checksums", action="store_true", help="refuse files without a published checksum")
-    parser.add_argument("--export", "--export-onnx", dest="export", action="store_true",
-                        help="also convert upscaler models into ONNX_CACHE_DIR (ONNX, ncnn)")
+    parser.add_argument(
+        "--export",
+        "--export-onnx",
+        dest="export",
+        action="store_true",
+        help="also convert upscaler models into ONNX_CACHE_DIR (ONNX, ncnn)",
+    )
     args = parser.parse_args(argv)
-    chosen = [by_name[name] for name in args.model] if args.model else \
-        [item for item in available_downloads if item.default or args.all]
+    chosen = (
+        [by_name[name] for name in args.model]
+        if args.model
+        else [item for item in available_downloads if item.default or args.all]
+    )
     failures = 0
     for item in chosen:
         try:
@@ -67,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
             algorithm, expected = item.expected()
             print(f"{item.model}: {path} ({f'{algorithm} verified' if expected else 'no published checksum'})")
             if args.export and item.model in UPSCALER_SPECS:
-                for cached in upscaler_fetch.export_to_cache(UPSCALER_SPECS[item.model], path,
-                                                             upscaler_fetch.default_onnx_cache()):
+                for cached in upscaler_fetch.export_to_cache(
+                    UPSCALER_SPECS[item.model], path, upscaler_fetch.default_onnx_cache()
+                ):
                     print(f"{item.model}: converted to {cached}")
         except FetchError as exc:
             failures += 1

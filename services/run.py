@@ -7,6 +7,7 @@ gRPC-Web) as child processes. Ctrl-C or SIGTERM
 drains and stops them all; one that dies is restarted with backoff (one that
 cannot start for its configuration stops the mesh). Children get SIGKILL from
 the kernel if this process is killed outright, so nothing is left orphaned."""
+
 from __future__ import annotations
 
 import ctypes
@@ -34,8 +35,11 @@ MAX_BACKOFF_SECONDS, STEADY_SECONDS = 30.0, 60.0
 # State of a mesh started here, kept in the checkout so that two meshes on one
 # machine never share a database or a result folder (each path can be set).
 STATE_DIR = Path(__file__).resolve().parent.parent / "var"
-STATE_DEFAULTS = {"RESULT_DIR": STATE_DIR / "results", "BGREMOVAL_DB": STATE_DIR / "bgremoval.sqlite3",
-                  "ONNX_CACHE_DIR": STATE_DIR / "cache" / "onnx"}
+STATE_DEFAULTS = {
+    "RESULT_DIR": STATE_DIR / "results",
+    "BGREMOVAL_DB": STATE_DIR / "bgremoval.sqlite3",
+    "ONNX_CACHE_DIR": STATE_DIR / "cache" / "onnx",
+}
 
 
 def _die_with_parent() -> None:
@@ -91,10 +95,11 @@ def main() -> int:
         endpoints[name] = [port + i * REPLICA_PORT_STEP for i in range(replicas)]
         env.setdefault(f"{upper}_ADDRESS", ",".join(f"127.0.0.1:{p}" for p in endpoints[name]))
         for i, replica_port in enumerate(endpoints[name]):
-            own = {f"{upper}_PORT": str(replica_port),
-                   f"{upper}_METRICS_PORT": str(metrics_port and metrics_port + i * REPLICA_PORT_STEP)}
-            children.append(Child(f"{name} :{replica_port}", [sys.executable, "-m", service.module],
-                                  {**env, **own}))
+            own = {
+                f"{upper}_PORT": str(replica_port),
+                f"{upper}_METRICS_PORT": str(metrics_port and metrics_port + i * REPLICA_PORT_STEP),
+            }
+            children.append(Child(f"{name} :{replica_port}", [sys.executable, "-m", service.module], {**env, **own}))
     env.setdefault("GATEWAY_PORT", "8081")
     env.setdefault("TRUSTED_PROXIES", "127.0.0.1")  # Envoy, below, names the client in X-Forwarded-For
     endpoints["gateway"] = [int(env["GATEWAY_PORT"])]
@@ -104,13 +109,31 @@ def main() -> int:
     origins = [o.strip() for o in env.get("CORS_ORIGINS", "").split(",") if o.strip()]
     tls = None
     if env.get("TLS_CERT_FILE") and env.get("TLS_KEY_FILE"):  # HTTPS beside HTTP
-        tls = LocalTls(int(env.get("ENVOY_TLS_PORT", "8443")), Path(env["TLS_CERT_FILE"]), Path(env["TLS_KEY_FILE"]),
-                       config.with_name("tls-sds.yaml"))
+        tls = LocalTls(
+            int(env.get("ENVOY_TLS_PORT", "8443")),
+            Path(env["TLS_CERT_FILE"]),
+            Path(env["TLS_KEY_FILE"]),
+            config.with_name("tls-sds.yaml"),
+        )
         tls.write_secret()
-    config.write_text(yaml.safe_dump(local_config(endpoints, port, int(env.get("ENVOY_ADMIN_PORT", "9901")), origins,
-                                                  tls)))
-    children.append(Child("envoy", [str(Path(sys.executable).parent / "envoy"), "-c", str(config), "--base-id",
-                                    str(port), "--log-level", "warning"], env))
+    config.write_text(
+        yaml.safe_dump(local_config(endpoints, port, int(env.get("ENVOY_ADMIN_PORT", "9901")), origins, tls))
+    )
+    children.append(
+        Child(
+            "envoy",
+            [
+                str(Path(sys.executable).parent / "envoy"),
+                "-c",
+                str(config),
+                "--base-id",
+                str(port),
+                "--log-level",
+                "warning",
+            ],
+            env,
+        )
+    )
     stopping = False
 
     def stop(signum=None, frame=None):
@@ -120,8 +143,10 @@ def main() -> int:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     https = f" and https://127.0.0.1:{tls.port}" if tls else ""
-    say(f"mesh on http://127.0.0.1:{port}{https} through Envoy (gateway :{env['GATEWAY_PORT']}, "
-        f"MODEL_DIR={env['MODEL_DIR']}); Ctrl-C stops")
+    say(
+        f"mesh on http://127.0.0.1:{port}{https} through Envoy (gateway :{env['GATEWAY_PORT']}, "
+        f"MODEL_DIR={env['MODEL_DIR']}); Ctrl-C stops"
+    )
     exit_code = 0
     while not stopping:
         for child in children:

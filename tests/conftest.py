@@ -1,5 +1,6 @@
 """Shared fixtures: real model files, real photos, and real services started
 as subprocesses on free loopback ports (the helpers that start them: support/)."""
+
 from __future__ import annotations
 
 import os
@@ -94,10 +95,24 @@ def http(gateway):
 def redis_server(tmp_path_factory):
     """A real Redis (Debian's redis-server) on loopback, nothing persisted."""
     import redis
+
     port = free_port()
-    service = Service.command(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                               "--appendonly", "no", "--dir", str(tmp_path_factory.mktemp("redis"))],
-                              tmp_path_factory.mktemp("logs") / "redis.log")
+    service = Service.command(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path_factory.mktemp("redis")),
+        ],
+        tmp_path_factory.mktemp("logs") / "redis.log",
+    )
     client = redis.Redis(port=port)
     service.wait_until(client.ping, redis.ConnectionError, 30)
     service.port, service.databases = port, iter(range(16))
@@ -120,16 +135,35 @@ def postgres_server(tmp_path_factory):
     import tempfile
 
     import psycopg
+
     as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
     data = Path(tempfile.mkdtemp(prefix="imagemesh-pg-"))
     if as_postgres:
         shutil.chown(data, "postgres", "postgres")
-    subprocess.run([*as_postgres, postgres_binary("initdb"), "-D", str(data), "-U", "imagemesh", "--auth=trust",
-                    "--no-sync"], check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [*as_postgres, postgres_binary("initdb"), "-D", str(data), "-U", "imagemesh", "--auth=trust", "--no-sync"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     port = free_port()
-    service = Service.command([*as_postgres, postgres_binary("postgres"), "-D", str(data), "-p", str(port),
-                               "-k", str(data), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"],
-                              tmp_path_factory.mktemp("logs") / "postgres.log")
+    service = Service.command(
+        [
+            *as_postgres,
+            postgres_binary("postgres"),
+            "-D",
+            str(data),
+            "-p",
+            str(port),
+            "-k",
+            str(data),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "fsync=off",
+        ],
+        tmp_path_factory.mktemp("logs") / "postgres.log",
+    )
     admin = f"postgresql://imagemesh@127.0.0.1:{port}/postgres"
     service.wait_until(lambda: psycopg.connect(admin, connect_timeout=2).close(), psycopg.OperationalError, 60)
     service.admin_url, service.databases = admin, iter(range(1000))
@@ -142,6 +176,7 @@ def postgres_server(tmp_path_factory):
 def postgres_url(postgres_server) -> str:
     """A new, empty database of the test's own."""
     import psycopg
+
     name = f"picks_{next(postgres_server.databases)}"
     with psycopg.connect(postgres_server.admin_url, autocommit=True) as admin:
         admin.execute(f"CREATE DATABASE {name}")

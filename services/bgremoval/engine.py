@@ -5,6 +5,7 @@ resized to full resolution; cutting out is then done region by region, so
 output tiles stream. The keyer needs no model: it takes the background colour
 from the image border, the connected region of similar colour, and gives it a
 soft, colour-decontaminated edge."""
+
 from __future__ import annotations
 
 import re
@@ -24,7 +25,7 @@ DEFAULT_TOLERANCE = 32
 
 @dataclass
 class Cutout:
-    mask: np.ndarray                     # float32 (h, w) in [0, 1]
+    mask: np.ndarray  # float32 (h, w) in [0, 1]
     foreground: np.ndarray | None = None  # float32 (h, w, 3) colours with the background unmixed, or None
 
     @property
@@ -43,8 +44,9 @@ def parse_colour(text: str) -> tuple[int, int, int]:
         named = ImageColor.getrgb(text)
         return named[0], named[1], named[2]
     except ValueError:
-        raise InvalidArgument(f"bgcolor {quoted(text)} is not a colour ('#rrggbb', 'r,g,b' or a name)",
-                              field="bgcolor") from None
+        raise InvalidArgument(
+            f"bgcolor {quoted(text)} is not a colour ('#rrggbb', 'r,g,b' or a name)", field="bgcolor"
+        ) from None
 
 
 def colour_rgb(pixels: np.ndarray, mode: str) -> np.ndarray:
@@ -56,8 +58,9 @@ def colour_rgb(pixels: np.ndarray, mode: str) -> np.ndarray:
 
 def keyer(rgb8: np.ndarray, tolerance: float = DEFAULT_TOLERANCE, connected: bool = True) -> Cutout:
     rgb = rgb8.astype(np.float32)
-    border = np.concatenate([rgb[:2].reshape(-1, 3), rgb[-2:].reshape(-1, 3),
-                             rgb[:, :2].reshape(-1, 3), rgb[:, -2:].reshape(-1, 3)])
+    border = np.concatenate(
+        [rgb[:2].reshape(-1, 3), rgb[-2:].reshape(-1, 3), rgb[:, :2].reshape(-1, 3), rgb[:, -2:].reshape(-1, 3)]
+    )
     background = np.median(border, axis=0)
     distance = np.sqrt(((rgb - background) ** 2).sum(axis=2))
     similar = (distance < tolerance).astype(np.uint8)
@@ -70,8 +73,9 @@ def keyer(rgb8: np.ndarray, tolerance: float = DEFAULT_TOLERANCE, connected: boo
     alpha = (~is_background).astype(np.float32)
     # Soft edge: within two pixels of the boundary, alpha follows the colour distance.
     kernel = np.ones((5, 5), np.uint8)
-    band = np.logical_and(cv2.dilate(is_background.astype(np.uint8), kernel),
-                          cv2.dilate((~is_background).astype(np.uint8), kernel))
+    band = np.logical_and(
+        cv2.dilate(is_background.astype(np.uint8), kernel), cv2.dilate((~is_background).astype(np.uint8), kernel)
+    )
     soft = np.clip((distance - tolerance * 0.5) / tolerance, 0.0, 1.0)
     alpha = np.where(band.astype(bool), soft, alpha)
     # Unmix the background colour from edge pixels so they do not fringe on a new background.
@@ -109,6 +113,7 @@ def guided_refine(mask: np.ndarray, rgb8: np.ndarray, eps: float = 1e-3) -> np.n
 
     def box(a):
         return cv2.boxFilter(a, -1, size, borderType=cv2.BORDER_REFLECT)
+
     mean_i, mean_p = box(guide), box(mask)
     a = (box(guide * mask) - mean_i * mean_p) / (box(guide * guide) - mean_i * mean_i + eps)
     b = mean_p - a * mean_i
@@ -145,8 +150,9 @@ class RemovalOptions:
 
     def cache_key(self) -> str:
         """What changes the mask (output options do not)."""
-        return (f"pp={self.post_process},r={self.refine},am={self.alpha_matting},t={self.tolerance},"
-                f"all={self.all_similar}")
+        return (
+            f"pp={self.post_process},r={self.refine},am={self.alpha_matting},t={self.tolerance},all={self.all_similar}"
+        )
 
 
 def compute_cutout(segmenter: Segmenter, pixels: np.ndarray, mode: str, options: RemovalOptions) -> Cutout:
@@ -174,8 +180,9 @@ def output_mode(mode: str, options: RemovalOptions) -> str:
     return "LA" if grey else "RGBA"
 
 
-def cut_out(region: np.ndarray, mode: str, cutout_mask: np.ndarray, foreground: np.ndarray | None,
-            options: RemovalOptions) -> np.ndarray:
+def cut_out(
+    region: np.ndarray, mode: str, cutout_mask: np.ndarray, foreground: np.ndarray | None, options: RemovalOptions
+) -> np.ndarray:
     """Output pixels of one region, given the cut-out's mask (and unmixed colours) there."""
     maximum = float(np.iinfo(region.dtype).max)
     has_alpha = mode in ("LA", "RGBA")
@@ -198,8 +205,9 @@ def cut_out(region: np.ndarray, mode: str, cutout_mask: np.ndarray, foreground: 
         if options.bgcolor is not None:
             background = np.array(options.bgcolor, np.float32) / 255.0
             if colour.shape[2] == 1:
-                background = np.array([0.299 * background[0] + 0.587 * background[1] + 0.114 * background[2]],
-                                      np.float32)
+                background = np.array(
+                    [0.299 * background[0] + 0.587 * background[1] + 0.114 * background[2]], np.float32
+                )
             out = colour * alpha + background * (1.0 - alpha)
         else:
             out = np.concatenate([colour, alpha], axis=2)

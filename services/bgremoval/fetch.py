@@ -1,4 +1,5 @@
 """Background removal's downloads (`make models`); the built-in model needs none (models.BUILTIN)."""
+
 from __future__ import annotations
 
 from services.common.fetch import Download
@@ -12,6 +13,10 @@ LARGE = {"birefnet-general", "bria-rmbg", "birefnet-general-lite", "birefnet-por
 def downloads() -> list[Download]:
     """rembg's release files; the MediaPipe model is published as TFLite and
     converted, so it has no download here."""
-    return [Download(spec.name, spec.file, spec.source_url, sha256=spec.sha256, md5=spec.md5,
-                     default=spec.name not in LARGE)
-            for spec in SPECS if spec.source_url.endswith(".onnx")]
+    return [
+        Download(
+            spec.name, spec.file, spec.source_url, sha256=spec.sha256, md5=spec.md5, default=spec.name not in LARGE
+        )
+        for spec in SPECS
+        if spec.source_url.endswith(".onnx")
+    ]

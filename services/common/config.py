@@ -4,6 +4,7 @@ A service declares its settings as a frozen dataclass whose fields are made by
 `setting` (the variable is the field's name in upper case); `load` reads them
 all and reports every bad value at once, so a misconfigured pod fails fast with
 a message that names the variable."""
+
 from __future__ import annotations
 
 import os
@@ -61,11 +62,16 @@ class Setting:
             raise ConfigError(f"{self.env}={value!r}: must be one of {', '.join(self.choices)}")
 
 
-def setting(default: Any, help: str, *, minimum: float | None = None, maximum: float | None = None,
-            choices: tuple[str, ...] | None = None) -> Any:
+def setting(
+    default: Any,
+    help: str,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    choices: tuple[str, ...] | None = None,
+) -> Any:
     """A field of a config dataclass, read from the variable of its name in upper case."""
-    return field(default=default, metadata={"help": help, "minimum": minimum, "maximum": maximum,
-                                            "choices": choices})
+    return field(default=default, metadata={"help": help, "minimum": minimum, "maximum": maximum, "choices": choices})
 
 
 def settings_of(config_class: type) -> list[Setting]:
@@ -118,6 +124,7 @@ class CommonConfig:
     """Settings the gateway and every service share, and where each step's
     service is: the gateway calls them, and a service forwards a pipeline's
     remaining steps to the next one."""
+
     bind_host: str = setting("127.0.0.1", "address the servers listen on (0.0.0.0 in containers)")
     log_level: str = setting("INFO", "log level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     max_input_pixels: int = setting(40_000_000, "largest input image, in pixels", minimum=1)
@@ -135,10 +142,13 @@ class CommonConfig:
 @dataclass(frozen=True)
 class ServiceConfig(CommonConfig):
     """Settings of every gRPC service."""
+
     max_concurrent_requests: int = setting(2, "requests processed at once per service", minimum=1)
     max_queued_requests: int = setting(16, "requests waiting for a slot before RESOURCE_EXHAUSTED", minimum=0)
     drain_seconds: float = setting(30.0, "grace period for in-flight streams on SIGTERM", minimum=0)
     stream_start_timeout_seconds: float = setting(
-        10.0, "a stream whose StreamStart has not arrived this long after it opened is refused", minimum=0.1)
+        10.0, "a stream whose StreamStart has not arrived this long after it opened is refused", minimum=0.1
+    )
     stream_idle_timeout_seconds: float = setting(
-        60.0, "a stream that sends nothing (not even a heartbeat) for this long is ended", minimum=15)
+        60.0, "a stream that sends nothing (not even a heartbeat) for this long is ended", minimum=15
+    )

@@ -1,5 +1,6 @@
 """Errors that carry their gRPC status and a stable reason, raised by engines
 and servicers alike and turned into a status (and an HTTP code) in one place."""
+
 import grpc
 from imagemesh.v1 import common_pb2
 
@@ -38,18 +39,21 @@ class InvalidArgument(ServiceError):
 
 class LimitExceeded(ServiceError):
     """A configured size limit was broken (HTTP 413)."""
+
     code = grpc.StatusCode.OUT_OF_RANGE
     reason = "limit_exceeded"
 
 
 class UndecodableImage(ServiceError):
     """The bytes are not an image we can decode (HTTP 422)."""
+
     code = grpc.StatusCode.INVALID_ARGUMENT
     reason = "undecodable_image"
 
 
 class UnsupportedMediaType(ServiceError):
     """An image format the API does not take (HTTP 415)."""
+
     code = grpc.StatusCode.INVALID_ARGUMENT
     reason = "unsupported_media_type"
 
@@ -76,6 +80,7 @@ class Unavailable(ServiceError):
 
 class StreamTimeout(ServiceError):
     """A client stream that kept the service waiting past a configured time."""
+
     code = grpc.StatusCode.DEADLINE_EXCEEDED
     reason = "stream_timeout"
 

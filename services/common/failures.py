@@ -1,6 +1,7 @@
 """What a failure means to whoever called the mesh, as an HTTP status with a
 reason and a message: a gRPC status (or a local ServiceError) mapped once, for
 the gateway's answers and the client library's errors alike."""
+
 from __future__ import annotations
 
 import grpc
@@ -48,14 +49,16 @@ def from_rpc_error(exc: grpc.aio.AioRpcError, upstream: str) -> HttpError:
     code = exc.code()
     status = _BY_REASON.get(detail.reason) or _BY_CODE.get(code, 500)
     if code == grpc.StatusCode.UNAVAILABLE:
-        return HttpError(503, "upstream_unavailable", f"the {upstream} service is unavailable; retry later",
-                         _headers(503))
+        return HttpError(
+            503, "upstream_unavailable", f"the {upstream} service is unavailable; retry later", _headers(503)
+        )
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return HttpError(504, "upstream_timeout", f"the {upstream} service did not answer in time")
     if code == grpc.StatusCode.INTERNAL and "Internal error from Core" in (exc.details() or ""):
         # grpc-python's aio client reports a stream cut under a pending write this way (grpc/grpc#36066).
-        return HttpError(503, "upstream_connection_lost", f"the connection to the {upstream} service was lost",
-                         _headers(503))
+        return HttpError(
+            503, "upstream_connection_lost", f"the connection to the {upstream} service was lost", _headers(503)
+        )
     if status == 500:
         return HttpError(500, "internal", f"the {upstream} service failed")
     return HttpError(status, detail.reason or code.name.lower(), exc.details() or code.name, _headers(status))

@@ -1,5 +1,6 @@
 """Downloading model files, verified against published checksums. Used by
 `make models`; never while serving."""
+
 from __future__ import annotations
 
 import hashlib
@@ -23,7 +24,7 @@ class Download:
     file: str
     url: str
     sha256: str = ""
-    md5: str = ""        # what rembg publishes
+    md5: str = ""  # what rembg publishes
     default: bool = True  # fetched by plain `make models` (large files are opt-in)
     at_start: bool = False  # fetched by `make run` when missing: a service's small default model
     accepted: tuple[str, ...] = ()  # other files in MODEL_DIR the model loads from instead
@@ -39,6 +40,7 @@ def onnx_parameter_count(path: Path) -> int:
     """Weights stored in an ONNX file (its initializers)."""
     import numpy as np
     import onnx
+
     model = onnx.load(str(path), load_external_data=False)
     return int(sum(np.prod(t.dims, dtype=np.int64) for t in model.graph.initializer))
 
@@ -58,8 +60,14 @@ def _open_source(item: Download, mirror: str | None, timeout: float):
     return urllib.request.urlopen(url, timeout=timeout)
 
 
-def fetch(item: Download, model_dir: Path, *, mirror: str | None = None, require_checksum: bool = False,
-          timeout: float = DOWNLOAD_TIMEOUT_SECONDS) -> Path:
+def fetch(
+    item: Download,
+    model_dir: Path,
+    *,
+    mirror: str | None = None,
+    require_checksum: bool = False,
+    timeout: float = DOWNLOAD_TIMEOUT_SECONDS,
+) -> Path:
     """Download one file; it lands in model_dir only once verified."""
     algorithm, expected = item.expected()
     target = model_dir / item.file
@@ -77,13 +85,18 @@ def fetch(item: Download, model_dir: Path, *, mirror: str | None = None, require
                     digest.update(block)
                 out.write(block)
         if expected and digests[algorithm].hexdigest() != expected:
-            raise FetchError(f"{item.model}: {algorithm} mismatch: expected {expected}, got "
-                             f"{digests[algorithm].hexdigest()}; file discarded")
+            raise FetchError(
+                f"{item.model}: {algorithm} mismatch: expected {expected}, got "
+                f"{digests[algorithm].hexdigest()}; file discarded"
+            )
         os.chmod(tmp, 0o644)
         os.replace(tmp, target)
         if not expected:
-            print(f"warning: {item.model}: no published checksum; downloaded file has sha256 "
-                  f"{digests['sha256'].hexdigest()}", file=sys.stderr)
+            print(
+                f"warning: {item.model}: no published checksum; downloaded file has sha256 "
+                f"{digests['sha256'].hexdigest()}",
+                file=sys.stderr,
+            )
         return target
     except OSError as exc:
         raise FetchError(f"{item.model}: download failed: {exc}") from None

@@ -2,6 +2,7 @@
 and read with clear 400s (`Fields`): the HTTP API's parser and OpenAPI schema,
 and the client library's reading of pipeline steps, come from the same
 declarations."""
+
 from __future__ import annotations
 
 import json
@@ -14,6 +15,7 @@ from .failures import bad
 
 _SCALARS = {"string": "string", "integer": "integer", "number": "number", "boolean": "boolean"}
 TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off", "")
+
 
 def load_json(text: str | bytes, what: str) -> Any:
     """Parse JSON from a client: a 400 for anything that is not (nesting too deep included)."""
@@ -42,8 +44,9 @@ class Fields:
             raise bad(f"{self._name(name)} must not be null; leave it out for its default")
         return value
 
-    def text(self, name: str, default: str, choices: tuple[str, ...] | None = None,
-             aliases: dict[str, str] | None = None) -> str:
+    def text(
+        self, name: str, default: str, choices: tuple[str, ...] | None = None, aliases: dict[str, str] | None = None
+    ) -> str:
         value = self._get(name)
         if value is None or value == "":
             return default
@@ -57,8 +60,16 @@ class Fields:
             return value.lower()
         return value
 
-    def number(self, name: str, default: float, *, integer: bool = False, minimum: float | None = None,
-               maximum: float | None = None, also: tuple[float, ...] = ()) -> float:
+    def number(
+        self,
+        name: str,
+        default: float,
+        *,
+        integer: bool = False,
+        minimum: float | None = None,
+        maximum: float | None = None,
+        also: tuple[float, ...] = (),
+    ) -> float:
         value = self._get(name)
         if value is None or value == "":
             return default
@@ -71,10 +82,17 @@ class Fields:
             raise bad(f"{self._name(name)} must be {kind}; got {quoted(value)}") from None
         if not math.isfinite(number) or (integer and not number.is_integer()):
             raise bad(f"{self._name(name)} must be {kind}; got {quoted(value)}")
-        if number not in also and (minimum is not None and number < minimum or
-                                   maximum is not None and number > maximum):
-            bounds = " and ".join(text for text in (minimum is not None and f"at least {minimum:g}",
-                                                    maximum is not None and f"at most {maximum:g}") if text)
+        if number not in also and (
+            minimum is not None and number < minimum or maximum is not None and number > maximum
+        ):
+            bounds = " and ".join(
+                text
+                for text in (
+                    minimum is not None and f"at least {minimum:g}",
+                    maximum is not None and f"at most {maximum:g}",
+                )
+                if text
+            )
             alternatives = "".join(f"{v:g} or " for v in also)
             raise bad(f"{self._name(name)} must be {alternatives}{bounds}; got {value}")
         return int(number) if integer else number
@@ -116,24 +134,32 @@ class Fields:
 class Field:
     """One field. `kind`: string, integer, number, boolean, names (a comma-separated
     string or a JSON list of names) or json (a JSON value; in a form, as a JSON string)."""
+
     name: str
     kind: str
     description: str = ""
     default: Any = None
     minimum: float | None = None
     maximum: float | None = None
-    also: tuple[float, ...] = ()         # values allowed outside [minimum, maximum] (0: automatic)
+    also: tuple[float, ...] = ()  # values allowed outside [minimum, maximum] (0: automatic)
     choices: tuple[str, ...] = ()
     aliases: tuple[tuple[str, str], ...] = ()
-    value_schema: dict | None = None     # json: the schema of the JSON value
+    value_schema: dict | None = None  # json: the schema of the JSON value
 
     def read(self, fields: Fields) -> Any:
         if self.kind == "string":
-            return fields.text(self.name, self.default if self.default is not None else "",
-                               self.choices or None, dict(self.aliases))
+            return fields.text(
+                self.name, self.default if self.default is not None else "", self.choices or None, dict(self.aliases)
+            )
         if self.kind in ("integer", "number"):
-            return fields.number(self.name, self.default, integer=self.kind == "integer", minimum=self.minimum,
-                                 maximum=self.maximum, also=self.also)
+            return fields.number(
+                self.name,
+                self.default,
+                integer=self.kind == "integer",
+                minimum=self.minimum,
+                maximum=self.maximum,
+                also=self.also,
+            )
         if self.kind == "boolean":
             return fields.boolean(self.name, bool(self.default))
         if self.kind == "names":
@@ -144,15 +170,21 @@ class Field:
         if self.kind == "json":  # in a form, the part is JSON text (image_body declares its encoding)
             return {**(self.value_schema or {}), "description": self.description}
         if self.kind == "boolean" and in_form:
-            return {"type": "string", "enum": [*TRUE, *FALSE], "default": str(bool(self.default)).lower(),
-                    "description": self.description}
+            return {
+                "type": "string",
+                "enum": [*TRUE, *FALSE],
+                "default": str(bool(self.default)).lower(),
+                "description": self.description,
+            }
         if self.kind == "names":  # each name as `value_schema` says
             name = {"type": "string", "minLength": 1, **(self.value_schema or {})}
             if in_form:  # one name (or several, comma-separated); an empty field means none
-                return {"type": "string", "description": f"{self.description} (comma-separated)"} \
-                    if not self.value_schema else {**name, "description": self.description}
-            return {"anyOf": [name, {"type": "array", "items": name, "minItems": 1}],
-                    "description": self.description}
+                return (
+                    {"type": "string", "description": f"{self.description} (comma-separated)"}
+                    if not self.value_schema
+                    else {**name, "description": self.description}
+                )
+            return {"anyOf": [name, {"type": "array", "items": name, "minItems": 1}], "description": self.description}
         schema: dict[str, Any] = {"type": _SCALARS[self.kind], **(self.value_schema or {})}
         if self.choices:
             schema["enum"] = list(self.choices) + [alias for alias, _ in self.aliases]

@@ -1,8 +1,9 @@
 """A container health check: exit 0 when healthy, 1 otherwise.
 
-    python -m services.common.healthcheck grpc 127.0.0.1:50051 [SERVICE]
-    python -m services.common.healthcheck http http://127.0.0.1:8080/healthz
+python -m services.common.healthcheck grpc 127.0.0.1:50051 [SERVICE]
+python -m services.common.healthcheck http http://127.0.0.1:8080/healthz
 """
+
 import sys
 import urllib.request
 
@@ -10,10 +11,10 @@ import urllib.request
 def check_grpc(address: str, service: str = "") -> bool:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
+
     with grpc.insecure_channel(address) as channel:
         try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
-                                                              timeout=3)
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=3)
         except grpc.RpcError:
             return False
     return reply.status == health_pb2.HealthCheckResponse.SERVING

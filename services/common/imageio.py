@@ -5,6 +5,7 @@ ICC profile, turns palette images into RGB(A) and CMYK into RGB, and checks the
 byte and pixel limits from the header before any pixel is decoded, so a
 decompression bomb costs a header parse. Pixels are (height, width, channels)
 uint8 or uint16 arrays with a mode of L, LA, RGB or RGBA."""
+
 from __future__ import annotations
 
 import io
@@ -56,8 +57,10 @@ def check_pixels(width: int, height: int, max_pixels: int, what: str = "image") 
     if width <= 0 or height <= 0:
         raise UndecodableImage(f"the {what} has no pixels ({width}x{height})")
     if width * height > max_pixels:
-        raise LimitExceeded(f"the {what} is {width}x{height} = {width * height} pixels; the limit is {max_pixels}",
-                            reason="image_too_large")
+        raise LimitExceeded(
+            f"the {what} is {width}x{height} = {width * height} pixels; the limit is {max_pixels}",
+            reason="image_too_large",
+        )
 
 
 def decoded_bytes(data: bytes, max_pixels: int) -> int:
@@ -70,8 +73,11 @@ def decoded_bytes(data: bytes, max_pixels: int) -> int:
     except Exception:
         return len(data)  # not an image: decode will say so
     check_pixels(img.width, img.height, max_pixels)
-    sample = 2 if img.mode.startswith("I;16") or img.mode in ("I", "F") or \
-        img.format == "PNG" and _png_bit_depth(data) == 16 else 1
+    sample = (
+        2
+        if img.mode.startswith("I;16") or img.mode in ("I", "F") or img.format == "PNG" and _png_bit_depth(data) == 16
+        else 1
+    )
     return img.width * img.height * 4 * sample
 
 
@@ -152,13 +158,16 @@ def decode(data: bytes, *, max_bytes: int, max_pixels: int) -> DecodedImage:
             img = Image.open(io.BytesIO(data))
     except ValueError as exc:
         if "Decompressed data too large" in str(exc):  # Pillow's own bound on a PNG's ICC or text chunk
-            raise LimitExceeded(f"the image's ICC profile or a text chunk is over {MAX_ICC_BYTES} bytes",
-                                reason="icc_profile_too_large") from None
-        raise UndecodableImage("the data is not an image in a supported format "
-                               "(PNG, JPEG, WebP, GIF, BMP or TIFF)") from None
+            raise LimitExceeded(
+                f"the image's ICC profile or a text chunk is over {MAX_ICC_BYTES} bytes", reason="icc_profile_too_large"
+            ) from None
+        raise UndecodableImage(
+            "the data is not an image in a supported format (PNG, JPEG, WebP, GIF, BMP or TIFF)"
+        ) from None
     except Exception:  # Pillow raises many types for non-images
-        raise UndecodableImage("the data is not an image in a supported format "
-                               "(PNG, JPEG, WebP, GIF, BMP or TIFF)") from None
+        raise UndecodableImage(
+            "the data is not an image in a supported format (PNG, JPEG, WebP, GIF, BMP or TIFF)"
+        ) from None
     fmt = FORMATS.get(img.format or "")
     if fmt is None:
         raise UnsupportedMediaType(f"{img.format} images are not supported; send PNG, JPEG, WebP, GIF, BMP or TIFF")
@@ -169,8 +178,10 @@ def decode(data: bytes, *, max_bytes: int, max_pixels: int) -> DecodedImage:
         orientation = 1
     icc = img.info.get("icc_profile") or b""
     if len(icc) > MAX_ICC_BYTES:
-        raise LimitExceeded(f"the image's ICC profile is {len(icc)} bytes; at most {MAX_ICC_BYTES} are accepted",
-                            reason="icc_profile_too_large")
+        raise LimitExceeded(
+            f"the image's ICC profile is {len(icc)} bytes; at most {MAX_ICC_BYTES} are accepted",
+            reason="icc_profile_too_large",
+        )
     try:
         if fmt == "png" and _png_bit_depth(data) == 16:
             pixels, mode = _decode_16bit_png(data)
@@ -245,8 +256,15 @@ class PngWriter:
     COLOR_TYPES = {"L": 0, "LA": 4, "RGB": 2, "RGBA": 6}
     UP_FILTER = 2
 
-    def __init__(self, width: int, height: int, mode: str, bit_depth: int, icc_profile: bytes = b"",
-                 level: int = DEFAULT_PNG_LEVEL):
+    def __init__(
+        self,
+        width: int,
+        height: int,
+        mode: str,
+        bit_depth: int,
+        icc_profile: bytes = b"",
+        level: int = DEFAULT_PNG_LEVEL,
+    ):
         self.width, self.height, self.mode, self.bit_depth = width, height, mode, bit_depth
         self.icc_profile = icc_profile
         self._compressor = deflate_compressor(level)
@@ -254,8 +272,13 @@ class PngWriter:
         self.rows_written = 0
 
     def start(self) -> bytes:
-        out = [b"\x89PNG\r\n\x1a\n", _png_chunk(b"IHDR", struct.pack(
-            ">IIBBBBB", self.width, self.height, self.bit_depth, self.COLOR_TYPES[self.mode], 0, 0, 0))]
+        out = [
+            b"\x89PNG\r\n\x1a\n",
+            _png_chunk(
+                b"IHDR",
+                struct.pack(">IIBBBBB", self.width, self.height, self.bit_depth, self.COLOR_TYPES[self.mode], 0, 0, 0),
+            ),
+        ]
         if self.icc_profile:
             out.append(_png_chunk(b"iCCP", b"ICC Profile\x00\x00" + zlib.compress(self.icc_profile)))
         return b"".join(out)
@@ -291,12 +314,20 @@ def encode_png(pixels: np.ndarray, mode: str, icc_profile: bytes = b"", level: i
     writer = PngWriter(pixels.shape[1], pixels.shape[0], mode, 8 * pixels.dtype.itemsize, icc_profile, level)
     parts = [writer.start()]
     for top in range(0, pixels.shape[0], ENCODE_BAND_ROWS):  # no whole-image copy for the filtered rows
-        parts.append(writer.rows(pixels[top:top + ENCODE_BAND_ROWS]))
+        parts.append(writer.rows(pixels[top : top + ENCODE_BAND_ROWS]))
     return b"".join(parts + [writer.finish()])
 
 
-def encode(pixels: np.ndarray, mode: str, fmt: str, *, icc_profile: bytes = b"", quality: int = 92,
-           background: tuple[int, int, int] = (255, 255, 255), png_level: int = DEFAULT_PNG_LEVEL) -> bytes:
+def encode(
+    pixels: np.ndarray,
+    mode: str,
+    fmt: str,
+    *,
+    icc_profile: bytes = b"",
+    quality: int = 92,
+    background: tuple[int, int, int] = (255, 255, 255),
+    png_level: int = DEFAULT_PNG_LEVEL,
+) -> bytes:
     if fmt not in OUTPUT_FORMATS:
         raise InvalidArgument(f"format must be one of {', '.join(OUTPUT_FORMATS)}", field="format")
     if fmt == "png":
@@ -307,10 +338,10 @@ def encode(pixels: np.ndarray, mode: str, fmt: str, *, icc_profile: bytes = b"",
     height, width = pixels.shape[:2]
     eight_bit = np.empty((height, width, len(out_mode)), np.uint8)
     for top in range(0, height, ENCODE_BAND_ROWS):
-        band = pixels[top:top + ENCODE_BAND_ROWS]
+        band = pixels[top : top + ENCODE_BAND_ROWS]
         if out_mode != mode:
             band, _ = composite(band, mode, background)
-        eight_bit[top:top + ENCODE_BAND_ROWS] = to_8bit(band)
+        eight_bit[top : top + ENCODE_BAND_ROWS] = to_8bit(band)
     mode = out_mode
     img = Image.fromarray(eight_bit[:, :, 0] if mode == "L" else eight_bit, mode)
     options: dict = {"icc_profile": icc_profile} if icc_profile else {}

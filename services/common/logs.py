@@ -1,4 +1,5 @@
 """JSON logs, one object a line, carrying the request id of the call in progress."""
+
 import contextvars
 import json
 import logging

@@ -3,6 +3,7 @@ service (which forwards the rest of the pipeline along the mesh) and
 assembles the tiles that come back; retries on another replica, spreads a
 large upscale over the upscaler's replicas in bands. The gateway and the
 client library (imagemesh_client.GrpcClient) both use it."""
+
 from __future__ import annotations
 
 import asyncio
@@ -56,9 +57,17 @@ def retryable(exc: HttpError) -> bool:
 
 
 async def backoff(attempt: int, what: str, exc: HttpError) -> None:
-    delay = 0.2 * 2 ** attempt
-    logs.log(logger, logging.WARNING, "retrying on another replica", what=what, attempt=attempt + 1,
-             reason=exc.reason, error=exc.message, delay_s=delay)
+    delay = 0.2 * 2**attempt
+    logs.log(
+        logger,
+        logging.WARNING,
+        "retrying on another replica",
+        what=what,
+        attempt=attempt + 1,
+        reason=exc.reason,
+        error=exc.message,
+        delay_s=delay,
+    )
     await asyncio.sleep(delay)
 
 
@@ -79,8 +88,9 @@ class ImageAssembler:
 
     def __init__(self, header: common_pb2.ImageHeader):
         self.info = wire.HeaderInfo(header, header.width * header.height)
-        self._cells = GridAssembler(self.info.width, self.info.height, self.info.channels, self.info.dtype,
-                                    self.info.width, self.info.height)
+        self._cells = GridAssembler(
+            self.info.width, self.info.height, self.info.channels, self.info.dtype, self.info.width, self.info.height
+        )
         self._pixels: np.ndarray | None = None
 
     def add_tile(self, tile: common_pb2.Tile) -> None:
@@ -104,22 +114,28 @@ class ImageAssembler:
 def image_messages(image: DecodedImage, steps: list[pipeline_pb2.Step]):
     """The start message of a stream carrying `image`, and its tiles (made as they are sent)."""
     pixels = image.pixels
-    header = wire.grid_header(image.width, image.height, image.mode, pixels.dtype, icc_profile=image.icc_profile,
-                              source_format=image.format)
+    header = wire.grid_header(
+        image.width, image.height, image.mode, pixels.dtype, icc_profile=image.icc_profile, source_format=image.format
+    )
     whole = Rect(0, 0, image.width, image.height)
-    tiles = (pipeline_pb2.StreamRequest(tile=wire.tile(rect, pixels[rect.relative_to(whole)]))
-             for rect in grid(image.width, image.height, header.tile_width, header.tile_height))
+    tiles = (
+        pipeline_pb2.StreamRequest(tile=wire.tile(rect, pixels[rect.relative_to(whole)]))
+        for rect in grid(image.width, image.height, header.tile_width, header.tile_height)
+    )
     return pipeline_pb2.StreamRequest(start=pipeline_pb2.StreamStart(image=header, steps=steps)), tiles
 
 
 class MeshClient:
-    def __init__(self, addresses: Mapping[str, str], timeout: float, *, upscale_fanout: int = 0,
-                 upscale_band_rows: int = 512):
+    def __init__(
+        self, addresses: Mapping[str, str], timeout: float, *, upscale_fanout: int = 0, upscale_band_rows: int = 512
+    ):
         """`addresses`: each service's by its name; `upscale_fanout`: how many bands of
         one upscale run at once, on as many replicas (0: one per listed replica)."""
         self.timeout = timeout
-        self.channels = {service.name: grpc.aio.insecure_channel(
-            channel_target(addresses[service.name]), options=CHANNEL_OPTIONS) for service in SERVICES}
+        self.channels = {
+            service.name: grpc.aio.insecure_channel(channel_target(addresses[service.name]), options=CHANNEL_OPTIONS)
+            for service in SERVICES
+        }
         self.fanout = upscale_fanout or replica_count(addresses["upscaler"])
         self.band_rows = upscale_band_rows
         self.upscaler = upscaler_pb2_grpc.UpscalerStub(self.channels["upscaler"])
@@ -135,7 +151,8 @@ class MeshClient:
         for service in SERVICES:
             try:
                 reply = await health_pb2_grpc.HealthStub(self.channels[service.name]).Check(
-                    health_pb2.HealthCheckRequest(service=service.grpc_service), timeout=2)
+                    health_pb2.HealthCheckRequest(service=service.grpc_service), timeout=2
+                )
                 statuses[service.name] = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
             except grpc.aio.AioRpcError as exc:
                 statuses[service.name] = exc.code().name
@@ -148,15 +165,20 @@ class MeshClient:
             raise from_rpc_error(exc, service) from None
 
     async def list_models(self) -> dict[str, common_pb2.ListModelsResponse]:
-        return {"upscaler": await self._unary("upscaler", self.upscaler.ListModels, common_pb2.ListModelsRequest()),
-                "bgremoval": await self._unary("bgremoval", self.bgremoval.ListModels, common_pb2.ListModelsRequest())}
+        return {
+            "upscaler": await self._unary("upscaler", self.upscaler.ListModels, common_pb2.ListModelsRequest()),
+            "bgremoval": await self._unary("bgremoval", self.bgremoval.ListModels, common_pb2.ListModelsRequest()),
+        }
 
     async def list_effects(self) -> effects_pb2.ListEffectsResponse:
         return await self._unary("effects", self.effects.ListEffects, effects_pb2.ListEffectsRequest())
 
     async def record_choice(self, request_id: str, model: str) -> bgremoval_pb2.RecordChoiceResponse:
-        return await self._unary("bgremoval", self.bgremoval.RecordChoice,
-                                 bgremoval_pb2.RecordChoiceRequest(request_id=request_id, model=model))
+        return await self._unary(
+            "bgremoval",
+            self.bgremoval.RecordChoice,
+            bgremoval_pb2.RecordChoiceRequest(request_id=request_id, model=model),
+        )
 
     async def stats(self) -> bgremoval_pb2.GetStatsResponse:
         return await self._unary("bgremoval", self.bgremoval.GetStats, bgremoval_pb2.GetStatsRequest())
@@ -193,8 +215,10 @@ class MeshClient:
         """A stream to the first step's service (its requests to be written by a Sender)."""
         service = BY_STEP[steps[0].WhichOneof("op")]
         method = self.channels[service.name].stream_stream(
-            service.method, request_serializer=pipeline_pb2.StreamRequest.SerializeToString,
-            response_deserializer=pipeline_pb2.StreamResponse.FromString)
+            service.method,
+            request_serializer=pipeline_pb2.StreamRequest.SerializeToString,
+            response_deserializer=pipeline_pb2.StreamResponse.FromString,
+        )
         return service.name, method(timeout=self.timeout, metadata=_metadata())
 
     async def validate(self, image: DecodedImage, steps: list[pipeline_pb2.Step]) -> pipeline_pb2.StreamResult:
@@ -245,9 +269,13 @@ class MeshClient:
         if not finished:
             raise HttpError(502, "upstream_incomplete", f"the {service} ended its stream before the image was complete")
 
-    async def process(self, image: DecodedImage, steps: list[pipeline_pb2.Step],
-                      progress: Callable[[int, int], Awaitable[None]] | None = None,
-                      reserve: Callable[[common_pb2.ImageHeader], None] | None = None) -> Processed:
+    async def process(
+        self,
+        image: DecodedImage,
+        steps: list[pipeline_pb2.Step],
+        progress: Callable[[int, int], Awaitable[None]] | None = None,
+        reserve: Callable[[common_pb2.ImageHeader], None] | None = None,
+    ) -> Processed:
         """The whole output image. A single call is retried whole when its replica
         fails, even midway (nothing has gone to the client yet); bands retry themselves.
         `progress(tiles_done, tiles_total)` follows the tiles as they arrive; `reserve(header)`
@@ -295,7 +323,7 @@ class MeshClient:
                     if not retryable(exc) or attempt == RETRIES:
                         raise
                     await backoff(attempt, f"band {index} (rows {top}-{bottom})", exc)
-            rows = result.pixels[scale * (top - above):scale * (bottom - above)]
+            rows = result.pixels[scale * (top - above) : scale * (bottom - above)]
             await done.put((Rect(0, scale * top, width * scale, scale * bottom), rows, result))
 
         async def guarded(index, top, bottom):
@@ -313,12 +341,20 @@ class MeshClient:
             if isinstance(item, BaseException):
                 raise item
             return item
+
         try:
             rect, rows, first = await next_band()  # the first band done sets the output's header
-            header = wire.grid_header(width * scale, height * scale, first.mode, first.pixels.dtype,
-                                      icc_profile=image.icc_profile, source_format=image.format)
-            assembler = GridAssembler(header.width, header.height, rows.shape[2], rows.dtype,
-                                      header.tile_width, header.tile_height)
+            header = wire.grid_header(
+                width * scale,
+                height * scale,
+                first.mode,
+                first.pixels.dtype,
+                icc_profile=image.icc_profile,
+                source_format=image.format,
+            )
+            assembler = GridAssembler(
+                header.width, header.height, rows.shape[2], rows.dtype, header.tile_width, header.tile_height
+            )
             yield pipeline_pb2.StreamResult(image=header, steps=first.reports)
             for band_number in range(len(bands)):
                 if band_number:
@@ -335,12 +371,17 @@ class MeshClient:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     @staticmethod
-    async def collect(result: pipeline_pb2.StreamResult, events, started: float,
-                      progress: Callable[[int, int], Awaitable[None]] | None = None) -> Processed:
+    async def collect(
+        result: pipeline_pb2.StreamResult,
+        events,
+        started: float,
+        progress: Callable[[int, int], Awaitable[None]] | None = None,
+    ) -> Processed:
         """Assemble the rest of an opened stream into the whole image."""
         assembler = ImageAssembler(result.image)
-        tiles_total = math.ceil(result.image.width / result.image.tile_width) * \
-            math.ceil(result.image.height / result.image.tile_height)
+        tiles_total = math.ceil(result.image.width / result.image.tile_width) * math.ceil(
+            result.image.height / result.image.tile_height
+        )
         tiles_done, first_tile_ms, summary = 0, 0.0, None
         async for item in events:
             if isinstance(item, tuple):
@@ -353,9 +394,13 @@ class MeshClient:
                 summary = item
         if summary is None:  # the streams raise before they end without one; said here for the reader
             raise HttpError(502, "upstream_incomplete", "the stream ended without its summary")
-        return Processed(assembler.pixels, assembler.info.mode, result.image.icc_profile, list(summary.steps),
-                         {"mesh": round((time.perf_counter() - started) * 1000, 1),
-                          "first_tile": round(first_tile_ms, 1)})
+        return Processed(
+            assembler.pixels,
+            assembler.info.mode,
+            result.image.icc_profile,
+            list(summary.steps),
+            {"mesh": round((time.perf_counter() - started) * 1000, 1), "first_tile": round(first_tile_ms, 1)},
+        )
 
     async def candidates(self, image: DecodedImage, options: pipeline_pb2.RemoveBackgroundOptions):
         """Several background-removal models on one upload; returns (request_id, [Processed]), one a model."""
@@ -385,5 +430,6 @@ class MeshClient:
             await sender.close()
         if not request_id or len(done) != len(options.models) or not all(a.complete for a in assemblers.values()):
             raise HttpError(502, "upstream_incomplete", "the bgremoval service ended its stream early")
-        return request_id, [Processed(a.pixels, a.info.mode, a.info.msg.icc_profile, [done[i]])
-                            for i, a in sorted(assemblers.items())]
+        return request_id, [
+            Processed(a.pixels, a.info.mode, a.info.msg.icc_profile, [done[i]]) for i, a in sorted(assemblers.items())
+        ]

@@ -1,6 +1,7 @@
 """The one way an onnxruntime session is made: the thread count given, and idle
 threads that sleep instead of spinning (spinning ones would take the cores from the
 image work around each run)."""
+
 from __future__ import annotations
 
 from pathlib import Path

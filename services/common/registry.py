@@ -1,4 +1,5 @@
 """What every model registry shares: `auto` and name resolution."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -11,6 +12,7 @@ AUTO = "auto"
 class Registry:
     """Subclasses fill `models` (name -> object with `ready` and `reason`), and
     set `auto_order` (best first) and `fallback` (always ready)."""
+
     auto_order: tuple[str, ...] = ()
     fallback: str = ""
 

@@ -1,5 +1,6 @@
 """What the container really has: CPUs from the cgroup quota and affinity, not
 the host's count; memory from the cgroup limit and MemAvailable."""
+
 import os
 
 
@@ -17,7 +18,10 @@ def available_cpus() -> int:
     if len(quota) == 2 and quota[0] != "max":
         count = min(count, max(1, int(quota[0]) // int(quota[1])))
     else:
-        v1_quota, v1_period = _read("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"), _read("/sys/fs/cgroup/cpu/cpu.cfs_period_us")
+        v1_quota, v1_period = (
+            _read("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"),
+            _read("/sys/fs/cgroup/cpu/cpu.cfs_period_us"),
+        )
         if v1_quota.lstrip("-").isdigit() and int(v1_quota) > 0 and v1_period.isdigit():
             count = min(count, max(1, int(v1_quota) // int(v1_period)))
     return max(1, count)

@@ -3,6 +3,7 @@
 concurrency limit that answers RESOURCE_EXHAUSTED instead of queueing without
 bound, request ids from gRPC metadata, errors mapped to status codes, and a
 graceful drain on SIGTERM."""
+
 from __future__ import annotations
 
 import asyncio
@@ -53,6 +54,8 @@ def channel_target(address: str) -> str:
 
 def replica_count(address: str) -> int:
     return max(1, len([part for part in address.split(",") if part.strip()]))
+
+
 logger = logging.getLogger("imagemesh.server")
 
 
@@ -174,8 +177,9 @@ ServiceConfigT = TypeVar("ServiceConfigT", bound=ServiceConfig)
 
 
 class ServiceRuntime(Generic[ServiceConfigT]):
-    def __init__(self, service: str, descriptor: ServiceDescriptor, config: ServiceConfigT, port: int,
-                 metrics_port: int):
+    def __init__(
+        self, service: str, descriptor: ServiceDescriptor, config: ServiceConfigT, port: int, metrics_port: int
+    ):
         """`descriptor` is the service's own, from its generated `_pb2` module: taking it
         (not a name) registers that .proto file for reflection, which resolves a service
         only from files in the default descriptor pool."""
@@ -200,8 +204,15 @@ class ServiceRuntime(Generic[ServiceConfigT]):
         except ServiceError as exc:
             code = exc.code
             context.set_trailing_metadata(error_trailer(exc))
-            logs.log(logger, logging.INFO, "request refused", method=method, code=code.name, reason=exc.reason,
-                     error=exc.message)
+            logs.log(
+                logger,
+                logging.INFO,
+                "request refused",
+                method=method,
+                code=code.name,
+                reason=exc.reason,
+                error=exc.message,
+            )
             await context.abort(code, exc.message)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             code = grpc.StatusCode.CANCELLED
@@ -225,8 +236,10 @@ class ServiceRuntime(Generic[ServiceConfigT]):
         add_servicer(self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            (self.grpc_service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server,
-            pool=MethodAwarePool(descriptor_pool.Default()))
+            (self.grpc_service_name, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            self.server,
+            pool=MethodAwarePool(descriptor_pool.Default()),
+        )
         await self.set_serving(False)
         await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         bound = self.server.add_insecure_port(f"{self.config.bind_host}:{self.port}")
@@ -254,26 +267,32 @@ RpcMethod = TypeVar("RpcMethod", bound=Callable[..., Any])
 def rpc() -> Callable[[RpcMethod], RpcMethod]:
     """Wrap a servicer method (unary or response-streaming) with request ids,
     metrics and error mapping. The servicer must have a `runtime` attribute."""
+
     def decorate(fn: RpcMethod) -> RpcMethod:
         method = fn.__name__
         if inspect.isasyncgenfunction(fn):
+
             @functools.wraps(fn)
             async def stream_wrapper(self, request, context):
                 async with self.runtime.call(method, context):
                     async for item in fn(self, request, context):
                         yield item
+
             return cast(RpcMethod, stream_wrapper)
 
         @functools.wraps(fn)
         async def unary_wrapper(self, request, context):
             async with self.runtime.call(method, context):
                 return await fn(self, request, context)
+
         return cast(RpcMethod, unary_wrapper)
+
     return decorate
 
 
-async def serve(runtime: ServiceRuntime, add_servicer: Callable[[grpc.aio.Server], None],
-                load: Callable[[], Awaitable[Any]]) -> None:
+async def serve(
+    runtime: ServiceRuntime, add_servicer: Callable[[grpc.aio.Server], None], load: Callable[[], Awaitable[Any]]
+) -> None:
     """Start, load models (NOT_SERVING meanwhile), serve until SIGTERM/SIGINT, drain."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

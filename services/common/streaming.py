@@ -6,6 +6,7 @@ to the next step's service while its answer is relayed back to the caller.
 Memory stays bounded by tiles in flight: the input buffer keeps only what
 pending regions need, the output assembler only partly filled cells, and
 every queue between tasks is bounded."""
+
 from __future__ import annotations
 
 import asyncio
@@ -112,6 +113,7 @@ class TileOp(Protocol):
 
     @property
     def whole_image(self) -> bool: ...  # True: prepare() sees the whole input before any render()
+
     # Optional attribute preferred_cell: the output grid's edge in pixels, at most.
 
     def context_rect(self, job: Rect) -> Rect: ...
@@ -137,8 +139,9 @@ class RelayedError(ServiceError):
     def __init__(self, exc: grpc.aio.AioRpcError, method: str):
         detail = error_detail(exc)
         self.code = exc.code()
-        super().__init__(exc.details() or self.code.name, reason=detail.reason or self.code.name.lower(),
-                         field=detail.field)
+        super().__init__(
+            exc.details() or self.code.name, reason=detail.reason or self.code.name.lower(), field=detail.field
+        )
         if self.code == grpc.StatusCode.UNAVAILABLE:
             self.message = f"{method.split('/')[1]} is unavailable: {self.message}"
 
@@ -152,8 +155,15 @@ def step_kind(step: pipeline_pb2.Step) -> str:
 
 def output_header(op: TileOp, info: wire.HeaderInfo) -> common_pb2.ImageHeader:
     # Cells no bigger than one job's output, so a finished job's tiles leave at once.
-    return wire.grid_header(op.out_width, op.out_height, op.out_mode, op.out_dtype, icc_profile=info.msg.icc_profile,
-                            source_format=info.msg.source_format, max_cell=getattr(op, "preferred_cell", 1 << 30))
+    return wire.grid_header(
+        op.out_width,
+        op.out_height,
+        op.out_mode,
+        op.out_dtype,
+        icc_profile=info.msg.icc_profile,
+        source_format=info.msg.source_format,
+        max_cell=getattr(op, "preferred_cell", 1 << 30),
+    )
 
 
 async def input_tiles(requests: AsyncIterator, info: wire.HeaderInfo) -> AsyncIterator[tuple[Rect, np.ndarray]]:
@@ -178,16 +188,27 @@ async def receive_whole(requests: AsyncIterator, info: wire.HeaderInfo) -> np.nd
     return buffer.read(Rect(0, 0, info.width, info.height))
 
 
-async def render_stream(plan: StepPlan, info: wire.HeaderInfo, requests: AsyncIterator, admission: Admission,
-                        emit: Callable[[common_pb2.Tile], Awaitable[None]]) -> None:
+async def render_stream(
+    plan: StepPlan,
+    info: wire.HeaderInfo,
+    requests: AsyncIterator,
+    admission: Admission,
+    emit: Callable[[common_pb2.Tile], Awaitable[None]],
+) -> None:
     """Consume input tiles, render the op, emit output tiles on the output grid;
     fills the plan's report with tile count and timings."""
     op, report = plan.op, plan.report
     started = time.perf_counter()
     out_header = output_header(op, info)
     buffer = TileBuffer(info.width, info.height, info.channels, info.dtype, info.msg.tile_width, info.msg.tile_height)
-    assembler = GridAssembler(op.out_width, op.out_height, wire.MODE_CHANNELS[op.out_mode], op.out_dtype,
-                              out_header.tile_width, out_header.tile_height)
+    assembler = GridAssembler(
+        op.out_width,
+        op.out_height,
+        wire.MODE_CHANNELS[op.out_mode],
+        op.out_dtype,
+        out_header.tile_width,
+        out_header.tile_height,
+    )
     compute = 0.0
 
     async def run(fn, *args):
@@ -261,10 +282,14 @@ class Downstreams:
         address = self.addresses[BY_STEP[kind].name]
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(channel_target(address),
-                                                                           options=CHANNEL_OPTIONS)
-        method = channel.stream_stream(BY_STEP[kind].method, request_serializer=pipeline_pb2.StreamRequest.SerializeToString,
-                                       response_deserializer=pipeline_pb2.StreamResponse.FromString)
+            channel = self._channels[address] = grpc.aio.insecure_channel(
+                channel_target(address), options=CHANNEL_OPTIONS
+            )
+        method = channel.stream_stream(
+            BY_STEP[kind].method,
+            request_serializer=pipeline_pb2.StreamRequest.SerializeToString,
+            response_deserializer=pipeline_pb2.StreamResponse.FromString,
+        )
         metadata = ((logs.REQUEST_ID_HEADER, logs.request_id_var.get()), (HOP_HEADER, "1"))
         return method(timeout=timeout, metadata=metadata)
 
@@ -274,8 +299,10 @@ def check_output_size(width: int, height: int, limit: int, step: str = "") -> No
     this before it builds anything for it (a plan's jobs grow with the output)."""
     if width * height > limit:
         where = f" after {step}" if step else ""
-        raise LimitExceeded(f"the output{where} would be {width}x{height} = {width * height} pixels; "
-                            f"the limit is {limit}", reason="output_too_large")
+        raise LimitExceeded(
+            f"the output{where} would be {width}x{height} = {width * height} pixels; the limit is {limit}",
+            reason="output_too_large",
+        )
 
 
 async def read_start(requests: AsyncIterator, timeout: float) -> pipeline_pb2.StreamStart:
@@ -297,25 +324,35 @@ async def within_idle_timeout(requests: AsyncIterator, seconds: float) -> AsyncI
         try:
             message = await asyncio.wait_for(anext(requests, None), seconds)
         except asyncio.TimeoutError:
-            raise StreamTimeout(f"nothing arrived for {seconds:g} s; the stream is ended "
-                                "(a sender still computing sends heartbeats)", field="tile") from None
+            raise StreamTimeout(
+                f"nothing arrived for {seconds:g} s; the stream is ended (a sender still computing sends heartbeats)",
+                field="tile",
+            ) from None
         if message is None:
             return
         if message.WhichOneof("part") != "heartbeat":
             yield message
 
 
-async def open_stream(request_iterator: AsyncIterable[pipeline_pb2.StreamRequest], config: ServiceConfig
-                      ) -> tuple[pipeline_pb2.StreamStart, AsyncIterator[pipeline_pb2.StreamRequest]]:
+async def open_stream(
+    request_iterator: AsyncIterable[pipeline_pb2.StreamRequest], config: ServiceConfig
+) -> tuple[pipeline_pb2.StreamStart, AsyncIterator[pipeline_pb2.StreamRequest]]:
     """A stream's start message, and its further messages, each within the configured timeouts."""
     requests = aiter(request_iterator)
     start = await read_start(requests, config.stream_start_timeout_seconds)
     return start, within_idle_timeout(requests, config.stream_idle_timeout_seconds)
 
 
-async def serve_stream(request_iterator: AsyncIterable[pipeline_pb2.StreamRequest],
-                       context: grpc.aio.ServicerContext, *, method: str, config: ServiceConfig, limiter: StreamLimiter, downstreams: "Downstreams",
-                       plan_step: Callable[[pipeline_pb2.StreamStart, wire.HeaderInfo], StepPlan]):
+async def serve_stream(
+    request_iterator: AsyncIterable[pipeline_pb2.StreamRequest],
+    context: grpc.aio.ServicerContext,
+    *,
+    method: str,
+    config: ServiceConfig,
+    limiter: StreamLimiter,
+    downstreams: "Downstreams",
+    plan_step: Callable[[pipeline_pb2.StreamStart, wire.HeaderInfo], StepPlan],
+):
     """The body of a service's streaming RPC (an async generator of StreamResponse):
     the start is read and checked, and the step planned, before the stream is admitted."""
     started = time.perf_counter()
@@ -331,20 +368,26 @@ async def serve_stream(request_iterator: AsyncIterable[pipeline_pb2.StreamReques
     op = plan.op
     check_output_size(op.out_width, op.out_height, config.max_output_pixels)
     wire.HeaderInfo(output_header(op, info), config.max_output_pixels)  # its grid within the contract too
-    rest = list(start.steps[plan.steps_used:])
+    rest = list(start.steps[plan.steps_used :])
     out: asyncio.Queue = asyncio.Queue(QUEUE_MESSAGES)
 
     async def emit_local(tile: common_pb2.Tile) -> None:
         await out.put(pipeline_pb2.StreamResponse(tile=tile))
 
     async def local() -> None:
-        await out.put(pipeline_pb2.StreamResponse(result=pipeline_pb2.StreamResult(
-            image=output_header(op, info), steps=[plan.report])))
+        await out.put(
+            pipeline_pb2.StreamResponse(
+                result=pipeline_pb2.StreamResult(image=output_header(op, info), steps=[plan.report])
+            )
+        )
         if admission is None:  # a check only (validate_only): nothing is rendered
             return
         await render_stream(plan, info, requests, admission, emit_local)
-        await out.put(pipeline_pb2.StreamResponse(summary=pipeline_pb2.StreamSummary(
-            steps=[plan.report], total_ms=(time.perf_counter() - started) * 1000)))
+        await out.put(
+            pipeline_pb2.StreamResponse(
+                summary=pipeline_pb2.StreamSummary(steps=[plan.report], total_ms=(time.perf_counter() - started) * 1000)
+            )
+        )
 
     async def forwarded() -> None:
         kind = step_kind(rest[0])
@@ -354,8 +397,15 @@ async def serve_stream(request_iterator: AsyncIterable[pipeline_pb2.StreamReques
             await to_next.put(pipeline_pb2.StreamRequest(tile=tile))
 
         call = downstreams.call(kind, context.time_remaining())
-        sender = Sender(call, pipeline_pb2.StreamRequest(start=pipeline_pb2.StreamStart(
-            image=output_header(op, info), steps=rest, validate_only=start.validate_only)), until_end(to_next))
+        sender = Sender(
+            call,
+            pipeline_pb2.StreamRequest(
+                start=pipeline_pb2.StreamStart(
+                    image=output_header(op, info), steps=rest, validate_only=start.validate_only
+                )
+            ),
+            until_end(to_next),
+        )
 
         async def feed() -> None:
             if admission is not None:  # else a check only (validate_only): nothing is rendered

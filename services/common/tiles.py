@@ -2,6 +2,7 @@
 the regions an operation needs, holding only the tiles still needed.
 
 Pure numpy: no gRPC here (see wire.py for the protobuf side)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ MAX_TILE_BYTES = 1 << 20
 @dataclass(frozen=True)
 class Rect:
     """Half-open pixel rectangle [x0, x1) x [y0, y1)."""
+
     x0: int
     y0: int
     x1: int
@@ -34,8 +36,12 @@ class Rect:
 
     def expand(self, margin: int, width: int, height: int) -> "Rect":
         """Grow by `margin` on every side, clipped to a width x height image."""
-        return Rect(max(0, self.x0 - margin), max(0, self.y0 - margin),
-                    min(width, self.x1 + margin), min(height, self.y1 + margin))
+        return Rect(
+            max(0, self.x0 - margin),
+            max(0, self.y0 - margin),
+            min(width, self.x1 + margin),
+            min(height, self.y1 + margin),
+        )
 
     def intersects(self, other: "Rect") -> bool:
         return self.x0 < other.x1 and other.x0 < self.x1 and self.y0 < other.y1 and other.y0 < self.y1
@@ -64,8 +70,11 @@ def cells_touched(rect: Rect, cell_width: int, cell_height: int) -> Iterator[tup
 
 def grid(width: int, height: int, tile_width: int, tile_height: int) -> list[Rect]:
     """Cells of a tile grid over an image, in raster order."""
-    return [grid_cell(column, row, tile_width, tile_height, width, height)
-            for row in range(-(-height // tile_height)) for column in range(-(-width // tile_width))]
+    return [
+        grid_cell(column, row, tile_width, tile_height, width, height)
+        for row in range(-(-height // tile_height))
+        for column in range(-(-width // tile_width))
+    ]
 
 
 def split_for_messages(rect: Rect, bytes_per_pixel: int, max_bytes: int = MAX_TILE_BYTES) -> list[Rect]:
@@ -74,8 +83,11 @@ def split_for_messages(rect: Rect, bytes_per_pixel: int, max_bytes: int = MAX_TI
     max_pixels = max(1, max_bytes // bytes_per_pixel)
     block_width = min(rect.width, max_pixels)
     rows = max(1, max_pixels // block_width)
-    return [Rect(x, y, min(x + block_width, rect.x1), min(y + rows, rect.y1))
-            for y in range(rect.y0, rect.y1, rows) for x in range(rect.x0, rect.x1, block_width)]
+    return [
+        Rect(x, y, min(x + block_width, rect.x1), min(y + rows, rect.y1))
+        for y in range(rect.y0, rect.y1, rows)
+        for x in range(rect.x0, rect.x1, block_width)
+    ]
 
 
 def wire_tile_size(width: int, bytes_per_pixel: int, preferred: int = 256) -> int:
@@ -94,11 +106,11 @@ class TileBuffer:
     (`release`), so memory follows the tiles in flight, not the image: with
     tiles sent in raster order it holds about two rows of cells."""
 
-    def __init__(self, width: int, height: int, channels: int, dtype: np.dtype,
-                 tile_width: int, tile_height: int):
+    def __init__(self, width: int, height: int, channels: int, dtype: np.dtype, tile_width: int, tile_height: int):
         if tile_width <= 0 or tile_height <= 0:
-            raise InvalidArgument("the image header must declare its tile grid (tile_width, tile_height)",
-                                  field="image.tile_width")
+            raise InvalidArgument(
+                "the image header must declare its tile grid (tile_width, tile_height)", field="image.tile_width"
+            )
         self.width, self.height, self.channels = width, height, channels
         self.dtype = np.dtype(dtype)
         self.tile_width, self.tile_height = tile_width, tile_height
@@ -125,16 +137,22 @@ class TileBuffer:
     def add(self, rect: Rect, pixels: np.ndarray) -> None:
         """Store one cell; `pixels` is its (height, width, channels) array."""
         if rect.x0 % self.tile_width or rect.y0 % self.tile_height:
-            raise InvalidArgument(f"tile at ({rect.x0}, {rect.y0}) is not on the declared "
-                                  f"{self.tile_width}x{self.tile_height} grid", field="tile")
+            raise InvalidArgument(
+                f"tile at ({rect.x0}, {rect.y0}) is not on the declared {self.tile_width}x{self.tile_height} grid",
+                field="tile",
+            )
         key = (rect.x0 // self.tile_width, rect.y0 // self.tile_height)
         if key[0] >= self.columns or key[1] >= self.rows:
-            raise InvalidArgument(f"tile at ({rect.x0}, {rect.y0}) lies outside the "
-                                  f"{self.width}x{self.height} image", field="tile")
+            raise InvalidArgument(
+                f"tile at ({rect.x0}, {rect.y0}) lies outside the {self.width}x{self.height} image", field="tile"
+            )
         if rect != self.cell_rect(*key):
             expected = self.cell_rect(*key)
-            raise InvalidArgument(f"tile at ({rect.x0}, {rect.y0}) must be {expected.width}x{expected.height}, "
-                                  f"got {rect.width}x{rect.height}", field="tile")
+            raise InvalidArgument(
+                f"tile at ({rect.x0}, {rect.y0}) must be {expected.width}x{expected.height}, "
+                f"got {rect.width}x{rect.height}",
+                field="tile",
+            )
         if key in self._received:
             raise InvalidArgument(f"tile at ({rect.x0}, {rect.y0}) was sent twice", field="tile")
         self._received.add(key)
@@ -193,7 +211,9 @@ class GridAssembler:
                 done.append((cell, pixels[cell.relative_to(rect)]))
                 continue
             array, filled = self._partial.get((column, row)) or (
-                np.empty((cell.height, cell.width, self.channels), self.dtype), 0)
+                np.empty((cell.height, cell.width, self.channels), self.dtype),
+                0,
+            )
             array[part.relative_to(cell)] = pixels[part.relative_to(rect)]
             filled += part.width * part.height
             if filled == cell.width * cell.height:
@@ -223,12 +243,16 @@ class BandAssembler:
             band = self._rect(index)
             part = band.intersection(rect)
             array, filled = self._bands.get(index) or (
-                np.empty((band.height, band.width, self.channels), self.dtype), 0)
+                np.empty((band.height, band.width, self.channels), self.dtype),
+                0,
+            )
             array[part.relative_to(band)] = pixels[part.relative_to(rect)]
             self._bands[index] = (array, filled + part.width * part.height)
         done = []
-        while self._next in self._bands and self._bands[self._next][1] == self._rect(self._next).width * \
-                self._rect(self._next).height:
+        while (
+            self._next in self._bands
+            and self._bands[self._next][1] == self._rect(self._next).width * self._rect(self._next).height
+        ):
             done.append(self._bands.pop(self._next)[0])
             self._next += 1
         return done

@@ -1,4 +1,5 @@
 """python -m services.effects: the effects gRPC service."""
+
 import asyncio
 
 from imagemesh.v1 import effects_pb2, effects_pb2_grpc
@@ -14,8 +15,13 @@ from .server import EffectsServicer
 async def main() -> None:
     config = load_or_exit(EffectsConfig)
     logs.setup("effects", config.log_level)
-    runtime = ServiceRuntime("effects", effects_pb2.DESCRIPTOR.services_by_name["Effects"], config,
-                             config.effects_port, config.effects_metrics_port)
+    runtime = ServiceRuntime(
+        "effects",
+        effects_pb2.DESCRIPTOR.services_by_name["Effects"],
+        config,
+        config.effects_port,
+        config.effects_metrics_port,
+    )
     servicer = EffectsServicer(runtime)
 
     async def ready() -> None:  # no models to load

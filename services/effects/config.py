@@ -1,4 +1,5 @@
 """The effects service's settings."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -5,6 +5,7 @@ Tileable effects give tiled output equal to untiled output bit for bit: convolut
 here are sums of shifted slices in a fixed order (their result for a pixel
 does not depend on the array around it), image borders are mirrored, and
 noise is a hash of the pixel's position, not a random stream."""
+
 from __future__ import annotations
 
 import math
@@ -25,13 +26,15 @@ TRI_X = np.array([0.25, 0.62, 0.13], np.float32)
 @dataclass(frozen=True)
 class Origin:
     """Where an array sits in the image, for position-dependent effects."""
+
     x: int
     y: int
-    width: int   # of the whole image
+    width: int  # of the whole image
     height: int
 
 
 # --- building blocks ------------------------------------------------------
+
 
 def gaussian_kernel(sigma: float) -> np.ndarray:
     radius = max(1, math.ceil(3 * sigma))
@@ -52,11 +55,11 @@ def convolve_separable(planes: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     padded = np.pad(planes, ((radius, radius), (0, 0), (0, 0)), mode="symmetric")
     rows = np.zeros_like(planes)
     for i, weight in enumerate(kernel):
-        rows += weight * padded[i:i + height]
+        rows += weight * padded[i : i + height]
     padded = np.pad(rows, ((0, 0), (radius, radius), (0, 0)), mode="symmetric")
     out = np.zeros_like(planes)
     for i, weight in enumerate(kernel):
-        out += weight * padded[:, i:i + width]
+        out += weight * padded[:, i : i + width]
     return out
 
 
@@ -89,7 +92,7 @@ def grey3(value: np.ndarray) -> np.ndarray:
 
 
 def hex_palette(*colours: str) -> np.ndarray:
-    return np.array([[int(c[i:i + 2], 16) for i in (1, 3, 5)] for c in colours], np.float32) / 255.0
+    return np.array([[int(c[i : i + 2], 16) for i in (1, 3, 5)] for c in colours], np.float32) / 255.0
 
 
 def nearest_colour(rgb: np.ndarray, palette: np.ndarray) -> np.ndarray:
@@ -98,6 +101,7 @@ def nearest_colour(rgb: np.ndarray, palette: np.ndarray) -> np.ndarray:
 
 
 # --- effects (declared in registry.py) --------------------------------------------------------------
+
 
 def blackwhite(x, origin, p, o):
     lum = luminance(x, TRI_X) ** (1.0 / p["gamma_correction"])
@@ -182,11 +186,43 @@ def pixelate(x, origin, p, o):
 
 
 PIXEL_PALETTES = {
-    "pico8": hex_palette("#000000", "#1d2b53", "#7e2553", "#008751", "#ab5236", "#5f574f", "#c2c3c7", "#fff1e8",
-                         "#ff004d", "#ffa300", "#ffec27", "#00e436", "#29adff", "#83769c", "#ff77a8", "#ffccaa"),
+    "pico8": hex_palette(
+        "#000000",
+        "#1d2b53",
+        "#7e2553",
+        "#008751",
+        "#ab5236",
+        "#5f574f",
+        "#c2c3c7",
+        "#fff1e8",
+        "#ff004d",
+        "#ffa300",
+        "#ffec27",
+        "#00e436",
+        "#29adff",
+        "#83769c",
+        "#ff77a8",
+        "#ffccaa",
+    ),
     "gameboy": hex_palette("#0f380f", "#306230", "#8bac0f", "#9bbc0f"),
-    "c64": hex_palette("#000000", "#ffffff", "#880000", "#aaffee", "#cc44cc", "#00cc55", "#0000aa", "#eeee77",
-                       "#dd8855", "#664400", "#ff7777", "#333333", "#777777", "#aaff66", "#0088ff", "#bbbbbb"),
+    "c64": hex_palette(
+        "#000000",
+        "#ffffff",
+        "#880000",
+        "#aaffee",
+        "#cc44cc",
+        "#00cc55",
+        "#0000aa",
+        "#eeee77",
+        "#dd8855",
+        "#664400",
+        "#ff7777",
+        "#333333",
+        "#777777",
+        "#aaff66",
+        "#0088ff",
+        "#bbbbbb",
+    ),
     "cga": hex_palette("#000000", "#55ffff", "#ff55ff", "#ffffff"),
 }
 
@@ -228,18 +264,20 @@ def dither(x, origin, p, o):
         colours = np.array([(r, g, b) for r in steps for g in steps for b in steps], np.uint8)
         source = small
     else:
-        colours = np.repeat(np.rint(np.linspace(0, 255, 2 if palette_mode == "bw" else levels))
-                            .astype(np.uint8)[:, None], 3, axis=1)
+        colours = np.repeat(
+            np.rint(np.linspace(0, 255, 2 if palette_mode == "bw" else levels)).astype(np.uint8)[:, None], 3, axis=1
+        )
         source = small.convert("L").convert("RGB")
     palette_image = Image.new("P", (1, 1))
     padded = np.zeros((256, 3), np.uint8)
-    padded[:len(colours)] = colours
-    padded[len(colours):] = colours[-1]
+    padded[: len(colours)] = colours
+    padded[len(colours) :] = colours[-1]
     palette_image.putpalette(padded.flatten().tolist())
     dithered = source.quantize(palette=palette_image, dither=Image.Dither.FLOYDSTEINBERG).convert("RGB")
     if spacing > 1:
         dithered = dithered.resize((spacing * small.width, spacing * small.height), Image.Resampling.NEAREST).crop(
-            (0, 0, image.width, image.height))
+            (0, 0, image.width, image.height)
+        )
         if dithered.size != image.size:  # reduce() rounds up; the last partial block repeats
             dithered = dithered.resize(image.size, Image.Resampling.NEAREST)
     return np.asarray(dithered, np.float32) / 255.0

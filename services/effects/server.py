@@ -1,4 +1,5 @@
 """The effects service's gRPC face."""
+
 from __future__ import annotations
 
 from typing import AsyncIterable, AsyncIterator
@@ -27,8 +28,11 @@ class EffectsOp:
         self.out_width, self.out_height = chain.width * chain.scale, chain.height * chain.scale
         self.out_mode, self.out_dtype = chain.out_mode, chain.out_dtype
         # Whole-image chains render output cells from a finished result; tileable ones render input tiles.
-        self.jobs = grid(self.out_width, self.out_height, tile, tile) if self.whole_image else \
-            grid(chain.width, chain.height, tile, tile)
+        self.jobs = (
+            grid(self.out_width, self.out_height, tile, tile)
+            if self.whole_image
+            else grid(chain.width, chain.height, tile, tile)
+        )
         self.preferred_cell = tile
         self._result: np.ndarray | None = None
 
@@ -45,7 +49,7 @@ class EffectsOp:
         if self.whole_image:
             if self._result is None:
                 raise RuntimeError("render() before prepare() on a whole-image effect")
-            return self._result[job.y0:job.y1, job.x0:job.x1]
+            return self._result[job.y0 : job.y1, job.x0 : job.x1]
         around = self.context_rect(job)
         out = self.chain.apply(context, engine.Origin(around.x0, around.y0, self.chain.width, self.chain.height))
         return out[job.relative_to(around)]
@@ -54,11 +58,25 @@ class EffectsOp:
 def effect_info(effect: registry.Effect) -> effects_pb2.EffectInfo:
     defaults = {p.name: p.default for p in effect.params}, {c.name: c.default for c in effect.choices}
     return effects_pb2.EffectInfo(
-        name=effect.name, description=effect.description, whole_image=effect.whole_image(*defaults),
-        params=[effects_pb2.EffectParameter(name=p.name, default=p.default, minimum=p.minimum, maximum=p.maximum,
-                                            description=p.description, integer=p.integer) for p in effect.params],
-        options=[effects_pb2.EffectChoice(name=c.name, default=c.default, values=list(c.values),
-                                          description=c.description) for c in effect.choices])
+        name=effect.name,
+        description=effect.description,
+        whole_image=effect.whole_image(*defaults),
+        params=[
+            effects_pb2.EffectParameter(
+                name=p.name,
+                default=p.default,
+                minimum=p.minimum,
+                maximum=p.maximum,
+                description=p.description,
+                integer=p.integer,
+            )
+            for p in effect.params
+        ],
+        options=[
+            effects_pb2.EffectChoice(name=c.name, default=c.default, values=list(c.values), description=c.description)
+            for c in effect.choices
+        ],
+    )
 
 
 class EffectsServicer(effects_pb2_grpc.EffectsServicer):
@@ -67,8 +85,9 @@ class EffectsServicer(effects_pb2_grpc.EffectsServicer):
         self.downstreams = Downstreams(runtime.config.addresses)
 
     @rpc()
-    async def ListEffects(self, request: effects_pb2.ListEffectsRequest, context: grpc.aio.ServicerContext
-                          ) -> effects_pb2.ListEffectsResponse:
+    async def ListEffects(
+        self, request: effects_pb2.ListEffectsRequest, context: grpc.aio.ServicerContext
+    ) -> effects_pb2.ListEffectsResponse:
         return effects_pb2.ListEffectsResponse(effects=[effect_info(e) for e in registry.EFFECTS.values()])
 
     def plan_step(self, start: pipeline_pb2.StreamStart, info: HeaderInfo) -> StepPlan:
@@ -80,31 +99,54 @@ class EffectsServicer(effects_pb2_grpc.EffectsServicer):
             effect = registry.get(step.effect.effect)
             params, options = effect.resolve(dict(step.effect.params), dict(step.effect.options))
             scale *= effect.scale(params, options)  # each step's size, before anything is built for it
-            check_output_size(info.width * scale, info.height * scale, self.runtime.config.max_output_pixels,
-                              f"step {index + 1} ({effect.name})")
+            check_output_size(
+                info.width * scale,
+                info.height * scale,
+                self.runtime.config.max_output_pixels,
+                f"step {index + 1} ({effect.name})",
+            )
             chain_steps.append(engine.ChainStep(effect, params, options))
         if not chain_steps:
             raise InvalidArgument("the first step sent to the effects service must be an effect step", field="steps")
         chain = engine.Chain(chain_steps, info.width, info.height, info.mode, info.dtype)
         name = "+".join(s.effect.name for s in chain_steps)
         report = pipeline_pb2.StepReport(
-            op="effect", name=name, backend="numpy", service="effects",
-            details={"halo": str(chain.halo), "whole_image": str(chain.whole_image).lower(),
-                     **{f"{s.effect.name}.{k}": f"{v:g}" for s in chain_steps for k, v in s.params.items()},
-                     **{f"{s.effect.name}.{k}": v for s in chain_steps for k, v in s.options.items()}})
+            op="effect",
+            name=name,
+            backend="numpy",
+            service="effects",
+            details={
+                "halo": str(chain.halo),
+                "whole_image": str(chain.whole_image).lower(),
+                **{f"{s.effect.name}.{k}": f"{v:g}" for s in chain_steps for k, v in s.params.items()},
+                **{f"{s.effect.name}.{k}": v for s in chain_steps for k, v in s.options.items()},
+            },
+        )
         tiles = metrics.TILES.labels("effects", name, "numpy")
         seconds = metrics.INFERENCE_SECONDS.labels("effects", name, "numpy")
 
         def observe(elapsed: float) -> None:
             tiles.inc()
             seconds.observe(elapsed)
-        return StepPlan(EffectsOp(chain, self.runtime.config.effects_tile_size), report,
-                        steps_used=len(chain_steps), observe=observe)
+
+        return StepPlan(
+            EffectsOp(chain, self.runtime.config.effects_tile_size),
+            report,
+            steps_used=len(chain_steps),
+            observe=observe,
+        )
 
     @rpc()
-    async def ApplyEffects(self, request_iterator: AsyncIterable[pipeline_pb2.StreamRequest], context: grpc.aio.ServicerContext
-                           ) -> AsyncIterator[pipeline_pb2.StreamResponse]:
-        async for reply in serve_stream(request_iterator, context, method="ApplyEffects", config=self.runtime.config,
-                                        limiter=self.runtime.limiter, downstreams=self.downstreams,
-                                        plan_step=self.plan_step):
+    async def ApplyEffects(
+        self, request_iterator: AsyncIterable[pipeline_pb2.StreamRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pipeline_pb2.StreamResponse]:
+        async for reply in serve_stream(
+            request_iterator,
+            context,
+            method="ApplyEffects",
+            config=self.runtime.config,
+            limiter=self.runtime.limiter,
+            downstreams=self.downstreams,
+            plan_step=self.plan_step,
+        ):
             yield reply

@@ -1,4 +1,5 @@
 """python -m services.gateway: the REST/JSON gateway."""
+
 import logging
 import sys
 
@@ -18,10 +19,19 @@ def main() -> None:
         if config.auth_required:
             print("imagemesh: AUTH_REQUIRED=true but API_TOKENS is empty; refusing to start", file=sys.stderr)
             raise SystemExit(2)
-        logs.log(logging.getLogger("imagemesh.gateway"), logging.WARNING,
-                 "AUTHENTICATION IS OFF: no API_TOKENS are set, anyone who can reach this gateway may use it")
-    uvicorn.run(create_app(config), host=config.bind_host, port=config.gateway_port, log_config=None,
-                access_log=False, timeout_graceful_shutdown=30)
+        logs.log(
+            logging.getLogger("imagemesh.gateway"),
+            logging.WARNING,
+            "AUTHENTICATION IS OFF: no API_TOKENS are set, anyone who can reach this gateway may use it",
+        )
+    uvicorn.run(
+        create_app(config),
+        host=config.bind_host,
+        port=config.gateway_port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=30,
+    )
 
 
 if __name__ == "__main__":

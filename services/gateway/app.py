@@ -1,4 +1,5 @@
 """REST/JSON in front of the gRPC services: the app, its middleware and errors."""
+
 from __future__ import annotations
 
 import asyncio
@@ -47,7 +48,9 @@ class RequestContext:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        request_id = logs.request_id_or_new(dict(scope.get("headers") or ()).get(b"x-request-id", b"").decode("latin-1"))
+        request_id = logs.request_id_or_new(
+            dict(scope.get("headers") or ()).get(b"x-request-id", b"").decode("latin-1")
+        )
         token = logs.request_id_var.set(request_id)
         started = time.perf_counter()
         metrics.HTTP_IN_FLIGHT.inc()
@@ -72,6 +75,7 @@ class RequestContext:
                 await asyncio.wait_for(send(message), self.write_timeout)
             except asyncio.TimeoutError:
                 raise AnswerAborted(f"the client read nothing for {self.write_timeout:g} s") from None
+
         holds = request_holds.set([])
         try:
             await self.app(scope, receive_within_limit, send_with_id)
@@ -84,7 +88,8 @@ class RequestContext:
             logger.exception("unhandled error")
             if not state["started"]:
                 await error_response(500, "internal", "internal error; quote the request id when reporting it")(
-                    scope, receive, send_with_id)
+                    scope, receive, send_with_id
+                )
         finally:
             for hold in request_holds.get() or ():  # its answer has ended: its pixels are gone
                 hold.release()
@@ -93,8 +98,15 @@ class RequestContext:
             route = getattr(scope.get("route"), "path", "unmatched")
             metrics.HTTP_REQUESTS.labels(route, scope["method"], str(state["status"])).inc()
             metrics.HTTP_SECONDS.labels(route, scope["method"]).observe(time.perf_counter() - started)
-            logs.log(logger, logging.INFO, "request", method=scope["method"], path=scope["path"],
-                     status=state["status"], ms=round((time.perf_counter() - started) * 1000, 1))
+            logs.log(
+                logger,
+                logging.INFO,
+                "request",
+                method=scope["method"],
+                path=scope["path"],
+                status=state["status"],
+                ms=round((time.perf_counter() - started) * 1000, 1),
+            )
             logs.request_id_var.reset(token)
 
 
@@ -113,11 +125,13 @@ def openapi_for(app: FastAPI, config: GatewayConfig):
     """The schema of this gateway as configured: bearer security only where tokens are
     set (with its 401), image_url only where URL fetching is on, and each effect's
     parameters from the effects service's catalogue (kept once it was read)."""
+
     def schema() -> dict:
         if app.openapi_schema:
             return app.openapi_schema
-        document = copy.deepcopy(get_openapi(title=app.title, version=app.version, description=app.description,
-                                             routes=app.routes))  # the routes' declarations stay as they are
+        document = copy.deepcopy(
+            get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        )  # the routes' declarations stay as they are
         auth = bool(config.api_tokens.strip())
         for path_item in document.get("paths", {}).values():
             for operation in path_item.values():
@@ -137,25 +151,42 @@ def openapi_for(app: FastAPI, config: GatewayConfig):
         if effects is not None:
             app.openapi_schema = document
         return document
+
     return schema
 
 
 def create_app(config: GatewayConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        async with Gateway(config, MeshClient(config.addresses, config.upstream_timeout_seconds, upscale_fanout=config.upscale_fanout,
-                                                    upscale_band_rows=config.upscale_band_rows)).running() as gw:
+        async with Gateway(
+            config,
+            MeshClient(
+                config.addresses,
+                config.upstream_timeout_seconds,
+                upscale_fanout=config.upscale_fanout,
+                upscale_band_rows=config.upscale_band_rows,
+            ),
+        ).running() as gw:
             app.state.gateway = gw
             yield
 
-    app = FastAPI(title="imagemesh", version="1.0", lifespan=lifespan, openapi_url=None, docs_url=None,
-                  redoc_url=None, description=(
-        "AI image processing over a gRPC mesh: Real-ESRGAN upscaling, background removal and effects, "
-        "alone or as pipelines that stream tile by tile through the services. The `/v1` routes are the "
-        "primary API; the others keep clients of earlier services working."))
+    app = FastAPI(
+        title="imagemesh",
+        version="1.0",
+        lifespan=lifespan,
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
+        description=(
+            "AI image processing over a gRPC mesh: Real-ESRGAN upscaling, background removal and effects, "
+            "alone or as pipelines that stream tile by tile through the services. The `/v1` routes are the "
+            "primary API; the others keep clients of earlier services working."
+        ),
+    )
     app.openapi = openapi_for(app, config)  # type: ignore[method-assign]
-    app.add_middleware(RequestContext, max_upload_bytes=config.max_upload_bytes,
-                       write_timeout=config.client_write_timeout_seconds)
+    app.add_middleware(
+        RequestContext, max_upload_bytes=config.max_upload_bytes, write_timeout=config.client_write_timeout_seconds
+    )
 
     @app.exception_handler(HttpError)
     async def on_http_error(request: Request, exc: HttpError):

@@ -3,6 +3,7 @@
 Tokens are kept only as SHA-256 digests and compared in constant time. With
 no tokens configured the gateway is open (and says so at start); the rate
 limit then applies per client address."""
+
 from __future__ import annotations
 
 import hashlib
@@ -55,15 +56,20 @@ class TokenAuth:
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise HttpError(401, "unauthenticated", "this route needs Authorization: Bearer <token>",
-                            {"WWW-Authenticate": "Bearer"})
+            raise HttpError(
+                401, "unauthenticated", "this route needs Authorization: Bearer <token>", {"WWW-Authenticate": "Bearer"}
+            )
         presented = digest(token.strip())
         matched = False
         for known in self._digests:  # no early exit: the time does not depend on which token matched
             matched |= hmac.compare_digest(presented, known)
         if not matched:
-            raise HttpError(401, "unauthenticated", "the bearer token is not valid",
-                            {"WWW-Authenticate": 'Bearer error="invalid_token"'})
+            raise HttpError(
+                401,
+                "unauthenticated",
+                "the bearer token is not valid",
+                {"WWW-Authenticate": 'Bearer error="invalid_token"'},
+            )
         return "token:" + presented.hex()[:16]
 
 

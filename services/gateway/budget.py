@@ -2,6 +2,7 @@
 inputs it is sending and the outputs it assembles. A request takes its share
 before decoding or assembling, and gives it back when its answer has ended; past
 the limit a request is refused at once (429), a job waits its turn."""
+
 from __future__ import annotations
 
 import asyncio
@@ -41,8 +42,12 @@ class PixelBudget:
 
     def _fits(self, nbytes: int) -> bool:
         if nbytes > self.limit:
-            raise HttpError(413, "too_large_for_gateway", f"this request needs {nbytes} bytes of decoded pixels; "
-                            f"the gateway holds at most {self.limit} (GATEWAY_MAX_PIXEL_BYTES)")
+            raise HttpError(
+                413,
+                "too_large_for_gateway",
+                f"this request needs {nbytes} bytes of decoded pixels; "
+                f"the gateway holds at most {self.limit} (GATEWAY_MAX_PIXEL_BYTES)",
+            )
         return self.held + nbytes <= self.limit
 
     def _take(self, nbytes: int) -> Hold:
@@ -53,8 +58,12 @@ class PixelBudget:
     def take_for_request(self, nbytes: int) -> Hold:
         """For the request being answered, until its answer ends; 429 when there is no room."""
         if not self._fits(nbytes):
-            raise HttpError(429, "busy", f"the gateway is holding {self.held} bytes of images; retry later",
-                            {"Retry-After": str(RETRY_AFTER_SECONDS)})
+            raise HttpError(
+                429,
+                "busy",
+                f"the gateway is holding {self.held} bytes of images; retry later",
+                {"Retry-After": str(RETRY_AFTER_SECONDS)},
+            )
         hold = self._take(nbytes)
         holds = request_holds.get()
         if holds is not None:

@@ -1,6 +1,7 @@
 """What every gateway route shares: configuration, the mesh client, auth and
 rate limit, URL fetching, the result store, jobs, and the path an image
 request takes (read, decode, process along the mesh, encode, answer)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -64,8 +65,11 @@ async def until_disconnected(request: Request, work):
 
 
 def error_response(status: int, reason: str, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": reason, "message": message, "request_id": logs.request_id_var.get()}},
-                        status_code=status, headers=headers)
+    return JSONResponse(
+        {"error": {"code": reason, "message": message, "request_id": logs.request_id_var.get()}},
+        status_code=status,
+        headers=headers,
+    )
 
 
 def assembled_bytes(width: int, height: int, channels: int, itemsize: int) -> int:
@@ -89,10 +93,12 @@ class StoredRun:
 
 def step_headers(reports: list[pipeline_pb2.StepReport], width: int, height: int) -> dict[str, str]:
     """The X-Imagemesh-* headers of an image answer: each step's model and backend, and the size."""
-    return {"X-Imagemesh-Model": ",".join(r.name for r in reports),
-            "X-Imagemesh-Backend": ",".join(r.backend for r in reports),
-            "X-Imagemesh-Size": f"{width}x{height}",
-            "X-Imagemesh-Steps": ", ".join(f"{r.op}={r.name}/{r.backend}" for r in reports)}
+    return {
+        "X-Imagemesh-Model": ",".join(r.name for r in reports),
+        "X-Imagemesh-Backend": ",".join(r.backend for r in reports),
+        "X-Imagemesh-Size": f"{width}x{height}",
+        "X-Imagemesh-Steps": ", ".join(f"{r.op}={r.name}/{r.backend}" for r in reports),
+    }
 
 
 class Gateway:
@@ -104,12 +110,17 @@ class Gateway:
         self.mesh = mesh
         self.started = time.time()
         self.auth = TokenAuth(config.api_tokens, parse_networks(config.trusted_proxies))
-        self.fetcher = UrlFetcher(max_bytes=config.max_upload_bytes, timeout_seconds=config.url_fetch_timeout_seconds,
-                                  allowlist=config.url_fetch_allowlist, enabled=config.url_fetch_enabled)
+        self.fetcher = UrlFetcher(
+            max_bytes=config.max_upload_bytes,
+            timeout_seconds=config.url_fetch_timeout_seconds,
+            allowlist=config.url_fetch_allowlist,
+            enabled=config.url_fetch_enabled,
+        )
         self.state = open_state(config)
         self.budget = PixelBudget(config.gateway_max_pixel_bytes)
-        self.jobs = JobManager(self.run_job, self.state, workers=config.max_concurrent_jobs,
-                               queue_size=config.job_queue_size)
+        self.jobs = JobManager(
+            self.run_job, self.state, workers=config.max_concurrent_jobs, queue_size=config.job_queue_size
+        )
         self.effects: list[dict] | None = None  # the effects catalogue, once read
         self._models: dict[str, common_pb2.ListModelsResponse] = {}  # the services' models, for estimates
         self._models_read = -math.inf
@@ -169,8 +180,9 @@ class Gateway:
         if not held:
             self.budget.take_for_request(imageio.decoded_bytes(data, self.config.max_input_pixels))
         started = time.perf_counter()
-        image = await run_in_threadpool(imageio.decode, data, max_bytes=self.config.max_upload_bytes,
-                                        max_pixels=self.config.max_input_pixels)
+        image = await run_in_threadpool(
+            imageio.decode, data, max_bytes=self.config.max_upload_bytes, max_pixels=self.config.max_input_pixels
+        )
         return image, round((time.perf_counter() - started) * 1000, 1)
 
     @staticmethod
@@ -178,20 +190,35 @@ class Gateway:
         """The output format (from `format_field`: earlier services call it output_format) and quality."""
         return (replace(FORMAT, name=format_field, default=default_format).read(fields), QUALITY.read(fields))
 
-    async def encode(self, result: Processed, requested_format: str, source_format: str,
-                     quality: int) -> tuple[str, bytes, float]:
+    async def encode(
+        self, result: Processed, requested_format: str, source_format: str, quality: int
+    ) -> tuple[str, bytes, float]:
         fmt = imageio.choose_format(requested_format, source_format, result.mode in ("LA", "RGBA"))
         started = time.perf_counter()
-        body = await run_in_threadpool(imageio.encode, result.pixels, result.mode, fmt, icc_profile=result.icc_profile,
-                                       quality=quality, png_level=self.config.png_compression_level)
+        body = await run_in_threadpool(
+            imageio.encode,
+            result.pixels,
+            result.mode,
+            fmt,
+            icc_profile=result.icc_profile,
+            quality=quality,
+            png_level=self.config.png_compression_level,
+        )
         return fmt, body, round((time.perf_counter() - started) * 1000, 1)
 
     def hold_output(self, header: common_pb2.ImageHeader) -> None:
         """Room for an output assembled whole (and its 8-bit copy for the encoder)."""
         self.budget.take_for_request(output_bytes(header))
 
-    async def run_job(self, data: bytes, steps: list[pipeline_pb2.Step], fmt: str, quality: int, needs: int,
-                      progress: Callable[[int, int], Awaitable[None]] | None = None) -> StoredRun:
+    async def run_job(
+        self,
+        data: bytes,
+        steps: list[pipeline_pb2.Step],
+        fmt: str,
+        quality: int,
+        needs: int,
+        progress: Callable[[int, int], Awaitable[None]] | None = None,
+    ) -> StoredRun:
         """A job's run: waits for room for its pixels (known at submission), decodes, runs."""
         hold = await self.budget.wait_for(needs)
         try:
@@ -200,9 +227,15 @@ class Gateway:
         finally:
             hold.release()
 
-    async def run_to_store(self, image: imageio.DecodedImage, steps: list[pipeline_pb2.Step], fmt: str, quality: int,
-                           progress: Callable[[int, int], Awaitable[None]] | None = None,
-                           held: bool = False) -> StoredRun:
+    async def run_to_store(
+        self,
+        image: imageio.DecodedImage,
+        steps: list[pipeline_pb2.Step],
+        fmt: str,
+        quality: int,
+        progress: Callable[[int, int], Awaitable[None]] | None = None,
+        held: bool = False,
+    ) -> StoredRun:
         """Process and keep the encoded result in the store (jobs, download links)."""
         started = time.perf_counter()
         result = await self.mesh.process(image, steps, progress, None if held else self.hold_output)
@@ -212,9 +245,17 @@ class Gateway:
         timings = {**result.timings_ms, "encode": encode_ms, "total": round((time.perf_counter() - started) * 1000, 1)}
         return StoredRun(stored, width, height, [wire.as_json(r) for r in result.reports], timings)
 
-    async def answer(self, request: Request, req: ImageRequest, steps: list[pipeline_pb2.Step], started: float,
-                     extra_json: Callable[[Processed], dict] = lambda result: {}, *, format_field: str = "format",
-                     default_format: str = "auto"):
+    async def answer(
+        self,
+        request: Request,
+        req: ImageRequest,
+        steps: list[pipeline_pb2.Step],
+        started: float,
+        extra_json: Callable[[Processed], dict] = lambda result: {},
+        *,
+        format_field: str = "format",
+        default_format: str = "auto",
+    ):
         """Decode, process, encode; the image, or JSON when the client asks for it."""
         requested_format, quality = self.output_options(req.fields, format_field, default_format)
         image, decode_ms = await self.decode(req.data)
@@ -229,22 +270,43 @@ class Gateway:
         result = await until_disconnected(request, self.mesh.collect(header, events, mesh_started))
         fmt, body, encode_ms = await self.encode(result, requested_format, image.format, quality)
         height, width = result.pixels.shape[:2]
-        timings = {"decode": decode_ms, **result.timings_ms, "encode": encode_ms,
-                   "total": round((time.perf_counter() - started) * 1000, 1)}
+        timings = {
+            "decode": decode_ms,
+            **result.timings_ms,
+            "encode": encode_ms,
+            "total": round((time.perf_counter() - started) * 1000, 1),
+        }
         headers = step_headers(result.reports, width, height)
         if wants_json:
-            return {"image_base64": base64.b64encode(body).decode("ascii"), "width": width, "height": height,
-                    "format": fmt, "model": headers["X-Imagemesh-Model"], "backend": headers["X-Imagemesh-Backend"],
-                    **extra_json(result), "steps": [wire.as_json(r) for r in result.reports], "timings_ms": timings}
-        return Response(body, media_type=imageio.MEDIA_TYPES[fmt], headers={
-            **headers, "Server-Timing": ", ".join(f"{k};dur={v}" for k, v in timings.items())})
+            return {
+                "image_base64": base64.b64encode(body).decode("ascii"),
+                "width": width,
+                "height": height,
+                "format": fmt,
+                "model": headers["X-Imagemesh-Model"],
+                "backend": headers["X-Imagemesh-Backend"],
+                **extra_json(result),
+                "steps": [wire.as_json(r) for r in result.reports],
+                "timings_ms": timings,
+            }
+        return Response(
+            body,
+            media_type=imageio.MEDIA_TYPES[fmt],
+            headers={**headers, "Server-Timing": ", ".join(f"{k};dur={v}" for k, v in timings.items())},
+        )
 
     def streamed_png(self, result: pipeline_pb2.StreamResult, events, decode_ms: float) -> StreamingResponse:
         """PNG written band by band as the tiles arrive: encoding overlaps the
         services' work and no whole image is ever held here."""
         info = wire.HeaderInfo(result.image, result.image.width * result.image.height)
-        writer = imageio.PngWriter(info.width, info.height, info.mode, 8 * info.dtype.itemsize,
-                                   result.image.icc_profile, level=self.config.png_compression_level)
+        writer = imageio.PngWriter(
+            info.width,
+            info.height,
+            info.mode,
+            8 * info.dtype.itemsize,
+            result.image.icc_profile,
+            level=self.config.png_compression_level,
+        )
         bands = BandAssembler(info.width, info.height, info.channels, info.dtype, result.image.tile_height)
 
         async def body():
@@ -257,11 +319,19 @@ class Gateway:
             except HttpError as exc:
                 raise AnswerAborted(f"the PNG was cut short: {exc.message}") from None
             yield writer.finish()
-        return StreamingResponse(body(), media_type=imageio.MEDIA_TYPES["png"], headers={
-            **step_headers(list(result.steps), info.width, info.height), "Server-Timing": f"decode;dur={decode_ms}"})
 
-    async def candidates(self, req: ImageRequest, models: list[str], started: float,
-                         format_field: str = "format") -> dict:
+        return StreamingResponse(
+            body(),
+            media_type=imageio.MEDIA_TYPES["png"],
+            headers={
+                **step_headers(list(result.steps), info.width, info.height),
+                "Server-Timing": f"decode;dur={decode_ms}",
+            },
+        )
+
+    async def candidates(
+        self, req: ImageRequest, models: list[str], started: float, format_field: str = "format"
+    ) -> dict:
         """Several background-removal models on one upload: JSON with every candidate."""
         options = remove_background_options(req.fields, models)
         requested_format, quality = self.output_options(req.fields, format_field)
@@ -274,12 +344,23 @@ class Gateway:
             fmt, body, _ = await self.encode(result, requested_format, image.format, quality)
             height, width = result.pixels.shape[:2]
             (report,) = result.reports
-            out.append({"model": report.name, "backend": report.backend,
-                        "compute_ms": round(report.compute_ms, 1), "cache_hit": report.cache_hit,
-                        "width": width, "height": height, "format": fmt,
-                        "image_base64": base64.b64encode(body).decode("ascii")})
-        return {"request_id": request_id, "candidates": out,
-                "timings_ms": {"decode": decode_ms, "total": round((time.perf_counter() - started) * 1000, 1)}}
+            out.append(
+                {
+                    "model": report.name,
+                    "backend": report.backend,
+                    "compute_ms": round(report.compute_ms, 1),
+                    "cache_hit": report.cache_hit,
+                    "width": width,
+                    "height": height,
+                    "format": fmt,
+                    "image_base64": base64.b64encode(body).decode("ascii"),
+                }
+            )
+        return {
+            "request_id": request_id,
+            "candidates": out,
+            "timings_ms": {"decode": decode_ms, "total": round((time.perf_counter() - started) * 1000, 1)},
+        }
 
     async def stored_response(self, file_id: str, missing: HttpError) -> Response:
         """A stored result's bytes, or `missing` once it has expired."""
@@ -287,6 +368,11 @@ class Gateway:
         if found is None:
             raise missing
         stored, data = found
-        return Response(data, media_type=stored.media_type, headers={
-            "Cache-Control": "private, max-age=60",
-            "Content-Disposition": f'inline; filename="{stored.file_id}.{stored.format}"'})
+        return Response(
+            data,
+            media_type=stored.media_type,
+            headers={
+                "Cache-Control": "private, max-age=60",
+                "Content-Disposition": f'inline; filename="{stored.file_id}.{stored.format}"',
+            },
+        )

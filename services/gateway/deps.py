@@ -1,5 +1,6 @@
 """What route handlers depend on: the gateway of the app, and the guard
 (bearer token, then rate limit) of every processing route."""
+
 from __future__ import annotations
 
 from fastapi import Depends, FastAPI, Request, Security
@@ -31,5 +32,8 @@ PROTECTED = [Depends(guarded)]
 
 def api_routes(app: FastAPI) -> list[APIRoute]:
     """The app's API routes, those of included routers too, in the order they match."""
-    return [context.original_route for context in iter_route_contexts(app.routes)
-            if isinstance(context.original_route, APIRoute)]
+    return [
+        context.original_route
+        for context in iter_route_contexts(app.routes)
+        if isinstance(context.original_route, APIRoute)
+    ]

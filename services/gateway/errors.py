@@ -1,5 +1,6 @@
 """The gateway's errors: those of the mesh (services/common/failures.py), and an
 answer aborted midway."""
+
 from __future__ import annotations
 
 from services.common.failures import HttpError, bad, from_rpc_error, from_service_error

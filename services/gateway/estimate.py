@@ -2,6 +2,7 @@
 (its backend calibration, in GET /v1/models): a job's `eta_seconds` before its first
 tile is done, and its progress inside a tile. Steps without a measured speed
 (Lanczos, the keyer, effects) take a small share of the time and count as none."""
+
 from __future__ import annotations
 
 from imagemesh.v1 import common_pb2, pipeline_pb2
@@ -37,11 +38,12 @@ def upscale_seconds(report: pipeline_pb2.StepReport, width: int, height: int, mo
 def segmentation_seconds(model: common_pb2.ModelInfo) -> float:
     """One run of the model on its fixed-size input."""
     speed = chosen_speed(model)
-    return model.input_size ** 2 / (speed * 1e6) if speed and model.input_size else 0.0
+    return model.input_size**2 / (speed * 1e6) if speed and model.input_size else 0.0
 
 
-def estimate_seconds(width: int, height: int, reports: list[pipeline_pb2.StepReport],
-                     models: dict[str, common_pb2.ListModelsResponse]) -> float:
+def estimate_seconds(
+    width: int, height: int, reports: list[pipeline_pb2.StepReport], models: dict[str, common_pb2.ListModelsResponse]
+) -> float:
     by_name = {(service, m.name): m for service, reply in models.items() for m in reply.models}
     total = 0.0
     for report in reports:

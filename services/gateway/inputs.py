@@ -1,5 +1,6 @@
 """Reading requests in any of their input styles (multipart `file`, or JSON
 `image_base64`), their parameters and pipeline steps, with clear 4xx errors."""
+
 from __future__ import annotations
 
 import base64
@@ -53,8 +54,12 @@ def decode_base64(text: Any, field: str) -> bytes:
         raise bad(f"{field} is not valid base64") from None
 
 
-async def read_image_request(request: Request, max_bytes: int, fetch_url: Callable[[str], Awaitable[bytes]],
-                             base64_fields: tuple[str, ...] = ("image_base64",)) -> ImageRequest:
+async def read_image_request(
+    request: Request,
+    max_bytes: int,
+    fetch_url: Callable[[str], Awaitable[bytes]],
+    base64_fields: tuple[str, ...] = ("image_base64",),
+) -> ImageRequest:
     """The image (an upload, base64 in JSON, or `image_url`) and the request's other fields."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > body_limit(max_bytes):
@@ -75,13 +80,17 @@ async def read_image_request(request: Request, max_bytes: int, fetch_url: Callab
         return ImageRequest(await fetch_url(fields.text("image_url", "")), fields)
     if content_type == "application/json":
         return await image_from_json(load_json(await request.body(), "the body"), fetch_url, base64_fields)
-    raise HttpError(415, "unsupported_media_type",
-                    "send multipart/form-data with a 'file' field, or application/json with "
-                    f"{' or '.join(repr(f) for f in base64_fields)} or 'image_url'")
+    raise HttpError(
+        415,
+        "unsupported_media_type",
+        "send multipart/form-data with a 'file' field, or application/json with "
+        f"{' or '.join(repr(f) for f in base64_fields)} or 'image_url'",
+    )
 
 
-async def image_from_json(body: Any, fetch_url: Callable[[str], Awaitable[bytes]],
-                          base64_fields: tuple[str, ...]) -> ImageRequest:
+async def image_from_json(
+    body: Any, fetch_url: Callable[[str], Awaitable[bytes]], base64_fields: tuple[str, ...]
+) -> ImageRequest:
     if not isinstance(body, dict):
         raise bad("the JSON body must be an object")
     fields = Fields(body)

@@ -2,6 +2,7 @@
 number of workers in each, progress as tiles done over tiles total, results in
 the result store. Where the queue and the jobs live is the state's concern
 (state.py): this process, or Redis."""
+
 from __future__ import annotations
 
 import asyncio
@@ -71,13 +72,24 @@ class Job:
 
     def view(self, base_url: str = "") -> dict:
         fraction, eta = self.timing(time.time())
-        out = {"id": self.id, "status": self.status, "status_url": f"{base_url}/v1/jobs/{self.id}",
-               "progress": {"tiles_done": self.tiles_done, "tiles_total": self.tiles_total,
-                            "fraction": round(fraction, 4)},
-               "eta_seconds": eta, "estimated_seconds": round(self.estimated_seconds, 2),
-               "created_at": _iso(self.created), "started_at": _iso(self.started),
-               "finished_at": _iso(self.finished), "attempts": self.attempts, "steps": self.steps,
-               "timings_ms": self.timings_ms}
+        out = {
+            "id": self.id,
+            "status": self.status,
+            "status_url": f"{base_url}/v1/jobs/{self.id}",
+            "progress": {
+                "tiles_done": self.tiles_done,
+                "tiles_total": self.tiles_total,
+                "fraction": round(fraction, 4),
+            },
+            "eta_seconds": eta,
+            "estimated_seconds": round(self.estimated_seconds, 2),
+            "created_at": _iso(self.created),
+            "started_at": _iso(self.started),
+            "finished_at": _iso(self.finished),
+            "attempts": self.attempts,
+            "steps": self.steps,
+            "timings_ms": self.timings_ms,
+        }
         if self.error:
             out["error"] = self.error
         if self.result:
@@ -94,8 +106,11 @@ class Job:
         return cls(**record, result=Stored(**result) if result else None)
 
     def fail(self, code: str, message: str, status: int) -> None:
-        self.status, self.error, self.finished = "failed", {"code": code, "message": message, "status": status}, \
-            time.time()
+        self.status, self.error, self.finished = (
+            "failed",
+            {"code": code, "message": message, "status": status},
+            time.time(),
+        )
 
 
 def _iso(epoch: float | None) -> str | None:
@@ -105,6 +120,7 @@ def _iso(epoch: float | None) -> str | None:
 @dataclass
 class Work:
     """What a queued job runs: the upload as sent (a queued job holds no decoded pixels)."""
+
     job_id: str
     data: bytes
     steps: list[pipeline_pb2.Step]
@@ -113,14 +129,25 @@ class Work:
     needs: int  # bytes of decoded pixels its run will hold
 
     def fields(self) -> dict[str, bytes | str | int]:
-        return {"job": self.job_id, "data": self.data, "fmt": self.fmt, "quality": self.quality,
-                "needs": self.needs, "steps": pipeline_pb2.StreamStart(steps=self.steps).SerializeToString()}
+        return {
+            "job": self.job_id,
+            "data": self.data,
+            "fmt": self.fmt,
+            "quality": self.quality,
+            "needs": self.needs,
+            "steps": pipeline_pb2.StreamStart(steps=self.steps).SerializeToString(),
+        }
 
     @classmethod
     def from_fields(cls, fields: dict[bytes, bytes]) -> Work:
-        return cls(fields[b"job"].decode(), fields[b"data"],
-                   list(pipeline_pb2.StreamStart.FromString(fields[b"steps"]).steps),
-                   fields[b"fmt"].decode(), int(fields[b"quality"]), int(fields[b"needs"]))
+        return cls(
+            fields[b"job"].decode(),
+            fields[b"data"],
+            list(pipeline_pb2.StreamStart.FromString(fields[b"steps"]).steps),
+            fields[b"fmt"].decode(),
+            int(fields[b"quality"]),
+            int(fields[b"needs"]),
+        )
 
 
 class JobManager:
@@ -131,20 +158,21 @@ class JobManager:
         self._workers: list[asyncio.Task] = []
 
     def start(self) -> None:
-        self._workers = [asyncio.create_task(self._work(self.state.consumer_name(n)))
-                         for n in range(self.worker_count)]
+        self._workers = [asyncio.create_task(self._work(self.state.consumer_name(n))) for n in range(self.worker_count)]
 
     async def stop(self) -> None:
         for task in self._workers:
             task.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
 
-    async def submit(self, data: bytes, steps: list, fmt: str, quality: int, needs: int,
-                     estimated_seconds: float = 0.0) -> Job:
+    async def submit(
+        self, data: bytes, steps: list, fmt: str, quality: int, needs: int, estimated_seconds: float = 0.0
+    ) -> Job:
         job = Job(secrets.token_hex(16), logs.request_id_var.get(), estimated_seconds=estimated_seconds)
         if not await self.state.enqueue(job, Work(job.id, data, steps, fmt, quality, needs), self.queue_size):
-            raise HttpError(429, "queue_full", f"{self.queue_size} jobs are already waiting; retry later",
-                            {"Retry-After": "5"})
+            raise HttpError(
+                429, "queue_full", f"{self.queue_size} jobs are already waiting; retry later", {"Retry-After": "5"}
+            )
         return job
 
     async def get(self, job_id: str) -> Job:
@@ -178,8 +206,11 @@ class JobManager:
         token = logs.request_id_var.set(job.request_id)
         try:
             if job.attempts >= MAX_JOB_ATTEMPTS:
-                job.fail("gateway_lost", f"the gateway replica running this job stopped {job.attempts} times; "
-                         "submit it again", 503)
+                job.fail(
+                    "gateway_lost",
+                    f"the gateway replica running this job stopped {job.attempts} times; submit it again",
+                    503,
+                )
                 await self.state.save_job(job)
                 return True
             job.status, job.started, job.attempts = "running", time.time(), job.attempts + 1
@@ -212,6 +243,7 @@ class JobManager:
             if done == total or time.monotonic() - saved >= PROGRESS_SAVE_SECONDS:
                 saved = time.monotonic()
                 await self.state.save_job(job)
+
         try:
             run = await self.run(work.data, work.steps, work.fmt, work.quality, work.needs, progress)
             job.result, job.steps, job.timings_ms = run.stored, run.steps, run.timings_ms

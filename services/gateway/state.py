@@ -8,6 +8,7 @@ it: the queue is a stream read by a consumer group (one consumer per worker),
 a running job's entry stays pending until it is acknowledged, its worker
 renews it, and an entry left idle by a replica that stopped is claimed by
 another replica's worker (XAUTOCLAIM). The same JobManager drives both."""
+
 from __future__ import annotations
 
 import asyncio
@@ -111,8 +112,9 @@ class LocalState:
         while True:
             async with changed:
                 try:
-                    await asyncio.wait_for(changed.wait_for(
-                        lambda: self._jobs.get(job_id, {}).get("version") != seen), keepalive)
+                    await asyncio.wait_for(
+                        changed.wait_for(lambda: self._jobs.get(job_id, {}).get("version") != seen), keepalive
+                    )
                 except asyncio.TimeoutError:
                     yield None
                     continue
@@ -136,20 +138,26 @@ class LocalState:
     async def sweep(self) -> None:
         await self.results.sweep()
         now = time.time()
-        for job_id in [job_id for job_id, record in self._jobs.items()
-                       if (job_expires_at(Job.from_record(dict(record))) or now + 1) <= now]:
+        for job_id in [
+            job_id
+            for job_id, record in self._jobs.items()
+            if (job_expires_at(Job.from_record(dict(record))) or now + 1) <= now
+        ]:
             del self._jobs[job_id], self._changed[job_id]
 
 
 def _state_errors(method):
     """Redis unreachable or failing: a 503 that says so (the worker loop retries)."""
+
     @functools.wraps(method)
     async def wrapper(*args, **kwargs):
         try:
             return await method(*args, **kwargs)
         except RedisError as exc:
-            raise HttpError(503, "state_unavailable", f"the shared state (Redis) failed: {exc}",
-                            {"Retry-After": "5"}) from None
+            raise HttpError(
+                503, "state_unavailable", f"the shared state (Redis) failed: {exc}", {"Retry-After": "5"}
+            ) from None
+
     return wrapper
 
 
@@ -239,8 +247,9 @@ class RedisState:
         await self._ensure_group()
         _, entries, _ = await self.redis.xautoclaim(self.QUEUE, self.GROUP, consumer, self.claim_ms, count=1)
         if not entries:
-            streams = await self.redis.xreadgroup(self.GROUP, consumer, {self.QUEUE: ">"}, count=1,
-                                                  block=int(TAKE_BLOCK_SECONDS * 1000))
+            streams = await self.redis.xreadgroup(
+                self.GROUP, consumer, {self.QUEUE: ">"}, count=1, block=int(TAKE_BLOCK_SECONDS * 1000)
+            )
             entries = streams[0][1] if streams else []
         for entry_id, fields in entries:
             if fields:
@@ -252,8 +261,8 @@ class RedisState:
     async def keep(self, claimed: Claimed) -> bool:
         """Renew a running job's entry; False when another replica has claimed it."""
         consumer_entries = await self.redis.xpending_range(
-            self.QUEUE, self.GROUP, min=claimed.entry_id, max=claimed.entry_id, count=1,
-            consumername=claimed.consumer)
+            self.QUEUE, self.GROUP, min=claimed.entry_id, max=claimed.entry_id, count=1, consumername=claimed.consumer
+        )
         if not consumer_entries:
             return False
         await self.redis.xclaim(self.QUEUE, self.GROUP, claimed.consumer, 0, [claimed.entry_id], justid=True)
@@ -328,8 +337,9 @@ class RedisState:
         if not valid_file_id(file_id):
             return None
         async with self.redis.pipeline(transaction=True) as pipe:
-            (fmt, data), ttl_ms = await pipe.hmget(self._result_key(file_id), "format", "data").pttl(
-                self._result_key(file_id)).execute()
+            (fmt, data), ttl_ms = (
+                await pipe.hmget(self._result_key(file_id), "format", "data").pttl(self._result_key(file_id)).execute()
+            )
         if fmt is None or data is None or ttl_ms <= 0:
             return None
         return Stored(file_id, fmt.decode(), time.time() + ttl_ms / 1000), data
@@ -346,7 +356,13 @@ class RedisState:
 
 def open_state(config: GatewayConfig) -> LocalState | RedisState:
     if config.redis_url:
-        return RedisState(config.redis_url, config.result_ttl_seconds, config.rate_limit_per_minute,
-                          config.rate_limit_burst, config.job_claim_seconds)
-    return LocalState(Path(config.result_dir), config.result_ttl_seconds, config.rate_limit_per_minute,
-                      config.rate_limit_burst)
+        return RedisState(
+            config.redis_url,
+            config.result_ttl_seconds,
+            config.rate_limit_per_minute,
+            config.rate_limit_burst,
+            config.job_claim_seconds,
+        )
+    return LocalState(
+        Path(config.result_dir), config.result_ttl_seconds, config.rate_limit_per_minute, config.rate_limit_burst
+    )

@@ -1,6 +1,7 @@
 """Finished images kept for a while under an unguessable id: in a directory
 (one gateway, or replicas sharing a volume: expiry follows the file's age), or
 in Redis (any replica serves any result; expiry is the key's)."""
+
 from __future__ import annotations
 
 import os

@@ -5,6 +5,7 @@ unicast one (or in the allowlist); the connection then goes to an address
 that was checked (the Host header and TLS name stay the URL's host). Each
 redirect is checked the same way, at most MAX_REDIRECTS of them; the body is
 capped in bytes and the whole fetch in time."""
+
 from __future__ import annotations
 
 import asyncio
@@ -43,9 +44,14 @@ def address_problem(address: Address, allowlist=()) -> str | None:
         embedded = address.sixtofour or (address.teredo[1] if address.teredo else None)
         if embedded is not None:
             return address_problem(embedded, allowlist) or "an IPv4 address embedded in IPv6"
-    for check, what in ((address.is_loopback, "loopback"), (address.is_link_local, "link-local"),
-                        (address.is_multicast, "multicast"), (address.is_unspecified, "unspecified"),
-                        (address.is_private, "private"), (address.is_reserved, "reserved")):
+    for check, what in (
+        (address.is_loopback, "loopback"),
+        (address.is_link_local, "link-local"),
+        (address.is_multicast, "multicast"),
+        (address.is_unspecified, "unspecified"),
+        (address.is_private, "private"),
+        (address.is_reserved, "reserved"),
+    ):
         if check:
             return what
     if not address.is_global:
@@ -101,8 +107,15 @@ async def check_url(url: str, resolver: Resolver, allowlist=()) -> Target:
 
 
 class UrlFetcher:
-    def __init__(self, *, max_bytes: int, timeout_seconds: float, allowlist: str = "",
-                 resolver: Resolver = system_resolver, enabled: bool = True):
+    def __init__(
+        self,
+        *,
+        max_bytes: int,
+        timeout_seconds: float,
+        allowlist: str = "",
+        resolver: Resolver = system_resolver,
+        enabled: bool = True,
+    ):
         self.max_bytes, self.timeout, self.enabled = max_bytes, timeout_seconds, enabled
         self.allowlist = parse_networks(allowlist)
         self.resolver = resolver
@@ -122,11 +135,11 @@ class UrlFetcher:
                 parts = urlsplit(url)
                 connect_host = f"[{target.address}]" if ":" in target.address else target.address
                 pinned = parts._replace(netloc=f"{connect_host}:{target.port}").geturl()
-                headers = {"Host": parts.netloc.rsplit("@", 1)[-1], "User-Agent": "imagemesh/1.0",
-                           "Accept": "image/*"}
+                headers = {"Host": parts.netloc.rsplit("@", 1)[-1], "User-Agent": "imagemesh/1.0", "Accept": "image/*"}
                 try:
-                    async with client.stream("GET", pinned, headers=headers,
-                                             extensions={"sni_hostname": target.host}) as response:
+                    async with client.stream(
+                        "GET", pinned, headers=headers, extensions={"sni_hostname": target.host}
+                    ) as response:
                         if response.is_redirect:
                             location = response.headers.get("location", "")
                             if not location:
@@ -134,18 +147,19 @@ class UrlFetcher:
                             url = urljoin(url, location)
                             continue
                         if response.status_code != 200:
-                            raise HttpError(422, "url_fetch_failed",
-                                            f"image_url answered HTTP {response.status_code}")
+                            raise HttpError(422, "url_fetch_failed", f"image_url answered HTTP {response.status_code}")
                         declared = response.headers.get("content-length", "")
                         if declared.isdigit() and int(declared) > self.max_bytes:
-                            raise HttpError(413, "upload_too_large",
-                                            f"image_url is {declared} bytes; images may be {self.max_bytes} bytes")
+                            raise HttpError(
+                                413,
+                                "upload_too_large",
+                                f"image_url is {declared} bytes; images may be {self.max_bytes} bytes",
+                            )
                         body = bytearray()
                         async for chunk in response.aiter_bytes():
                             body += chunk
                             if len(body) > self.max_bytes:
-                                raise HttpError(413, "upload_too_large",
-                                                f"image_url is over {self.max_bytes} bytes")
+                                raise HttpError(413, "upload_too_large", f"image_url is over {self.max_bytes} bytes")
                         return bytes(body)
                 except httpx.HTTPError as exc:
                     raise HttpError(422, "url_fetch_failed", f"image_url could not be fetched: {exc}") from None

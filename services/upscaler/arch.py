@@ -1,5 +1,6 @@
 """Real-ESRGAN network architectures, defined here so that official state
 dicts load strictly without the unmaintained basicsr/realesrgan packages."""
+
 import torch
 from torch import nn
 from torch.nn import functional as F

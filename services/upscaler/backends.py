@@ -5,6 +5,7 @@ formats; onnxruntime and OpenVINO run an .onnx file (one that came as such, or
 one exported from a .pth with dynamic height and width); ncnn runs the
 SRVGGNetCompact models written as its own network (ncnn_export.py). Which one
 serves a model is measured at start (calibration.py), not assumed."""
+
 from __future__ import annotations
 
 import copy
@@ -26,6 +27,7 @@ from services.common.onnx import onnx_session
 
 class Backend(Protocol):
     """What the engine and calibration use of a backend."""
+
     name: str
     # Whether a call may ask for fewer threads than the backend was built with (InferenceLanes).
     adapts_threads: bool
@@ -35,29 +37,39 @@ class Backend(Protocol):
         """float32 NCHW RGB in [0, 1] -> the same at the network's native scale."""
         ...
 
-    def render_exact(self, pixels: np.ndarray, passes: int, native: int, pad_multiple: int, rows: slice,
-                     cols: slice, threads: int = 0) -> np.ndarray:
+    def render_exact(
+        self,
+        pixels: np.ndarray,
+        passes: int,
+        native: int,
+        pad_multiple: int,
+        rows: slice,
+        cols: slice,
+        threads: int = 0,
+    ) -> np.ndarray:
         """A tile's integer RGB pixels (h, w, 3) through `passes` of the network, each
         output clamped to [0, 1], then cropped to `rows` and `cols` of the result and
         quantised back to the input's type: a tile whose scale needs no resampling."""
         ...
 
 
-def run_passes(network: Callable[[np.ndarray], np.ndarray], x: np.ndarray, passes: int, native: int,
-               pad_multiple: int) -> np.ndarray:
+def run_passes(
+    network: Callable[[np.ndarray], np.ndarray], x: np.ndarray, passes: int, native: int, pad_multiple: int
+) -> np.ndarray:
     """float32 NCHW through `network` `passes` times, padded to its multiple and cropped back."""
     for _ in range(passes):
         height, width = x.shape[2:]
         pad_h, pad_w = -height % pad_multiple, -width % pad_multiple
         if pad_h or pad_w:
             x = np.pad(x, ((0, 0), (0, 0), (0, pad_h), (0, pad_w)), mode="edge")
-        x = np.clip(network(x)[:, :, :height * native, :width * native], 0.0, 1.0)
+        x = np.clip(network(x)[:, :, : height * native, : width * native], 0.0, 1.0)
     return x
 
 
 class ArrayBackend:
     """A backend whose network runs on numpy arrays in host memory: a tile's pixels go
     through it as float32 (onnxruntime, OpenVINO, ncnn, or a plain function)."""
+
     name = "array"
     adapts_threads = False
     device = "cpu"
@@ -65,8 +77,16 @@ class ArrayBackend:
     def __call__(self, batch: np.ndarray, threads: int = 0) -> np.ndarray:
         raise NotImplementedError
 
-    def render_exact(self, pixels: np.ndarray, passes: int, native: int, pad_multiple: int, rows: slice,
-                     cols: slice, threads: int = 0) -> np.ndarray:
+    def render_exact(
+        self,
+        pixels: np.ndarray,
+        passes: int,
+        native: int,
+        pad_multiple: int,
+        rows: slice,
+        cols: slice,
+        threads: int = 0,
+    ) -> np.ndarray:
         maximum = float(np.iinfo(pixels.dtype).max)
         x = np.ascontiguousarray(pixels.transpose(2, 0, 1)[None], np.float32) / maximum
         out = run_passes(lambda batch: self(batch, threads), x, passes, native, pad_multiple)
@@ -111,8 +131,16 @@ def onnx_providers(device: str) -> list[str]:
 class TorchBackend:
     adapts_threads = False  # one intra-op thread pool per process
 
-    def __init__(self, name: str, module: torch.nn.Module, *, device: str = "cpu",
-                 dtype: torch.dtype = torch.float32, channels_last: bool = False, compiled: bool = False):
+    def __init__(
+        self,
+        name: str,
+        module: torch.nn.Module,
+        *,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        channels_last: bool = False,
+        compiled: bool = False,
+    ):
         self.name = name
         self.torch_device = torch.device(device)
         self.device = self.torch_device.type
@@ -150,15 +178,24 @@ class TorchBackend:
             x = torch.from_numpy(batch).to(self.torch_device, self.dtype).contiguous(memory_format=self.memory_format)
             return self.module(x).float().cpu().numpy()
 
-    def render_exact(self, pixels: np.ndarray, passes: int, native: int, pad_multiple: int,
-                     rows: slice, cols: slice, threads: int = 0) -> np.ndarray:
+    def render_exact(
+        self,
+        pixels: np.ndarray,
+        passes: int,
+        native: int,
+        pad_multiple: int,
+        rows: slice,
+        cols: slice,
+        threads: int = 0,
+    ) -> np.ndarray:
         """The whole tile on the backend's device: the integer pixels go there, the
         passes, clamping, cropping and quantising run there, and only the integer
         result comes back."""
         maximum = float(np.iinfo(pixels.dtype).max)
         # torch warns on read-only arrays (tiles straight off the wire); copying one costs little.
-        source = torch.from_numpy(np.require(pixels, requirements="W") if pixels.dtype == np.uint8
-                                  else pixels.astype(np.int32))
+        source = torch.from_numpy(
+            np.require(pixels, requirements="W") if pixels.dtype == np.uint8 else pixels.astype(np.int32)
+        )
         with torch.inference_mode():
             x = self._to_device(source).permute(2, 0, 1)[None].to(self.dtype) / maximum
             for _ in range(passes):
@@ -167,7 +204,7 @@ class TorchBackend:
                 if pad_h or pad_w:
                     x = torch.nn.functional.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
                 x = x.contiguous(memory_format=self.memory_format)
-                x = self.module(x)[:, :, :height * native, :width * native].clamp_(0.0, 1.0)
+                x = self.module(x)[:, :, : height * native, : width * native].clamp_(0.0, 1.0)
             out = (x[0, :, rows, cols].float() * maximum).round_().permute(1, 2, 0)
             integer = self._to_host(out.to(torch.uint8 if pixels.dtype == np.uint8 else torch.int32).contiguous())
         return integer if integer.dtype == pixels.dtype else integer.astype(pixels.dtype)
@@ -205,16 +242,23 @@ class OpenVinoBackend(ArrayBackend):
 
     def __init__(self, path: Path, threads: int, cache_dir: Path, lanes: int = 1):
         import openvino as ov
+
         core = ov.Core()
         cache_dir.mkdir(parents=True, exist_ok=True)
         core.set_property({"CACHE_DIR": str(cache_dir)})
         self.threads = threads
-        self.compiled = {threads: core.compile_model(str(path), "CPU", {
-            "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads})}
+        self.compiled = {
+            threads: core.compile_model(
+                str(path), "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
+            )
+        }
         lanes = min(lanes, threads)
         if lanes > 1:
-            self.compiled[threads // lanes] = core.compile_model(str(path), "CPU", {
-                "PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": lanes, "INFERENCE_NUM_THREADS": threads})
+            self.compiled[threads // lanes] = core.compile_model(
+                str(path),
+                "CPU",
+                {"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": lanes, "INFERENCE_NUM_THREADS": threads},
+            )
         self.adapts_threads = len(self.compiled) > 1
         self.name = "openvino"
         self._requests = threading.local()
@@ -239,15 +283,22 @@ class Candidate:
 
 # (name, dtype, channels_last, compiled) per device; the first is the most exact.
 TORCH_VARIANTS = {
-    "cpu": (("torch-fp32", torch.float32, False, False), ("torch-fp32-cl", torch.float32, True, False),
-            ("torch-bf16-cl", torch.bfloat16, True, False)),
-    "cuda": (("torch-cuda-fp32-cl", torch.float32, True, False), ("torch-cuda-fp16-cl", torch.float16, True, False),
-             ("torch-cuda-bf16-cl", torch.bfloat16, True, False),
-             ("torch-cuda-fp16-cl-compiled", torch.float16, True, True),
-             ("torch-cuda-bf16-cl-compiled", torch.bfloat16, True, True)),
+    "cpu": (
+        ("torch-fp32", torch.float32, False, False),
+        ("torch-fp32-cl", torch.float32, True, False),
+        ("torch-bf16-cl", torch.bfloat16, True, False),
+    ),
+    "cuda": (
+        ("torch-cuda-fp32-cl", torch.float32, True, False),
+        ("torch-cuda-fp16-cl", torch.float16, True, False),
+        ("torch-cuda-bf16-cl", torch.bfloat16, True, False),
+        ("torch-cuda-fp16-cl-compiled", torch.float16, True, True),
+        ("torch-cuda-bf16-cl-compiled", torch.bfloat16, True, True),
+    ),
 }
 BACKEND_CHOICES = ("auto", "torch", "onnxruntime", "openvino", "ncnn") + tuple(
-    v[0] for vs in TORCH_VARIANTS.values() for v in vs)
+    v[0] for vs in TORCH_VARIANTS.values() for v in vs
+)
 CPU_ONLY = ("openvino", "ncnn")
 
 
@@ -255,10 +306,14 @@ def torch_candidates(module: torch.nn.Module, device: str) -> list[Candidate]:
     variants = [v for v in TORCH_VARIANTS[device] if device != "cpu" or v[1] != torch.bfloat16 or cpu_has_bf16()]
 
     def make(name: str, dtype: torch.dtype, channels_last: bool, compiled: bool) -> Backend:
-        return TorchBackend(name, copy.deepcopy(module), device=device, dtype=dtype, channels_last=channels_last,
-                            compiled=compiled)
-    return [Candidate(name, "torch", functools.partial(make, name, dtype, cl, compiled))
-            for name, dtype, cl, compiled in variants]
+        return TorchBackend(
+            name, copy.deepcopy(module), device=device, dtype=dtype, channels_last=channels_last, compiled=compiled
+        )
+
+    return [
+        Candidate(name, "torch", functools.partial(make, name, dtype, cl, compiled))
+        for name, dtype, cl, compiled in variants
+    ]
 
 
 def export_onnx(module: torch.nn.Module, path: Path, channels: int = 3) -> Path:
@@ -272,9 +327,17 @@ def export_onnx(module: torch.nn.Module, path: Path, channels: int = 3) -> Path:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(copy.deepcopy(module).eval().float().cpu(), (torch.rand(1, channels, 64, 64),), tmp,
-                              input_names=["input"], output_names=["output"], dynamo=True, verbose=False,
-                              dynamic_shapes={"x": {2: height, 3: width}}, external_data=False)
+            torch.onnx.export(
+                copy.deepcopy(module).eval().float().cpu(),
+                (torch.rand(1, channels, 64, 64),),
+                tmp,
+                input_names=["input"],
+                output_names=["output"],
+                dynamo=True,
+                verbose=False,
+                dynamic_shapes={"x": {2: height, 3: width}},
+                external_data=False,
+            )
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

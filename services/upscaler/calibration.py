@@ -1,6 +1,7 @@
 """Calibration: every candidate backend timed on one tile, the candidates in turn in
 every round, and the fastest kept among those within MIN_PSNR_DB of fp32. It sits
 beside the backends it measures; the registry (models.py) only asks it."""
+
 from __future__ import annotations
 
 import logging
@@ -24,10 +25,15 @@ def calibration_tile(size: int) -> np.ndarray:
     """A deterministic tile with smooth areas, texture and hard edges, like a photo's."""
     rng = np.random.default_rng(7)
     coarse = rng.random((size // 8 + 2, size // 8 + 2, 3)).astype(np.float32)
-    smooth = np.stack([np.asarray(Image.fromarray(coarse[:, :, c], "F").resize((size, size), Image.Resampling.BICUBIC))
-                       for c in range(3)], axis=2)
+    smooth = np.stack(
+        [
+            np.asarray(Image.fromarray(coarse[:, :, c], "F").resize((size, size), Image.Resampling.BICUBIC))
+            for c in range(3)
+        ],
+        axis=2,
+    )
     tile = 0.7 * smooth + 0.15 * rng.random((size, size, 3), dtype=np.float32)
-    tile[size // 4:size // 2, size // 4:3 * size // 4] = (0.9, 0.2, 0.1)  # hard edges
+    tile[size // 4 : size // 2, size // 4 : 3 * size // 4] = (0.9, 0.2, 0.1)  # hard edges
     return np.clip(tile, 0, 1).transpose(2, 0, 1)[None].copy()
 
 
@@ -36,8 +42,9 @@ def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
-def calibrate(candidates: list[Candidate], reference: np.ndarray, tile: np.ndarray, runs: int,
-              native_scale: int = 4) -> tuple[Backend | None, list[dict]]:
+def calibrate(
+    candidates: list[Candidate], reference: np.ndarray, tile: np.ndarray, runs: int, native_scale: int = 4
+) -> tuple[Backend | None, list[dict]]:
     """Time each candidate on the tile the way tiles will run (integer pixels in and
     out, its exact path), the candidates in turn in every round so that the
     machine's drift falls on all alike; keep the fastest within MIN_PSNR_DB of the reference."""
@@ -52,6 +59,7 @@ def calibrate(candidates: list[Candidate], reference: np.ndarray, tile: np.ndarr
 
             def run(backend: Backend = backend) -> np.ndarray:
                 return backend.render_exact(integer_tile, 1, native_scale, 1, whole, whole)
+
             run()
             ready.append((backend, out, run))
         except Exception as exc:  # a backend that cannot run here is skipped, not fatal
@@ -67,8 +75,15 @@ def calibrate(candidates: list[Candidate], reference: np.ndarray, tile: np.ndarr
         speed = pixels / min(times[backend.name]) / 1e6  # the best run: what it can do, less the machine's noise
         psnr = psnr_db(out, reference)
         eligible = psnr >= MIN_PSNR_DB
-        measurements.append({"backend": backend.name, "megapixels_per_second": round(speed, 4),
-                             "psnr_db": round(min(psnr, 999.0), 2), "eligible": eligible, "chosen": False})
+        measurements.append(
+            {
+                "backend": backend.name,
+                "megapixels_per_second": round(speed, 4),
+                "psnr_db": round(min(psnr, 999.0), 2),
+                "eligible": eligible,
+                "chosen": False,
+            }
+        )
         if eligible and speed > best:
             chosen, best = backend, speed
     for m in measurements:

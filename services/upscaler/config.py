@@ -1,4 +1,5 @@
 """The upscaler's settings."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,17 +14,29 @@ class UpscalerConfig(ServiceConfig):
     upscaler_port: int = port_setting("upscaler")
     upscaler_metrics_port: int = metrics_port_setting("upscaler")
     model_dir: str = setting("./models", "folder the model files are loaded from")
-    upscaler_backend: str = setting("auto", "auto (measured at start), torch, onnxruntime, openvino, ncnn, "
-                                    "or one torch variant", choices=BACKEND_CHOICES)
-    upscaler_calibration_tile: int = setting(128, "edge of the tile backends are timed on at start",
-                                             minimum=16, maximum=1024)
-    upscaler_device: str = setting("auto", "where models run: auto (CUDA when present), cpu or cuda",
-                                   choices=("auto", "cpu", "cuda"))
+    upscaler_backend: str = setting(
+        "auto",
+        "auto (measured at start), torch, onnxruntime, openvino, ncnn, or one torch variant",
+        choices=BACKEND_CHOICES,
+    )
+    upscaler_calibration_tile: int = setting(
+        128, "edge of the tile backends are timed on at start", minimum=16, maximum=1024
+    )
+    upscaler_device: str = setting(
+        "auto", "where models run: auto (CUDA when present), cpu or cuda", choices=("auto", "cpu", "cuda")
+    )
     upscaler_tile_halo: int = setting(16, "context pixels around each tile", minimum=1, maximum=256)
     upscaler_threads: int = setting(0, "inference threads (0: the CPUs the container may use)", minimum=0)
     upscaler_inference_lanes: int = setting(
-        2, "network calls run at once when several requests are in flight, each on UPSCALER_THREADS / lanes "
+        2,
+        "network calls run at once when several requests are in flight, each on UPSCALER_THREADS / lanes "
         "threads; a lone request's calls always use every thread (at most UPSCALER_THREADS and "
-        "MAX_CONCURRENT_REQUESTS)", minimum=1, maximum=64)
-    onnx_cache_dir: str = setting("", "where .pth models exported to ONNX and ncnn, and OpenVINO's compiled "
-                                  "models, are cached (default ~/.cache/imagemesh/onnx)")
+        "MAX_CONCURRENT_REQUESTS)",
+        minimum=1,
+        maximum=64,
+    )
+    onnx_cache_dir: str = setting(
+        "",
+        "where .pth models exported to ONNX and ncnn, and OpenVINO's compiled "
+        "models, are cached (default ~/.cache/imagemesh/onnx)",
+    )

@@ -12,6 +12,7 @@ the compute and re-sharpen the model's own texture). With a 2x model, 4x is
 two passes and 8x three. The Lanczos step reads the tile's context pixels
 beyond its box, so tiled output equals untiled output.
 """
+
 from __future__ import annotations
 
 import math
@@ -63,21 +64,34 @@ class Plan:
     @property
     def exact(self) -> bool:
         """The model's passes give the output size itself: no resampling follows them."""
-        return self.stage_scale * self.in_width == self.out_width and \
-            self.stage_scale * self.in_height == self.out_height
+        return (
+            self.stage_scale * self.in_width == self.out_width and self.stage_scale * self.in_height == self.out_height
+        )
 
 
 def _resize_box(planes: np.ndarray, size: tuple[int, int], box: tuple[float, float, float, float]) -> np.ndarray:
     """Lanczos-resize the `box` of (h, w, c) float planes to `size` (w, h);
     pixels outside the box but inside `planes` feed the filter's support."""
-    channels = [np.asarray(Image.fromarray(np.ascontiguousarray(planes[:, :, c]), "F")
-                           .resize(size, Image.Resampling.LANCZOS, box=box)) for c in range(planes.shape[2])]
+    channels = [
+        np.asarray(
+            Image.fromarray(np.ascontiguousarray(planes[:, :, c]), "F").resize(size, Image.Resampling.LANCZOS, box=box)
+        )
+        for c in range(planes.shape[2])
+    ]
     return np.stack(channels, axis=2)
 
 
 class UpscaleEngine:
-    def __init__(self, model: Backend | None, native_scale: int, *, halo: int = 16, pad_multiple: int = 1,
-                 bytes_per_input_pixel: int = 1200, lanes: InferenceLanes | None = None):
+    def __init__(
+        self,
+        model: Backend | None,
+        native_scale: int,
+        *,
+        halo: int = 16,
+        pad_multiple: int = 1,
+        bytes_per_input_pixel: int = 1200,
+        lanes: InferenceLanes | None = None,
+    ):
         self.model = model
         # Each network call runs in one of the service's inference lanes; the rest of a tile's work outside them.
         self.lanes = lanes or InferenceLanes(1)
@@ -104,29 +118,43 @@ class UpscaleEngine:
                 return min(edge, cap)
         return TILE_CHOICES[-1]
 
-    def plan(self, width: int, height: int, scale: float, *, tile: int = 0, halo: int = 0,
-             concurrency: int = 1) -> Plan:
+    def plan(
+        self, width: int, height: int, scale: float, *, tile: int = 0, halo: int = 0, concurrency: int = 1
+    ) -> Plan:
         passes = self.passes_for(scale)
         tile = tile or self.auto_tile(passes, concurrency)
         halo = halo or self.default_halo
         if self.model is None:  # Lanczos support plus the unsharp mask's margin, in input pixels
             halo = max(halo, 4 + math.ceil(UNSHARP_MARGIN / scale))
         out_width, out_height = output_size(width, height, scale)
-        return Plan(width, height, out_width, out_height, scale, passes, self.native_scale ** passes,
-                    tile, halo, tuple(grid(width, height, tile, tile)))
+        return Plan(
+            width,
+            height,
+            out_width,
+            out_height,
+            scale,
+            passes,
+            self.native_scale**passes,
+            tile,
+            halo,
+            tuple(grid(width, height, tile, tile)),
+        )
 
     def _run_model(self, model: Backend, rgb: np.ndarray, passes: int) -> np.ndarray:
         def in_a_lane(batch: np.ndarray) -> np.ndarray:
             with self.lanes.call(model.adapts_threads) as threads:
                 return model(batch, threads)
+
         x = np.ascontiguousarray(rgb.transpose(2, 0, 1)[None], np.float32)
         return run_passes(in_a_lane, x, passes, self.native_scale, self.pad_multiple)[0].transpose(1, 2, 0)
 
     def _to_output(self, plan: Plan, planes: np.ndarray, stage_scale: int, context: Rect, target: Rect) -> np.ndarray:
         """Take `planes` (the context region at `stage_scale`) to the `target` output rect."""
         if stage_scale * plan.in_width == plan.out_width and stage_scale * plan.in_height == plan.out_height:
-            return planes[target.y0 - context.y0 * stage_scale:target.y1 - context.y0 * stage_scale,
-                          target.x0 - context.x0 * stage_scale:target.x1 - context.x0 * stage_scale]
+            return planes[
+                target.y0 - context.y0 * stage_scale : target.y1 - context.y0 * stage_scale,
+                target.x0 - context.x0 * stage_scale : target.x1 - context.x0 * stage_scale,
+            ]
         fx = stage_scale * plan.in_width / plan.out_width
         fy = stage_scale * plan.in_height / plan.out_height
         ox, oy = context.x0 * stage_scale, context.y0 * stage_scale
@@ -152,8 +180,9 @@ class UpscaleEngine:
         out = self._to_output(plan, self._run_model(self.model, rgb, plan.passes), plan.stage_scale, context, target)
         return out.mean(axis=2, keepdims=True) if grey else out
 
-    def render(self, plan: Plan, rect: Rect, context_pixels: np.ndarray, mode: str,
-               alpha_through_model: bool = False) -> np.ndarray:
+    def render(
+        self, plan: Plan, rect: Rect, context_pixels: np.ndarray, mode: str, alpha_through_model: bool = False
+    ) -> np.ndarray:
         """Output pixels of one tile from the pixels of its context rect: the colour
         planes through the backend's exact path when no resampling follows the
         network, else as float planes; alpha alongside, through the network or
@@ -172,8 +201,9 @@ class UpscaleEngine:
             rows = slice(target.y0 - context.y0 * stage, target.y1 - context.y0 * stage)
             cols = slice(target.x0 - context.x0 * stage, target.x1 - context.x0 * stage)
             with self.lanes.call(self.model.adapts_threads) as threads:
-                out = self.model.render_exact(np.ascontiguousarray(colour), plan.passes, self.native_scale,
-                                              self.pad_multiple, rows, cols, threads)
+                out = self.model.render_exact(
+                    np.ascontiguousarray(colour), plan.passes, self.native_scale, self.pad_multiple, rows, cols, threads
+                )
         else:
             out = quantised(self._scale_planes(plan, colour.astype(np.float32) / maximum, context, target))
         if not has_alpha:
@@ -185,19 +215,29 @@ class UpscaleEngine:
             alpha_out = self._to_output(plan, alpha, 1, context, target)
         return np.concatenate([out, quantised(alpha_out)], axis=2)
 
-    def upscale(self, pixels: np.ndarray, mode: str, scale: float, *, tile: int = 0, halo: int = 0,
-                alpha_through_model: bool = False) -> np.ndarray:
+    def upscale(
+        self,
+        pixels: np.ndarray,
+        mode: str,
+        scale: float,
+        *,
+        tile: int = 0,
+        halo: int = 0,
+        alpha_through_model: bool = False,
+    ) -> np.ndarray:
         """Whole image in memory, tile by tile (for tests, benchmarks and tools): one request."""
         with self.lanes.request():
             return self._upscale(pixels, mode, scale, tile=tile, halo=halo, alpha_through_model=alpha_through_model)
 
-    def _upscale(self, pixels: np.ndarray, mode: str, scale: float, *, tile: int, halo: int,
-                 alpha_through_model: bool) -> np.ndarray:
+    def _upscale(
+        self, pixels: np.ndarray, mode: str, scale: float, *, tile: int, halo: int, alpha_through_model: bool
+    ) -> np.ndarray:
         height, width = pixels.shape[:2]
         plan = self.plan(width, height, scale, tile=tile, halo=halo)
         out = np.empty((plan.out_height, plan.out_width, pixels.shape[2]), pixels.dtype)
         for rect in plan.tiles:
             context = plan.context_rect(rect)
             out[plan.output_rect(rect).relative_to(Rect(0, 0, plan.out_width, plan.out_height))] = self.render(
-                plan, rect, pixels[context.relative_to(Rect(0, 0, width, height))], mode, alpha_through_model)
+                plan, rect, pixels[context.relative_to(Rect(0, 0, width, height))], mode, alpha_through_model
+            )
         return out

@@ -1,4 +1,5 @@
 """The upscaler's downloads, and converting fetched .pth files into the cache (ONNX, ncnn)."""
+
 from __future__ import annotations
 
 import os
@@ -14,8 +15,17 @@ AT_START = ("realesr-general-x4v3", "realesr-animevideov3")
 
 
 def downloads() -> list[Download]:
-    return [Download(spec.name, spec.official_file, spec.source_url, sha256=spec.sha256,
-                     at_start=spec.name in AT_START, accepted=tuple(spec.files)) for spec in SPECS]
+    return [
+        Download(
+            spec.name,
+            spec.official_file,
+            spec.source_url,
+            sha256=spec.sha256,
+            at_start=spec.name in AT_START,
+            accepted=tuple(spec.files),
+        )
+        for spec in SPECS
+    ]
 
 
 def default_onnx_cache() -> Path:

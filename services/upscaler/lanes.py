@@ -8,6 +8,7 @@ made a lone request 1.5-1.8x slower (bench/RESULTS.md, "Throughput"), so the
 width is chosen per call from the requests in flight. Backends that cannot change
 their thread count per call (torch: one intra-op pool per process) always take
 every thread, one call at a time."""
+
 from __future__ import annotations
 
 import contextlib

@@ -2,6 +2,7 @@
 where its file comes from, and loading from MODEL_DIR. A model whose file is
 missing or broken is listed as not ready with the reason; nothing is ever
 downloaded while serving (see fetch.py for `make models`)."""
+
 from __future__ import annotations
 
 import logging
@@ -49,34 +50,66 @@ class ModelSpec:
 
 
 SPECS = (
-    ModelSpec("realesr-general-x4v3", "SRVGGNetCompact", 4,
-              dict(num_in_ch=3, num_out_ch=3, num_feat=64, num_conv=32, upscale=4, act_type="prelu"),
-              ("realesr-general-x4v3.pth", "realesr-general-x4v3.fp16-derived.pth", "realesr-general-x4v3_fp16.onnx"),
-              f"{RELEASES}/v0.2.5.0/realesr-general-x4v3.pth",
-              description="small, fast general-purpose 4x model for real photos"),
-    ModelSpec("RealESRGAN_x4plus", "RRDBNet", 4,
-              dict(num_in_ch=3, num_out_ch=3, num_feat=64, num_block=23, num_grow_ch=32, scale=4),
-              ("RealESRGAN_x4plus.pth",), f"{RELEASES}/v0.1.0/RealESRGAN_x4plus.pth",
-              sha256="4fa0d38905f75ac06eb49a7951b426670021be3018265fd191d2125df9d682f1",
-              description="large general 4x model, highest quality, slow on CPU", bytes_per_input_pixel=16000),
-    ModelSpec("RealESRGAN_x2plus", "RRDBNet", 2,
-              dict(num_in_ch=3, num_out_ch=3, num_feat=64, num_block=23, num_grow_ch=32, scale=2),
-              ("RealESRGAN_x2plus.pth",), f"{RELEASES}/v0.2.1/RealESRGAN_x2plus.pth",
-              description="large general 2x model", bytes_per_input_pixel=4000),
-    ModelSpec("realesr-animevideov3", "SRVGGNetCompact", 4,
-              dict(num_in_ch=3, num_out_ch=3, num_feat=64, num_conv=16, upscale=4, act_type="prelu"),
-              ("realesr-animevideov3.pth",), f"{RELEASES}/v0.2.5.0/realesr-animevideov3.pth",
-              sha256="b8a8376811077954d82ca3fcf476f1ac3da3e8a68a4f4d71363008000a18b75d",
-              description="tiny 4x model for anime and video frames"),
-    ModelSpec("RealESRGAN_x4plus_anime_6B", "RRDBNet", 4,
-              dict(num_in_ch=3, num_out_ch=3, num_feat=64, num_block=6, num_grow_ch=32, scale=4),
-              ("RealESRGAN_x4plus_anime_6B.pth",), f"{RELEASES}/v0.2.2.4/RealESRGAN_x4plus_anime_6B.pth",
-              description="4x model for anime illustrations", bytes_per_input_pixel=16000),
+    ModelSpec(
+        "realesr-general-x4v3",
+        "SRVGGNetCompact",
+        4,
+        dict(num_in_ch=3, num_out_ch=3, num_feat=64, num_conv=32, upscale=4, act_type="prelu"),
+        ("realesr-general-x4v3.pth", "realesr-general-x4v3.fp16-derived.pth", "realesr-general-x4v3_fp16.onnx"),
+        f"{RELEASES}/v0.2.5.0/realesr-general-x4v3.pth",
+        description="small, fast general-purpose 4x model for real photos",
+    ),
+    ModelSpec(
+        "RealESRGAN_x4plus",
+        "RRDBNet",
+        4,
+        dict(num_in_ch=3, num_out_ch=3, num_feat=64, num_block=23, num_grow_ch=32, scale=4),
+        ("RealESRGAN_x4plus.pth",),
+        f"{RELEASES}/v0.1.0/RealESRGAN_x4plus.pth",
+        sha256="4fa0d38905f75ac06eb49a7951b426670021be3018265fd191d2125df9d682f1",
+        description="large general 4x model, highest quality, slow on CPU",
+        bytes_per_input_pixel=16000,
+    ),
+    ModelSpec(
+        "RealESRGAN_x2plus",
+        "RRDBNet",
+        2,
+        dict(num_in_ch=3, num_out_ch=3, num_feat=64, num_block=23, num_grow_ch=32, scale=2),
+        ("RealESRGAN_x2plus.pth",),
+        f"{RELEASES}/v0.2.1/RealESRGAN_x2plus.pth",
+        description="large general 2x model",
+        bytes_per_input_pixel=4000,
+    ),
+    ModelSpec(
+        "realesr-animevideov3",
+        "SRVGGNetCompact",
+        4,
+        dict(num_in_ch=3, num_out_ch=3, num_feat=64, num_conv=16, upscale=4, act_type="prelu"),
+        ("realesr-animevideov3.pth",),
+        f"{RELEASES}/v0.2.5.0/realesr-animevideov3.pth",
+        sha256="b8a8376811077954d82ca3fcf476f1ac3da3e8a68a4f4d71363008000a18b75d",
+        description="tiny 4x model for anime and video frames",
+    ),
+    ModelSpec(
+        "RealESRGAN_x4plus_anime_6B",
+        "RRDBNet",
+        4,
+        dict(num_in_ch=3, num_out_ch=3, num_feat=64, num_block=6, num_grow_ch=32, scale=4),
+        ("RealESRGAN_x4plus_anime_6B.pth",),
+        f"{RELEASES}/v0.2.2.4/RealESRGAN_x4plus_anime_6B.pth",
+        description="4x model for anime illustrations",
+        bytes_per_input_pixel=16000,
+    ),
 )
 SPECS_BY_NAME = {spec.name: spec for spec in SPECS}
 # What `auto` picks, best first, for photos: general models before anime ones.
-AUTO_ORDER = ("realesr-general-x4v3", "RealESRGAN_x4plus", "RealESRGAN_x2plus",
-              "realesr-animevideov3", "RealESRGAN_x4plus_anime_6B")
+AUTO_ORDER = (
+    "realesr-general-x4v3",
+    "RealESRGAN_x4plus",
+    "RealESRGAN_x2plus",
+    "realesr-animevideov3",
+    "RealESRGAN_x4plus_anime_6B",
+)
 
 
 def sha256_of(path: Path) -> str:
@@ -150,7 +183,9 @@ class LoadedModel:
             "source_url": spec.source_url if spec else "",
             "accepted_files": list(spec.files) if spec else [],
             "description": spec.description if spec else "Lanczos resampling with a light unsharp mask; always ready",
-            "parameters": self.parameters, "file_bytes": self.file_bytes, "calibration": self.calibration,
+            "parameters": self.parameters,
+            "file_bytes": self.file_bytes,
+            "calibration": self.calibration,
         }
 
 
@@ -158,9 +193,19 @@ class ModelRegistry(Registry):
     auto_order = AUTO_ORDER
     fallback = LANCZOS
 
-    def __init__(self, model_dir: Path, *, backend: str = "auto", onnx_cache_dir: Path | None = None,
-                 threads: int = 1, lanes: int = 1, halo: int = 16, device: str = "cpu", calibration_tile: int = 128,
-                 calibration_runs: int = 3):
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        backend: str = "auto",
+        onnx_cache_dir: Path | None = None,
+        threads: int = 1,
+        lanes: int = 1,
+        halo: int = 16,
+        device: str = "cpu",
+        calibration_tile: int = 128,
+        calibration_runs: int = 3,
+    ):
         super().__init__()
         self.device = device
         self.calibration_tile, self.calibration_runs = calibration_tile, calibration_runs
@@ -177,8 +222,9 @@ class ModelRegistry(Registry):
         logs.log(logger, logging.INFO, "inference lanes", threads=self.threads, lanes=self.lanes.lanes)
         for spec in SPECS:
             self.models[spec.name] = self._load(spec)
-        self.models[LANCZOS] = LoadedModel(None, LANCZOS, ready=True, backend=LANCZOS,
-                                           engine=UpscaleEngine(None, 1, halo=8))
+        self.models[LANCZOS] = LoadedModel(
+            None, LANCZOS, ready=True, backend=LANCZOS, engine=UpscaleEngine(None, 1, halo=8)
+        )
         for model in self.models.values():
             metrics.MODEL_READY.labels("upscaler", model.name, model.backend or "none").set(int(model.ready))
 
@@ -192,11 +238,20 @@ class ModelRegistry(Registry):
 
     def _onnx_candidates(self, onnx_path: Callable[[], Path]) -> list[Candidate]:
         """onnxruntime and OpenVINO on the same .onnx file (exported only when one is wanted)."""
-        return [Candidate("onnxruntime", "onnxruntime",
-                          lambda: OnnxBackend(onnx_path(), self.threads, self.device, self.narrow_threads)),
-                Candidate("openvino", "openvino",
-                          lambda: OpenVinoBackend(onnx_path(), self.threads, self.onnx_cache_dir / "openvino",
-                                                  lanes=self.lanes.lanes))]
+        return [
+            Candidate(
+                "onnxruntime",
+                "onnxruntime",
+                lambda: OnnxBackend(onnx_path(), self.threads, self.device, self.narrow_threads),
+            ),
+            Candidate(
+                "openvino",
+                "openvino",
+                lambda: OpenVinoBackend(
+                    onnx_path(), self.threads, self.onnx_cache_dir / "openvino", lanes=self.lanes.lanes
+                ),
+            ),
+        ]
 
     def _wanted(self, candidate: Candidate) -> bool:
         return self.backend in ("auto", candidate.family, candidate.name)
@@ -215,12 +270,26 @@ class ModelRegistry(Registry):
             model.sha256_matches = bool(spec.sha256) and digest == spec.sha256
             model.file_bytes = path.stat().st_size
             run = self._choose_backend(spec, path, digest, model)
-            model.engine = UpscaleEngine(run, spec.scale, halo=self.halo, pad_multiple=2 if spec.scale == 2 else 1,
-                                         bytes_per_input_pixel=spec.bytes_per_input_pixel, lanes=self.lanes)
+            model.engine = UpscaleEngine(
+                run,
+                spec.scale,
+                halo=self.halo,
+                pad_multiple=2 if spec.scale == 2 else 1,
+                bytes_per_input_pixel=spec.bytes_per_input_pixel,
+                lanes=self.lanes,
+            )
             model.backend = run.name
             model.ready = True
-            logs.log(logger, logging.INFO, "model loaded", model=spec.name, file=path.name, backend=run.name,
-                     official_file=model.sha256_matches, calibration=model.calibration)
+            logs.log(
+                logger,
+                logging.INFO,
+                "model loaded",
+                model=spec.name,
+                file=path.name,
+                backend=run.name,
+                official_file=model.sha256_matches,
+                calibration=model.calibration,
+            )
             for m in model.calibration:
                 metrics.BACKEND_SPEED.labels("upscaler", spec.name, m["backend"]).set(m["megapixels_per_second"])
                 metrics.BACKEND_CHOSEN.labels("upscaler", spec.name, m["backend"]).set(int(m["chosen"]))
@@ -242,11 +311,19 @@ class ModelRegistry(Registry):
             model.parameters = sum(p.numel() for p in module.parameters())
             stem = cache_stem(path, digest)
             candidates = torch_candidates(module, self.device) + self._onnx_candidates(
-                lambda: cached_onnx(module, self.onnx_cache_dir, stem))
+                lambda: cached_onnx(module, self.onnx_cache_dir, stem)
+            )
             if exportable(module):
                 compact = module
-                candidates.append(Candidate("ncnn", "ncnn", lambda: NcnnBackend(
-                    cached_ncnn(compact, self.onnx_cache_dir, stem), self.threads, self.narrow_threads)))
+                candidates.append(
+                    Candidate(
+                        "ncnn",
+                        "ncnn",
+                        lambda: NcnnBackend(
+                            cached_ncnn(compact, self.onnx_cache_dir, stem), self.threads, self.narrow_threads
+                        ),
+                    )
+                )
             with torch.inference_mode():  # the accuracy reference: fp32 on the CPU
                 reference = module.float().cpu()(torch.from_numpy(tile)).numpy()
         candidates = [c for c in candidates if self._wanted(c) and (self.device == "cpu" or c.family not in CPU_ONLY)]

@@ -2,6 +2,7 @@
 its weights: a plain list of layers, so no converter (pnnx declares an
 unpinned torch dependency) is needed. ncnn runs its 3x3 convolutions with
 Winograd, the one way past the CPU's fp32 matrix-multiply rate."""
+
 from __future__ import annotations
 
 import os
@@ -24,7 +25,8 @@ NEAREST, ADD = 1, 0
 
 def exportable(module: torch.nn.Module) -> TypeGuard[SRVGGNetCompact]:
     return isinstance(module, SRVGGNetCompact) and all(
-        isinstance(layer, (torch.nn.Conv2d, torch.nn.PReLU)) for layer in module.body)
+        isinstance(layer, (torch.nn.Conv2d, torch.nn.PReLU)) for layer in module.body
+    )
 
 
 def export_ncnn(module: SRVGGNetCompact, param_path: Path) -> tuple[Path, Path]:
@@ -36,6 +38,7 @@ def export_ncnn(module: SRVGGNetCompact, param_path: Path) -> tuple[Path, Path]:
         nonlocal blobs
         blobs += 1
         return f"b{blobs}"
+
     lines.append(f"Input {INPUT} 0 1 {INPUT}")
     lines.append(f"Split split0 1 2 {INPUT} x_body x_skip")
     current = "x_body"
@@ -46,8 +49,7 @@ def export_ncnn(module: SRVGGNetCompact, param_path: Path) -> tuple[Path, Path]:
                 raise ValueError("ncnn export expects every convolution of the body to have a bias")
             weight = layer.weight.detach().float().numpy()
             bias = layer.bias.detach().float().numpy()
-            lines.append(f"Convolution conv{index} 1 1 {current} {out} 0={weight.shape[0]} 1=3 4=1 5=1 "
-                         f"6={weight.size}")
+            lines.append(f"Convolution conv{index} 1 1 {current} {out} 0={weight.shape[0]} 1=3 4=1 5=1 6={weight.size}")
             weights += np.zeros(1, np.uint32).tobytes() + weight.tobytes() + bias.tobytes()  # flag 0: raw fp32
         elif isinstance(layer, torch.nn.PReLU):
             slope = layer.weight.detach().float().numpy()
@@ -89,6 +91,7 @@ class NcnnBackend(ArrayBackend):
 
     def __init__(self, param_path: Path, threads: int, narrow_threads: int = 0):
         import ncnn
+
         self.ncnn = ncnn
         self.threads = threads
         self.nets = {width: self._load(param_path, width) for width in {threads, narrow_threads or threads}}

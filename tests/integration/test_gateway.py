@@ -1,4 +1,5 @@
 """End to end: HTTP -> gateway -> gRPC upscaler, real processes on loopback."""
+
 import base64
 import io
 import time
@@ -40,12 +41,21 @@ def test_mesh_output_matches_an_untiled_fp32_run(http, photo, model_dir):
 
 
 def test_json_in_json_out(http, photo):
-    reply = http.post("/v1/upscale", headers={"Accept": "application/json"},
-                      json={"image_base64": base64.b64encode(png(photo)).decode(), "scale": 2, "model": "lanczos"})
+    reply = http.post(
+        "/v1/upscale",
+        headers={"Accept": "application/json"},
+        json={"image_base64": base64.b64encode(png(photo)).decode(), "scale": 2, "model": "lanczos"},
+    )
     assert reply.status_code == 200, reply.text
     body = reply.json()
-    assert (body["width"], body["height"], body["format"], body["model"], body["backend"], body["scale"]) == \
-        (256, 192, "png", "lanczos", "lanczos", 2.0)
+    assert (body["width"], body["height"], body["format"], body["model"], body["backend"], body["scale"]) == (
+        256,
+        192,
+        "png",
+        "lanczos",
+        "lanczos",
+        2.0,
+    )
     assert {"decode", "mesh", "first_tile", "encode", "total"} <= set(body["timings_ms"])
     assert body["steps"][0]["op"] == "upscale" and body["steps"][0]["compute_ms"] > 0
     assert Image.open(io.BytesIO(base64.b64decode(body["image_base64"]))).size == (256, 192)
@@ -84,8 +94,11 @@ def test_exif_rotated_jpeg_comes_out_upright(http, photo):
     stored = np.ascontiguousarray(np.rot90(photo, 1))
     reply = upscale(http, jpeg(stored, exif=exif), "rotated.jpg", scale=2, model="lanczos", format="png")
     out = np.asarray(Image.open(io.BytesIO(reply.content)).convert("RGB"))
-    upright = np.asarray(Image.open(io.BytesIO(upscale(http, jpeg(photo), "p.jpg", scale=2, model="lanczos",
-                                                       format="png").content)).convert("RGB"))
+    upright = np.asarray(
+        Image.open(
+            io.BytesIO(upscale(http, jpeg(photo), "p.jpg", scale=2, model="lanczos", format="png").content)
+        ).convert("RGB")
+    )
     assert out.shape == upright.shape == (192, 256, 3)
     assert psnr(out, upright) > 30  # same picture, same way up (only JPEG noise differs)
 
@@ -96,8 +109,13 @@ def _bomb() -> bytes:
 
     def chunk(kind, body):
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 100000, 100000, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b""))
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", 100000, 100000, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\0" * 100))
+        + chunk(b"IEND", b"")
+    )
 
 
 def bad_requests(photo):
@@ -112,16 +130,25 @@ def bad_requests(photo):
         "scale 100": (dict(files={"file": ("a.png", good)}, data={"scale": "100"}), 400, "invalid_argument"),
         "scale abc": (dict(files={"file": ("a.png", good)}, data={"scale": "abc"}), 400, "invalid_argument"),
         "unknown model": (dict(files={"file": ("a.png", good)}, data={"model": "nope"}), 404, "model_not_found"),
-        "model not ready": (dict(files={"file": ("a.png", good)}, data={"model": "RealESRGAN_x4plus"}), 503,
-                            "model_not_ready"),
+        "model not ready": (
+            dict(files={"file": ("a.png", good)}, data={"model": "RealESRGAN_x4plus"}),
+            503,
+            "model_not_ready",
+        ),
         "bad format": (dict(files={"file": ("a.png", good)}, data={"format": "tiff"}), 400, "invalid_argument"),
         "no file field": (dict(data={"scale": "2"}, files={"other": ("a.png", good)}), 400, "invalid_argument"),
         "bad base64": (dict(json={"image_base64": "***"}), 400, "invalid_argument"),
         "json not an object": (dict(json=[1, 2]), 400, "invalid_argument"),
-        "json scale wrong type": (dict(json={"image_base64": base64.b64encode(good).decode(), "scale": [4]}), 400,
-                                  "invalid_argument"),
-        "plain text body": (dict(content=b"hello", headers={"content-type": "text/plain"}), 415,
-                            "unsupported_media_type"),
+        "json scale wrong type": (
+            dict(json={"image_base64": base64.b64encode(good).decode(), "scale": [4]}),
+            400,
+            "invalid_argument",
+        ),
+        "plain text body": (
+            dict(content=b"hello", headers={"content-type": "text/plain"}),
+            415,
+            "unsupported_media_type",
+        ),
     }
 
 
@@ -150,8 +177,11 @@ def test_models_health_docs_and_unknown_routes(http):
     assert len(chosen) == 1 and chosen[0]["backend"] == general["backend"] and chosen[0]["psnr_db"] >= 45
     assert "make models" in by_name["RealESRGAN_x2plus"]["not_ready_reason"]
     assert http.get("/healthz").json() == {"status": "ok"}
-    assert http.get("/readyz").json()["upstreams"] == {"upscaler": "SERVING", "bgremoval": "SERVING",
-                                                       "effects": "SERVING"}
+    assert http.get("/readyz").json()["upstreams"] == {
+        "upscaler": "SERVING",
+        "bgremoval": "SERVING",
+        "effects": "SERVING",
+    }
     spec = http.get("/openapi.json").json()
     body = spec["paths"]["/v1/upscale"]["post"]["requestBody"]["content"]
     assert {"multipart/form-data", "application/json"} <= set(body)
@@ -162,8 +192,12 @@ def test_models_health_docs_and_unknown_routes(http):
 
 def test_gateway_metrics_move_after_a_request(http, photo):
     def count():
-        return sum(float(line.rsplit(" ", 1)[1]) for line in http.get("/metrics").text.splitlines()
-                   if line.startswith('imagemesh_http_requests_total{') and 'route="/v1/upscale"' in line)
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in http.get("/metrics").text.splitlines()
+            if line.startswith("imagemesh_http_requests_total{") and 'route="/v1/upscale"' in line
+        )
+
     before = count()
     upscale(http, png(photo[:16, :16]), scale=2, model="lanczos")
     # Counted once the answer's last byte is sent, which can be just after the client has it.
@@ -174,8 +208,12 @@ def test_gateway_metrics_move_after_a_request(http, photo):
 
 
 def test_request_id_travels_to_the_service_logs(http, upscaler, photo):
-    reply = http.post("/v1/upscale", files={"file": ("a.png", png(photo[:16, :16]))}, data={"model": "nope"},
-                      headers={"X-Request-ID": "trace-me-123"})
+    reply = http.post(
+        "/v1/upscale",
+        files={"file": ("a.png", png(photo[:16, :16]))},
+        data={"model": "nope"},
+        headers={"X-Request-ID": "trace-me-123"},
+    )
     assert reply.json()["error"]["request_id"] == "trace-me-123"
     assert '"request_id": "trace-me-123"' in upscaler.logs()
 
@@ -186,11 +224,12 @@ def test_png_answers_stream_band_by_band_and_equal_the_whole_image(http, photo):
     with http.stream("POST", "/v1/upscale", files={"file": ("p.png", png(image))}, data=fields) as reply:
         assert reply.status_code == 200 and "content-length" not in reply.headers  # chunked, written as it goes
         streamed = b"".join(reply.iter_bytes())
-    whole = http.post("/v1/upscale", files={"file": ("p.png", png(image))}, data=fields,
-                      headers={"Accept": "application/json"}).json()
+    whole = http.post(
+        "/v1/upscale", files={"file": ("p.png", png(image))}, data=fields, headers={"Accept": "application/json"}
+    ).json()
     expected = np.asarray(Image.open(io.BytesIO(base64.b64decode(whole["image_base64"]))))
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(streamed))), expected)
-    sixteen = (image.astype(np.uint16) * 257)
+    sixteen = image.astype(np.uint16) * 257
     ok, data = cv2.imencode(".png", cv2.cvtColor(sixteen, cv2.COLOR_RGB2BGR))
     deep = http.post("/v1/upscale", files={"file": ("p.png", data.tobytes())}, data=fields)
     decoded = cv2.imdecode(np.frombuffer(deep.content, np.uint8), cv2.IMREAD_UNCHANGED)

@@ -1,6 +1,7 @@
 """Hostile input: a corpus of bad and odd images and bad requests through every
 route, and property-based fuzzing of the decoders, the tile parser and the
 request parsers. Never a 5xx, never a crash or a hang; the mesh keeps serving."""
+
 import base64
 import struct
 import zlib
@@ -20,8 +21,13 @@ def chunk(kind: bytes, body: bytes) -> bytes:
 def png_with(width: int, height: int, extra: bytes = b"", rows: int | None = None) -> bytes:
     """A PNG declaring width x height; `rows` limits the pixel data actually written."""
     raw = b"".join(b"\x00" + b"\x80" * (width * 3) for _ in range(height if rows is None else rows))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + extra
-            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + extra
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
 
 
 def corpus():
@@ -30,7 +36,7 @@ def corpus():
     good_png, good_jpeg = encoded(picture, "PNG"), encoded(picture, "JPEG")
     jpeg_huge = bytearray(good_jpeg)
     sof = jpeg_huge.find(b"\xff\xc0")
-    jpeg_huge[sof + 5:sof + 9] = struct.pack(">HH", 65000, 65000)
+    jpeg_huge[sof + 5 : sof + 9] = struct.pack(">HH", 65000, 65000)
     frames = [Image.fromarray(np.full((24, 32, 3), v, np.uint8)) for v in (0, 128, 255)]
     bad = {
         "truncated png": good_png[:60],
@@ -48,7 +54,7 @@ def corpus():
         "pdf": b"%PDF-1.4\n1 0 obj<<>>endobj\n",
     }
     cmyk = picture.convert("CMYK")
-    sixteen = (rng.integers(0, 65536, (24, 32, 4), dtype=np.uint16))
+    sixteen = rng.integers(0, 65536, (24, 32, 4), dtype=np.uint16)
     odd = {
         "cmyk jpeg": encoded(cmyk, "JPEG"),
         "16-bit rgba png": cv2.imencode(".png", sixteen)[1].tobytes(),
@@ -74,7 +80,10 @@ ROUTES = [
     ("/v1/upscale", {"scale": "1.5", "model": "lanczos"}),
     ("/v1/remove-background", {"model": "keyer"}),
     ("/v1/effects", {"effect": "invert"}),
-    ("/v1/process", {"steps": '[{"op": "effect", "effect": "sepia"}, {"op": "upscale", "scale": 2, "model": "lanczos"}]'}),
+    (
+        "/v1/process",
+        {"steps": '[{"op": "effect", "effect": "sepia"}, {"op": "upscale", "scale": 2, "model": "lanczos"}]'},
+    ),
     ("/v1/jobs", {"steps": '[{"op": "effect", "effect": "grayscale"}]'}),
     ("/upscale", {"scale": "2", "model": "lanczos"}),
     ("/remove-background", {"model": "keyer"}),
@@ -113,9 +122,17 @@ def test_bad_requests_get_clear_4xx(http):
         ("/v1/upscale", dict(json={"image_base64": 12345})),
         ("/v1/upscale", dict(json={"scale": 2})),
         ("/v1/upscale", dict(json={"image_base64": "A" * 3_000_000})),
-        ("/v1/upscale", dict(content=b'{"image_base64": "\xff\xfe\xfd"}', headers={"content-type": "application/json"})),
-        ("/v1/upscale", dict(content=b"--xyz\r\nContent-Disposition: form-data; name=file\r\n\r\nabc",
-                             headers={"content-type": "multipart/form-data; boundary=xyz"})),
+        (
+            "/v1/upscale",
+            dict(content=b'{"image_base64": "\xff\xfe\xfd"}', headers={"content-type": "application/json"}),
+        ),
+        (
+            "/v1/upscale",
+            dict(
+                content=b"--xyz\r\nContent-Disposition: form-data; name=file\r\n\r\nabc",
+                headers={"content-type": "multipart/form-data; boundary=xyz"},
+            ),
+        ),
         ("/v1/upscale", dict(content=b"\x00\x01garbage", headers={"content-type": "multipart/form-data"})),
         ("/v1/process", dict(json={"image_base64": b64, "steps": [{"op": "effect", "effect": "invert"}] * 1000})),
         ("/v1/process", dict(json={"image_base64": b64, "steps": [[[[[[[[]]]]]]]]})),

@@ -1,4 +1,5 @@
 """Jobs: progress events, results, expiry and the bounded queue."""
+
 import io
 import json
 import time
@@ -34,25 +35,39 @@ def test_a_job_reports_progress_from_zero_to_done_and_its_result_downloads(http,
 
 def test_job_input_styles_and_failures(http, photo):
     import base64
-    body = {"image_base64": base64.b64encode(png(photo)).decode(), "format": "webp",
-            "steps": [{"op": "effect", "effect": "grayscale"}]}
+
+    body = {
+        "image_base64": base64.b64encode(png(photo)).decode(),
+        "format": "webp",
+        "steps": [{"op": "effect", "effect": "grayscale"}],
+    }
     job = http.post("/v1/jobs", json=body).json()
     assert events(http, job["id"])[-1][0] == "done"
     assert http.get(f"/v1/jobs/{job['id']}/result").headers["content-type"] == "image/webp"
-    running = http.post("/v1/jobs", files={"file": ("p.png", png(photo))},
-                        data={"steps": json.dumps([{"op": "upscale", "scale": 4}])}).json()
+    running = http.post(
+        "/v1/jobs", files={"file": ("p.png", png(photo))}, data={"steps": json.dumps([{"op": "upscale", "scale": 4}])}
+    ).json()
     assert http.get(f"/v1/jobs/{running['id']}/result").status_code in (409, 200)  # 409 until it is done
     assert http.get("/v1/jobs/0123456789abcdef0123456789abcdef").status_code == 404
     assert http.post("/v1/jobs", files={"file": ("p.png", png(photo))}, data={"steps": "[]"}).status_code == 400
 
 
 def test_results_expire_and_the_queue_is_bounded(tmp_path_factory, mesh, mesh_ports, photo):
-    service = start_gateway(tmp_path_factory, mesh_ports, RATE_LIMIT_PER_MINUTE="0", RESULT_TTL_SECONDS="2",
-                            MAX_CONCURRENT_JOBS="1", JOB_QUEUE_SIZE="1")
+    service = start_gateway(
+        tmp_path_factory,
+        mesh_ports,
+        RATE_LIMIT_PER_MINUTE="0",
+        RESULT_TTL_SECONDS="2",
+        MAX_CONCURRENT_JOBS="1",
+        JOB_QUEUE_SIZE="1",
+    )
     try:
         with httpx.Client(base_url=service.url, timeout=120) as client:
-            quick = client.post("/v1/jobs", files={"file": ("p.png", png(photo))},
-                                data={"steps": json.dumps([{"op": "effect", "effect": "invert"}])}).json()
+            quick = client.post(
+                "/v1/jobs",
+                files={"file": ("p.png", png(photo))},
+                data={"steps": json.dumps([{"op": "effect", "effect": "invert"}])},
+            ).json()
             assert events(client, quick["id"])[-1][0] == "done"
             assert client.get(f"/v1/jobs/{quick['id']}/result").status_code == 200
             time.sleep(2.5)

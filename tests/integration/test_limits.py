@@ -2,6 +2,7 @@
 chains through the same service never wait on themselves, hostile values are a
 400, bodies, thin images, tiles, idle clients and the gateway's decoded pixels are
 all bounded, and what is public shows no server detail."""
+
 import concurrent.futures
 import io
 import json
@@ -39,8 +40,12 @@ def test_a_chain_growing_past_the_output_limit_is_refused_before_any_work(http, 
     """Sixteen 2x2 pop-art grids double both sides sixteen times: 413 at once, memory unmoved."""
     before = rss_mb(mesh["effects"])
     started = time.monotonic()
-    reply = http.post(route, files={"file": ("p.png", png(np.ascontiguousarray(photo[:64, :64])))},
-                      data={"steps": json.dumps(POPART_GROWTH)}, timeout=60)
+    reply = http.post(
+        route,
+        files={"file": ("p.png", png(np.ascontiguousarray(photo[:64, :64])))},
+        data={"steps": json.dumps(POPART_GROWTH)},
+        timeout=60,
+    )
     assert reply.status_code == 413, reply.text
     assert "limit" in reply.json()["error"]["message"] and "step 8" in reply.json()["error"]["message"]
     assert time.monotonic() - started < 30
@@ -66,8 +71,10 @@ def test_chains_through_the_same_service_never_wait_on_themselves(http, photo, n
     data = png(np.ascontiguousarray(photo[:48, :64]))
 
     def one(_):
-        return http.post("/v1/process", files={"file": ("p.png", data)},
-                         data={"steps": json.dumps(CHAINS[name])}, timeout=120).status_code
+        return http.post(
+            "/v1/process", files={"file": ("p.png", data)}, data={"steps": json.dumps(CHAINS[name])}, timeout=120
+        ).status_code
+
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         codes = list(pool.map(one, range(4)))
     assert codes == [200] * 4, codes  # four requests are well within a service's open limit (18)
@@ -76,17 +83,21 @@ def test_chains_through_the_same_service_never_wait_on_themselves(http, photo, n
 DEEP = "[" * 100000 + "]" * 100000
 
 
-@pytest.mark.parametrize("case", [
-    dict(json={"image_base64": "AA==", "steps": "x"}, raw='{"steps": ' + DEEP + "}"),
-    dict(data={"steps": DEEP}),
-    dict(data={"effect": "sepia", "params": DEEP}, route="/v1/effects"),
-    dict(data={"effects": DEEP}, route="/api/v2/process"),
-    dict(data={"effects": '["sepia"]', "effect_params": '{"sepia": ' + DEEP + "}"}, route="/api/v2/process"),
-    dict(data={"models": DEEP}, route="/v1/remove-background"),
-    dict(raw_json='{"scale": 4, "tile": ' + "9" * 4000 + ', "image_base64": "AA=="}', route="/v1/upscale"),
-    dict(data={"tile": "9" * 4000}, route="/v1/upscale"),
-    dict(data={"image_url": "http://[::1/"}, route="/v1/upscale", no_file=True),
-], ids=["json-body", "steps", "params", "effects", "effect_params", "models", "json-int", "form-int", "bad-url"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(json={"image_base64": "AA==", "steps": "x"}, raw='{"steps": ' + DEEP + "}"),
+        dict(data={"steps": DEEP}),
+        dict(data={"effect": "sepia", "params": DEEP}, route="/v1/effects"),
+        dict(data={"effects": DEEP}, route="/api/v2/process"),
+        dict(data={"effects": '["sepia"]', "effect_params": '{"sepia": ' + DEEP + "}"}, route="/api/v2/process"),
+        dict(data={"models": DEEP}, route="/v1/remove-background"),
+        dict(raw_json='{"scale": 4, "tile": ' + "9" * 4000 + ', "image_base64": "AA=="}', route="/v1/upscale"),
+        dict(data={"tile": "9" * 4000}, route="/v1/upscale"),
+        dict(data={"image_url": "http://[::1/"}, route="/v1/upscale", no_file=True),
+    ],
+    ids=["json-body", "steps", "params", "effects", "effect_params", "models", "json-int", "form-int", "bad-url"],
+)
 def test_hostile_values_are_a_400_with_a_json_body(http, photo, case):
     route = case.get("route", "/v1/process")
     if "raw" in case or "raw_json" in case:
@@ -101,8 +112,12 @@ def test_hostile_values_are_a_400_with_a_json_body(http, photo, case):
 
 @pytest.mark.parametrize("request_id", ["caf\xe9", "a\x7fb", "\x01", "x" * 65, "a b"])
 def test_an_unsafe_request_id_is_replaced_not_echoed(http, photo, request_id):
-    reply = http.post("/v1/effects", files={"file": ("p.png", png(photo[:16, :16]))}, data={"effect": "invert"},
-                      headers=[(b"x-request-id", request_id.encode("latin-1"))])
+    reply = http.post(
+        "/v1/effects",
+        files={"file": ("p.png", png(photo[:16, :16]))},
+        data={"effect": "invert"},
+        headers=[(b"x-request-id", request_id.encode("latin-1"))],
+    )
     assert reply.status_code == 200
     echoed = reply.headers["x-request-id"]
     assert echoed != request_id and len(echoed) == 32 and echoed.isalnum()
@@ -111,8 +126,11 @@ def test_an_unsafe_request_id_is_replaced_not_echoed(http, photo, request_id):
 @pytest.mark.parametrize("field", ["model", "bgcolor"])
 def test_a_long_value_is_a_400_quoting_a_short_prefix(http, photo, field):
     route = "/v1/upscale" if field == "model" else "/v1/remove-background"
-    reply = http.post(route, files={"file": ("p.png", png(photo[:16, :16]))},
-                      data={field: "z" * 10000, **({"model": "keyer"} if field == "bgcolor" else {})})
+    reply = http.post(
+        route,
+        files={"file": ("p.png", png(photo[:16, :16]))},
+        data={field: "z" * 10000, **({"model": "keyer"} if field == "bgcolor" else {})},
+    )
     assert reply.status_code in (400, 404), reply.text[:300]
     assert len(reply.json()["error"]["message"]) < 1100 and "z" * 100 not in reply.json()["error"]["message"]
 
@@ -129,15 +147,20 @@ def test_an_icc_profile_over_the_limit_is_a_413(http, extra):
 
 def thin_png(width: int, height: int) -> bytes:
     out = io.BytesIO()
-    Image.fromarray(np.tile(np.arange(256, dtype=np.uint8), -(-width * height // 256))[:width * height]
-                    .reshape(height, width)).save(out, "PNG")
+    Image.fromarray(
+        np.tile(np.arange(256, dtype=np.uint8), -(-width * height // 256))[: width * height].reshape(height, width)
+    ).save(out, "PNG")
     return out.getvalue()
 
 
 def test_a_thin_image_is_processed_in_linear_time(http):
     """1x1000000 took 104 s when every tile rescanned every pending job; within one minute now."""
-    reply = http.post("/v1/effects", files={"file": ("thin.png", thin_png(1, 1_000_000))},
-                      data={"effect": "invert", "format": "png"}, timeout=60)
+    reply = http.post(
+        "/v1/effects",
+        files={"file": ("thin.png", thin_png(1, 1_000_000))},
+        data={"effect": "invert", "format": "png"},
+        timeout=60,
+    )
     assert reply.status_code == 200, reply.text[:300]
     out = np.asarray(Image.open(io.BytesIO(reply.content)))
     assert out.shape[:2] == (1_000_000, 1)
@@ -146,8 +169,9 @@ def test_a_thin_image_is_processed_in_linear_time(http):
 
 
 def test_an_image_beyond_the_tile_count_is_a_413(http):
-    reply = http.post("/v1/effects", files={"file": ("thin.png", thin_png(1, 40_000_000))},
-                      data={"effect": "invert"}, timeout=120)
+    reply = http.post(
+        "/v1/effects", files={"file": ("thin.png", thin_png(1, 40_000_000))}, data={"effect": "invert"}, timeout=120
+    )
     assert reply.status_code == 413 and reply.json()["error"]["code"] == "too_many_tiles", reply.text[:300]
 
 
@@ -155,9 +179,16 @@ def test_tiny_tiles_are_refused_over_grpc(mesh):
 
     image = np.zeros((64, 64, 3), np.uint8)
     header = wire.header(64, 64, "RGB", np.uint8, tile_width=1, tile_height=1)
-    requests = [pipeline_pb2.StreamRequest(start=pipeline_pb2.StreamStart(
-        image=header, steps=[pipeline_pb2.Step(effect=pipeline_pb2.EffectOptions(effect="invert"))]))]
-    requests += [pipeline_pb2.StreamRequest(tile=wire.tile(r, image[r.y0:r.y1, r.x0:r.x1])) for r in grid(64, 64, 1, 1)]
+    requests = [
+        pipeline_pb2.StreamRequest(
+            start=pipeline_pb2.StreamStart(
+                image=header, steps=[pipeline_pb2.Step(effect=pipeline_pb2.EffectOptions(effect="invert"))]
+            )
+        )
+    ]
+    requests += [
+        pipeline_pb2.StreamRequest(tile=wire.tile(r, image[r.y0 : r.y1, r.x0 : r.x1])) for r in grid(64, 64, 1, 1)
+    ]
     with grpc.insecure_channel(mesh["effects"].address) as channel:
         call = effects_stream(channel)
         with pytest.raises(grpc.RpcError) as refused:
@@ -168,8 +199,13 @@ def test_tiny_tiles_are_refused_over_grpc(mesh):
 @pytest.fixture(scope="module")
 def small_gateway(tmp_path_factory, mesh, mesh_ports):
     """A gateway taking images of 1 MB at most, and abandoning answers nobody reads after 2 s."""
-    service = start_gateway(tmp_path_factory, mesh_ports, RATE_LIMIT_PER_MINUTE="0", MAX_UPLOAD_BYTES="1000000",
-                            CLIENT_WRITE_TIMEOUT_SECONDS="2")
+    service = start_gateway(
+        tmp_path_factory,
+        mesh_ports,
+        RATE_LIMIT_PER_MINUTE="0",
+        MAX_UPLOAD_BYTES="1000000",
+        CLIENT_WRITE_TIMEOUT_SECONDS="2",
+    )
     yield service
     service.stop()
 
@@ -186,9 +222,12 @@ BOUNDARY = "imagemeshboundary"
 CHUNKED = {
     "json upscale": ("/v1/upscale", "application/json", b'{"image_base64": "', b'"}'),
     "seed base64": ("/upscale-base64", "application/json", b'{"image_base64": "', b'"}'),
-    "multipart": ("/v1/upscale", f"multipart/form-data; boundary={BOUNDARY}",
-                  f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n'.encode(),
-                  f"\r\n--{BOUNDARY}--\r\n".encode()),
+    "multipart": (
+        "/v1/upscale",
+        f"multipart/form-data; boundary={BOUNDARY}",
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n'.encode(),
+        f"\r\n--{BOUNDARY}--\r\n".encode(),
+    ),
     "choice": ("/v1/remove-background/choice", "application/json", b'{"request_id": "', b'", "model": "keyer"}'),
 }
 
@@ -198,8 +237,12 @@ def test_a_chunked_body_is_refused_at_the_limit_not_read_whole(small_gateway, na
     route, content_type, prefix, suffix = CHUNKED[name]
     before = rss_mb(small_gateway)
     try:
-        reply = httpx.post(f"{small_gateway.url}{route}", content=chunks(64 << 20, prefix, suffix),
-                           headers={"content-type": content_type}, timeout=60)
+        reply = httpx.post(
+            f"{small_gateway.url}{route}",
+            content=chunks(64 << 20, prefix, suffix),
+            headers={"content-type": content_type},
+            timeout=60,
+        )
         status, code = reply.status_code, reply.json()["error"]["code"]
     except httpx.RemoteProtocolError:  # the server answered and closed while we were still sending
         status, code = 413, "upload_too_large"
@@ -212,17 +255,23 @@ def test_a_client_that_stops_reading_does_not_hold_the_services(small_gateway, m
     """An 8x answer nobody reads: abandoned after the write timeout, the upscale cancelled."""
 
     data = png(np.tile(photo, (4, 4, 1)))  # 512x384: a 4096x3072 answer, far more than socket buffers hold
-    body = (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"p.png\"\r\n\r\n".encode()
-            + data + f"\r\n--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"scale\"\r\n\r\n8\r\n"
-            f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nlanczos\r\n"
-            f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"format\"\r\n\r\npng\r\n--{BOUNDARY}--\r\n".encode())
+    body = (
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="p.png"\r\n\r\n'.encode()
+        + data
+        + f'\r\n--{BOUNDARY}\r\nContent-Disposition: form-data; name="scale"\r\n\r\n8\r\n'
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="model"\r\n\r\nlanczos\r\n'
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="format"\r\n\r\npng\r\n--{BOUNDARY}--\r\n'.encode()
+    )
     host, port = small_gateway.url.removeprefix("http://").split(":")
     client = socket.socket()
     client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     client.connect((host, int(port)))
     try:
-        client.sendall(f"POST /v1/upscale HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; "
-                       f"boundary={BOUNDARY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        client.sendall(
+            f"POST /v1/upscale HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; "
+            f"boundary={BOUNDARY}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
         deadline = time.monotonic() + 60
         while in_flight(mesh["upscaler"]) == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -247,16 +296,23 @@ def gradient_png16(width: int, height: int) -> bytes:
 
 @pytest.fixture(scope="module")
 def budget_gateway(tmp_path_factory, mesh, mesh_ports):
-    service = start_gateway(tmp_path_factory, mesh_ports, RATE_LIMIT_PER_MINUTE="0",
-                            GATEWAY_MAX_PIXEL_BYTES=str(256 << 20), MAX_CONCURRENT_JOBS="1", JOB_QUEUE_SIZE="8")
+    service = start_gateway(
+        tmp_path_factory,
+        mesh_ports,
+        RATE_LIMIT_PER_MINUTE="0",
+        GATEWAY_MAX_PIXEL_BYTES=str(256 << 20),
+        MAX_CONCURRENT_JOBS="1",
+        JOB_QUEUE_SIZE="8",
+    )
     yield service
     service.stop()
 
 
 def held_bytes(gateway) -> float:
     text = httpx.get(f"{gateway.url}/metrics").text
-    return float(next(line.split()[1] for line in text.splitlines()
-                      if line.startswith("imagemesh_gateway_pixel_bytes ")))
+    return float(
+        next(line.split()[1] for line in text.splitlines() if line.startswith("imagemesh_gateway_pixel_bytes "))
+    )
 
 
 def test_the_gateway_bounds_the_decoded_pixels_it_holds(budget_gateway):
@@ -268,8 +324,13 @@ def test_the_gateway_bounds_the_decoded_pixels_it_holds(budget_gateway):
     data = gradient_png16(1500, 1500)  # 18 MB decoded, as much again for a JPEG answer assembled whole
 
     def one(_):
-        return httpx.post(f"{url}/v1/effects", files={"file": ("a.png", data)},
-                          data={"effect": "invert", "format": "jpeg"}, timeout=120)
+        return httpx.post(
+            f"{url}/v1/effects",
+            files={"file": ("a.png", data)},
+            data={"effect": "invert", "format": "jpeg"},
+            timeout=120,
+        )
+
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         replies = list(pool.map(one, range(6)))
     codes = sorted(r.status_code for r in replies)
@@ -289,6 +350,7 @@ def test_queued_jobs_hold_no_decoded_pixels(budget_gateway):
         reply = httpx.post(f"{url}/v1/jobs", files={"file": ("a.png", data)}, data={"steps": steps}, timeout=60)
         assert reply.status_code == 202, reply.text
         return reply.json()["id"]
+
     ids = [submit(), submit()]
     baseline = rss_mb(budget_gateway)  # one job running (its input and output held), one queued
     ids += [submit() for _ in range(6)]

@@ -1,5 +1,6 @@
 """What the metrics say while the mesh works: what autoscalers and dashboards read, and that the
 Prometheus rules, the autoscalers and the dashboard use only metrics the live services export."""
+
 import json
 import re
 import threading
@@ -18,8 +19,7 @@ DEPLOY = ROOT / "deploy"
 def gauges(service, names: tuple[str, ...]) -> dict[str, float]:
     """Each named gauge's total, all from one scrape."""
     lines = httpx.get(service.metrics_url, timeout=5).text.splitlines()
-    return {name: sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(name + "{"))
-            for name in names}
+    return {name: sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(name + "{")) for name in names}
 
 
 def gauge(service, name: str) -> float:
@@ -33,8 +33,9 @@ def sample_while(work, services: dict, names: tuple[str, ...]) -> list[dict]:
     thread.start()
     deadline = time.monotonic() + 300
     while not done.is_set() and time.monotonic() < deadline:
-        samples.append({(service, name): value for service in services
-                        for name, value in gauges(services[service], names).items()})
+        samples.append(
+            {(service, name): value for service in services for name, value in gauges(services[service], names).items()}
+        )
         time.sleep(0.02)
     thread.join(10)
     return samples
@@ -43,43 +44,67 @@ def sample_while(work, services: dict, names: tuple[str, ...]) -> list[dict]:
 def test_a_service_that_only_relays_a_pipeline_is_not_in_flight(mesh, http, photo):
     """Keying is quick; the upscale after it takes longer: the background-removal service
     must not count the upscaler's time (while it only relays) as its own."""
-    steps = [{"op": "remove_background", "model": "keyer"}, {"op": "upscale", "scale": 4,
-                                                              "model": "realesr-general-x4v3"}]
+    steps = [
+        {"op": "remove_background", "model": "keyer"},
+        {"op": "upscale", "scale": 4, "model": "realesr-general-x4v3"},
+    ]
     replies = []
-    samples = sample_while(lambda: replies.append(http.post(
-        "/v1/process", files={"file": ("p.png", png(np.tile(photo, (4, 4, 1))))},
-        data={"steps": json.dumps(steps), "format": "png"})),
-        {"bgremoval": mesh["bgremoval"], "upscaler": mesh["upscaler"]}, ("imagemesh_grpc_requests_in_flight",))
+    samples = sample_while(
+        lambda: replies.append(
+            http.post(
+                "/v1/process",
+                files={"file": ("p.png", png(np.tile(photo, (4, 4, 1))))},
+                data={"steps": json.dumps(steps), "format": "png"},
+            )
+        ),
+        {"bgremoval": mesh["bgremoval"], "upscaler": mesh["upscaler"]},
+        ("imagemesh_grpc_requests_in_flight",),
+    )
     assert replies[0].status_code == 200, replies[0].text
     upscaling = [s for s in samples if s[("upscaler", "imagemesh_grpc_requests_in_flight")] > 0]
     assert upscaling, "the upscale was never seen in flight"
     relaying = [s[("bgremoval", "imagemesh_grpc_requests_in_flight")] == 0 for s in upscaling]
     # Both are in flight while the keyer still sends its tiles; once its own part is done, never again.
-    assert any(relaying) and all(relaying[relaying.index(True):])
+    assert any(relaying) and all(relaying[relaying.index(True) :])
 
 
 def test_queued_streams_count_in_the_queue_not_in_flight(tmp_path_factory, model_dir, photo):
-    upscaler = start_service("upscaler", tmp_path_factory, model_dir, MAX_CONCURRENT_REQUESTS="1",
-                             UPSCALER_BACKEND="torch-fp32")
+    upscaler = start_service(
+        "upscaler", tmp_path_factory, model_dir, MAX_CONCURRENT_REQUESTS="1", UPSCALER_BACKEND="torch-fp32"
+    )
     try:
-        ports = {"upscaler": int(upscaler.address.rsplit(":", 1)[1]), "bgremoval": free_port(),
-                 "effects": free_port()}  # only the upscaler is called
+        ports = {
+            "upscaler": int(upscaler.address.rsplit(":", 1)[1]),
+            "bgremoval": free_port(),
+            "effects": free_port(),
+        }  # only the upscaler is called
         gateway = start_gateway(tmp_path_factory, ports, RATE_LIMIT_PER_MINUTE="0")
         data = png(np.tile(photo, (2, 2, 1)))
         replies = []
 
         def two_at_once():
-            threads = [threading.Thread(target=lambda: replies.append(httpx.post(
-                f"{gateway.url}/v1/upscale", files={"file": ("p.png", data)},
-                data={"scale": "4", "model": "realesr-general-x4v3", "tile": "64"}, timeout=300)))
-                for _ in range(2)]
+            threads = [
+                threading.Thread(
+                    target=lambda: replies.append(
+                        httpx.post(
+                            f"{gateway.url}/v1/upscale",
+                            files={"file": ("p.png", data)},
+                            data={"scale": "4", "model": "realesr-general-x4v3", "tile": "64"},
+                            timeout=300,
+                        )
+                    )
+                )
+                for _ in range(2)
+            ]
             for thread in threads:
                 thread.start()
             for thread in threads:
                 thread.join()
+
         try:
-            samples = sample_while(two_at_once, {"upscaler": upscaler},
-                                   ("imagemesh_grpc_requests_in_flight", "imagemesh_queue_depth"))
+            samples = sample_while(
+                two_at_once, {"upscaler": upscaler}, ("imagemesh_grpc_requests_in_flight", "imagemesh_queue_depth")
+            )
         finally:
             gateway.stop()
         assert [r.status_code for r in replies] == [200, 200]
@@ -98,8 +123,8 @@ def test_series_exist_before_the_first_event_and_buckets_reach_minutes(mesh, gat
         assert re.search(rf'^imagemesh_requests_rejected_total{{service="{name}"}} ', text, re.M), name
         assert re.search(rf'^imagemesh_queue_depth{{service="{name}"}} ', text, re.M), name
     text = httpx.get(mesh["upscaler"].metrics_url).text
-    assert 'imagemesh_inference_seconds_bucket{backend=' in text and 'le="300.0"' in text
-    assert 'imagemesh_grpc_request_duration_seconds_bucket' in text and 'le="900.0"' in text
+    assert "imagemesh_inference_seconds_bucket{backend=" in text and 'le="300.0"' in text
+    assert "imagemesh_grpc_request_duration_seconds_bucket" in text and 'le="900.0"' in text
     cache = httpx.get(mesh["bgremoval"].metrics_url).text
     assert 'imagemesh_cache_lookups_total{result="hit",service="bgremoval"}' in cache
 
@@ -110,8 +135,13 @@ EXTERNAL_METRICS = {"up", "kube_pod_container_status_restarts_total", "kube_depl
 
 def exported_names(texts: list[str]) -> set[str]:
     """Every series name the exposition can carry, from its # TYPE lines."""
-    suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count", "_created"),
-                "gauge": ("",), "summary": ("_sum", "_count", "_created"), "info": ("_info",)}
+    suffixes = {
+        "counter": ("_total", "_created"),
+        "histogram": ("_bucket", "_sum", "_count", "_created"),
+        "gauge": ("",),
+        "summary": ("_sum", "_count", "_created"),
+        "info": ("_info",),
+    }
     names = set()
     for text in texts:
         for name, kind in re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M):

@@ -1,4 +1,5 @@
 """make run fetches the missing small default models over HTTP (a loopback server) and then starts offline."""
+
 import os
 import shutil
 

@@ -1,6 +1,7 @@
 """The OpenAPI document is the API: schemathesis, a client we did not write, runs
 every check against a real gateway (loopback, bounded examples), with tokens and
 without; /docs works offline."""
+
 import re
 import subprocess
 import sys
@@ -20,12 +21,28 @@ def test_schemathesis_finds_no_failure_with_every_check(tmp_path_factory, mesh, 
     # URL fetching off: schemathesis would otherwise make the gateway fetch the URLs it invents. One worker:
     # hypothesis parses source in each worker thread, and CPython 3.11.7's AST validator shares its recursion
     # counter between threads ("AST constructor recursion depth mismatch", CPython gh-106905).
-    gateway = start_gateway(tmp_path_factory, mesh_ports, RATE_LIMIT_PER_MINUTE="0", URL_FETCH_ENABLED="false",
-                            API_TOKENS=token)
+    gateway = start_gateway(
+        tmp_path_factory, mesh_ports, RATE_LIMIT_PER_MINUTE="0", URL_FETCH_ENABLED="false", API_TOKENS=token
+    )
     try:
-        command = [str(SCHEMATHESIS), "--config-file", str(CONFIG), "run", f"{gateway.url}/openapi.json",
-                   "--checks", "all", "--max-examples", "8", "--workers", "1", "--seed", "20261201",
-                   "--request-timeout", "60", *(["--header", f"Authorization: Bearer {token}"] if token else [])]
+        command = [
+            str(SCHEMATHESIS),
+            "--config-file",
+            str(CONFIG),
+            "run",
+            f"{gateway.url}/openapi.json",
+            "--checks",
+            "all",
+            "--max-examples",
+            "8",
+            "--workers",
+            "1",
+            "--seed",
+            "20261201",
+            "--request-timeout",
+            "60",
+            *(["--header", f"Authorization: Bearer {token}"] if token else []),
+        ]
         run = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path_factory.mktemp("st"))
         summary = run.stdout[-6000:]
         assert run.returncode == 0, summary
@@ -62,7 +79,10 @@ def test_the_document_follows_the_configuration(tmp_path_factory, mesh, mesh_por
         assert blackwhite["additionalProperties"] is False
         assert blackwhite["properties"]["halation_radius"]["type"] == "integer"
         assert document["paths"]["/download/{file_id}"]["get"]["responses"]["200"]["content"].keys() == {
-            "image/png", "image/jpeg", "image/webp"}
+            "image/png",
+            "image/jpeg",
+            "image/webp",
+        }
         assert document["paths"]["/metrics"]["get"]["responses"]["200"]["content"].keys() == {"text/plain"}
         events = document["paths"]["/v1/jobs/{job_id}/events"]["get"]["responses"]["200"]["content"]
         assert events.keys() == {"text/event-stream"}

@@ -1,5 +1,6 @@
 """Requests the mesh refuses: refused at once, with the right status, and leaving
 nothing behind (no task, no log line under another request's id)."""
+
 import json
 import threading
 import time
@@ -40,14 +41,22 @@ def test_refused_streams_leave_no_task_and_no_error_in_the_log(own_gateway, phot
     with httpx.Client(base_url=own_gateway.url, timeout=60) as client:
         for round_ in range(3):
             for path, fields, status in REFUSED:
-                reply = client.post(path, files={"file": ("p.png", data)}, data=fields,
-                                    headers={"X-Request-ID": f"refused-{round_}-{status}"})
+                reply = client.post(
+                    path,
+                    files={"file": ("p.png", data)},
+                    data=fields,
+                    headers={"X-Request-ID": f"refused-{round_}-{status}"},
+                )
                 assert reply.status_code == status, (path, fields, reply.text)
                 assert reply.json()["error"]["request_id"] == f"refused-{round_}-{status}"
         time.sleep(1.5)  # the leaked tasks were collected about a second later
         for index in range(3):  # requests that succeed, under ids of their own, while collection runs
-            reply = client.post("/v1/effects", files={"file": ("p.png", data)}, data={"effect": "invert"},
-                                headers={"X-Request-ID": f"fine-{index}"})
+            reply = client.post(
+                "/v1/effects",
+                files={"file": ("p.png", data)},
+                data={"effect": "invert"},
+                headers={"X-Request-ID": f"fine-{index}"},
+            )
             assert reply.status_code == 200
         time.sleep(1.0)
     records = [json.loads(line) for line in own_gateway.logs().splitlines() if line.startswith("{")]
@@ -75,6 +84,7 @@ def test_a_stream_that_never_sends_its_start_is_refused_after_the_start_timeout(
     def silent():  # opens the stream, then sends nothing until released
         release.wait(60)
         yield from ()
+
     try:
         refused, waited = ended_after(service, silent())
         assert refused.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -92,10 +102,20 @@ CHAIN_REFUSALS = [
     ([{"op": "upscale", "model": "no-such-model"}], 404),
     ([{"op": "upscale", "model": "RealESRGAN_x4plus"}], 503),
     ([{"op": "effect", "effect": "sepia"}, {"op": "upscale", "scale": 20}], 400),
-    ([{"op": "remove_background", "model": "keyer"}, {"op": "effect", "effect": "sepia", "params": {"strength": 9}}],
-     400),
-    ([{"op": "upscale", "scale": 8}, {"op": "effect", "effect": "invert"}, {"op": "upscale", "scale": 8},
-      {"op": "effect", "effect": "invert"}, {"op": "upscale", "scale": 2}], 413),  # 16384x12288 at the end
+    (
+        [{"op": "remove_background", "model": "keyer"}, {"op": "effect", "effect": "sepia", "params": {"strength": 9}}],
+        400,
+    ),
+    (
+        [
+            {"op": "upscale", "scale": 8},
+            {"op": "effect", "effect": "invert"},
+            {"op": "upscale", "scale": 8},
+            {"op": "effect", "effect": "invert"},
+            {"op": "upscale", "scale": 2},
+        ],
+        413,
+    ),  # 16384x12288 at the end
 ]
 
 
@@ -115,10 +135,14 @@ def test_a_stream_that_goes_quiet_after_its_start_is_ended(tmp_path_factory, mod
 
     def start_then_nothing():
         header = wire.header(32, 32, "RGB", np.uint8, tile_width=32, tile_height=32)
-        yield pipeline_pb2.StreamRequest(start=pipeline_pb2.StreamStart(
-            image=header, steps=[pipeline_pb2.Step(effect=pipeline_pb2.EffectOptions(effect="invert"))]))
+        yield pipeline_pb2.StreamRequest(
+            start=pipeline_pb2.StreamStart(
+                image=header, steps=[pipeline_pb2.Step(effect=pipeline_pb2.EffectOptions(effect="invert"))]
+            )
+        )
         release.wait(120)
         yield pipeline_pb2.StreamRequest(tile=wire.tile(Rect(0, 0, 32, 32), image))
+
     try:
         ended, waited = ended_after(service, start_then_nothing())
         assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "nothing arrived" in ended.value.details()

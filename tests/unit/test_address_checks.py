@@ -1,4 +1,5 @@
 """The address checks that guard image_url fetching, and the rate limiter, in-process: no connection leaves loopback."""
+
 import asyncio
 import ipaddress
 
@@ -22,12 +23,37 @@ def test_rate_limiter_refills_per_identity():
     limiter.check("a")  # one token back after a second
 
 
-@pytest.mark.parametrize("address", [
-    "127.0.0.1", "127.0.0.2", "::1", "10.1.2.3", "172.16.5.4", "192.168.1.1", "169.254.169.254", "fe80::1",
-    "fc00::1", "fd12:3456::1", "224.0.0.1", "ff02::1", "0.0.0.0", "::", "100.64.0.1", "240.0.0.1",
-    "255.255.255.255", "192.0.2.1", "198.18.0.1", "2001:db8::1", "::ffff:127.0.0.1", "::ffff:10.0.0.1",
-    "::ffff:169.254.169.254", "::ffff:93.184.216.34", "2002:7f00:1::1", "2002:a00:1::1",
-])
+@pytest.mark.parametrize(
+    "address",
+    [
+        "127.0.0.1",
+        "127.0.0.2",
+        "::1",
+        "10.1.2.3",
+        "172.16.5.4",
+        "192.168.1.1",
+        "169.254.169.254",
+        "fe80::1",
+        "fc00::1",
+        "fd12:3456::1",
+        "224.0.0.1",
+        "ff02::1",
+        "0.0.0.0",
+        "::",
+        "100.64.0.1",
+        "240.0.0.1",
+        "255.255.255.255",
+        "192.0.2.1",
+        "198.18.0.1",
+        "2001:db8::1",
+        "::ffff:127.0.0.1",
+        "::ffff:10.0.0.1",
+        "::ffff:169.254.169.254",
+        "::ffff:93.184.216.34",
+        "2002:7f00:1::1",
+        "2002:a00:1::1",
+    ],
+)
 def test_non_public_addresses_are_refused(address):
     assert address_problem(ipaddress.ip_address(address)) is not None
 
@@ -49,19 +75,23 @@ def _resolver(table):
         if host not in table:
             raise OSError("no such host")
         return table[host]
+
     return resolve
 
 
-@pytest.mark.parametrize("url, table, message", [
-    ("ftp://example.com/a.png", {}, "http or https"),
-    ("http://user:pw@example.com/a.png", {}, "credentials"),
-    ("http://localhost/a.png", {"localhost": ["127.0.0.1", "::1"]}, "loopback"),
-    ("http://mixed.example/a.png", {"mixed.example": ["93.184.216.34", "10.0.0.5"]}, "private"),
-    ("http://metadata.example/latest", {"metadata.example": ["169.254.169.254"]}, "link-local"),
-    ("http://[::ffff:7f00:1]/a.png", {}, "IPv4-mapped"),
-    ("http://nowhere.example/a.png", {}, "does not resolve"),
-    ("http://0x7f000001/a.png", {"0x7f000001": ["127.0.0.1"]}, "loopback"),
-])
+@pytest.mark.parametrize(
+    "url, table, message",
+    [
+        ("ftp://example.com/a.png", {}, "http or https"),
+        ("http://user:pw@example.com/a.png", {}, "credentials"),
+        ("http://localhost/a.png", {"localhost": ["127.0.0.1", "::1"]}, "loopback"),
+        ("http://mixed.example/a.png", {"mixed.example": ["93.184.216.34", "10.0.0.5"]}, "private"),
+        ("http://metadata.example/latest", {"metadata.example": ["169.254.169.254"]}, "link-local"),
+        ("http://[::ffff:7f00:1]/a.png", {}, "IPv4-mapped"),
+        ("http://nowhere.example/a.png", {}, "does not resolve"),
+        ("http://0x7f000001/a.png", {"0x7f000001": ["127.0.0.1"]}, "loopback"),
+    ],
+)
 def test_check_url_refuses_before_connecting(url, table, message):
     with pytest.raises(HttpError) as info:
         asyncio.run(check_url(url, _resolver(table)))
@@ -69,6 +99,7 @@ def test_check_url_refuses_before_connecting(url, table, message):
 
 
 def test_check_url_pins_the_checked_address():
-    target = asyncio.run(check_url("https://images.example:8443/p.png",
-                                   _resolver({"images.example": ["93.184.216.34"]})))
+    target = asyncio.run(
+        check_url("https://images.example:8443/p.png", _resolver({"images.example": ["93.184.216.34"]}))
+    )
     assert (target.host, target.port, target.address) == ("images.example", 8443, "93.184.216.34")

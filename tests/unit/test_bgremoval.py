@@ -25,9 +25,12 @@ def red_channel_model(size: int, outputs: int) -> bytes:
     weight[0, 0, 1, 1] = 1.0
     nodes = [helper.make_node("Conv", ["input", "w"], [f"d{i}"], pads=[1, 1, 1, 1]) for i in range(outputs)]
     graph = helper.make_graph(
-        nodes, "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, size, size])],
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, size, size])],
         [helper.make_tensor_value_info(f"d{i}", TensorProto.FLOAT, [1, 1, size, size]) for i in range(outputs)],
-        [numpy_helper.from_array(weight, "w")])
+        [numpy_helper.from_array(weight, "w")],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     onnx.checker.check_model(model)
     return model.SerializeToString()
@@ -45,7 +48,9 @@ def tiny_registry(tmp_path_factory, model_dir):
     directory = tmp_path_factory.mktemp("bgmodels")
     for name, (size, outputs) in SHAPES.items():
         (directory / name).write_bytes(red_channel_model(size, outputs))
-    os.symlink(model_dir / "mediapipe_selfie_segmentation_256.onnx", directory / "mediapipe_selfie_segmentation_256.onnx")
+    os.symlink(
+        model_dir / "mediapipe_selfie_segmentation_256.onnx", directory / "mediapipe_selfie_segmentation_256.onnx"
+    )
     (directory / "silueta.onnx").write_bytes(b"broken")
     registry = SegmenterRegistry(directory, threads=2)
     registry.load_all()
@@ -100,14 +105,24 @@ def test_with_no_model_files_auto_is_the_built_in_general_model(builtin_only):
     assert info["parameters"] > 1_000_000 and info["file_bytes"] == 4_574_861
 
 
-@pytest.mark.parametrize("image, foreground, background", [
-    ("astronaut", [(slice(80, 140), slice(190, 250)), (slice(250, 330), slice(150, 300))],  # face, suit
-     [(slice(0, 100), slice(470, 512)), (slice(0, 60), slice(320, 360))]),  # the wall right of the shuttle, above
-    ("coffee", [(slice(100, 250), slice(200, 400))],  # the cup
-     [(slice(0, 60), slice(0, 100)), (slice(340, 400), slice(500, 600))]),  # the table in two corners
-])
+@pytest.mark.parametrize(
+    "image, foreground, background",
+    [
+        (
+            "astronaut",
+            [(slice(80, 140), slice(190, 250)), (slice(250, 330), slice(150, 300))],  # face, suit
+            [(slice(0, 100), slice(470, 512)), (slice(0, 60), slice(320, 360))],
+        ),  # the wall right of the shuttle, above
+        (
+            "coffee",
+            [(slice(100, 250), slice(200, 400))],  # the cup
+            [(slice(0, 60), slice(0, 100)), (slice(340, 400), slice(500, 600))],
+        ),  # the table in two corners
+    ],
+)
 def test_the_built_in_model_cuts_out_a_person_and_an_object(builtin_only, image, foreground, background):
     import skimage.data
+
     mask = builtin_only.resolve("auto").predict(getattr(skimage.data, image)())
     assert all(mask[region].mean() > 0.9 for region in foreground)
     assert all(mask[region].mean() < 0.1 for region in background)
@@ -123,6 +138,7 @@ def test_a_model_file_in_model_dir_comes_before_the_built_in_one(tmp_path):
 
 def test_a_packaged_file_that_is_not_the_expected_one_is_not_used():
     from services.bgremoval.models import BUILTIN, PackagedFile
+
     shipped = BUILTIN["u2netp"]
     assert shipped.locate() is not None
     assert PackagedFile(shipped.distribution, shipped.path, "0" * 64).locate() is None
@@ -131,14 +147,15 @@ def test_a_packaged_file_that_is_not_the_expected_one_is_not_used():
 
 def test_portrait_model_on_a_real_portrait(model_dir, portrait):
     import skimage.data
+
     registry = SegmenterRegistry(model_dir, threads=2)
     registry.load_all()
     astronaut = skimage.data.astronaut()
     mask = registry.resolve("mediapipe-selfie").predict(astronaut)
-    assert mask[80:140, 190:250].mean() > 0.95   # her face
-    assert mask[200:320, 180:300].mean() > 0.9   # her suit
-    assert mask[:60, :40].mean() < 0.1           # the flag behind her
-    assert mask[10:120, 420:500].mean() < 0.1    # the sky by the shuttle
+    assert mask[80:140, 190:250].mean() > 0.95  # her face
+    assert mask[200:320, 180:300].mean() > 0.9  # her suit
+    assert mask[:60, :40].mean() < 0.1  # the flag behind her
+    assert mask[10:120, 420:500].mean() < 0.1  # the sky by the shuttle
 
 
 def test_segmenter_backends_are_measured_and_the_chosen_one_serves(model_dir, portrait):
@@ -173,8 +190,8 @@ def test_keyer_gives_a_logo_on_white_a_clean_alpha():
 def test_post_process_removes_specks_and_fills_holes():
     mask = np.zeros((200, 200), np.float32)
     mask[50:150, 50:150] = 1.0
-    mask[95:100, 95:100] = 0.0   # a small hole
-    mask[10:12, 10:12] = 1.0     # a speck
+    mask[95:100, 95:100] = 0.0  # a small hole
+    mask[10:12, 10:12] = 1.0  # a speck
     cleaned = engine.clean_mask(mask)
     assert cleaned[11, 11] < 0.05 and cleaned[97, 97] > 0.95 and cleaned[100, 100] > 0.99
 
@@ -213,7 +230,7 @@ def test_result_cache_is_bounded_in_bytes_and_expires():
     cache.put("a", b"x" * 60)
     cache.put("b", b"x" * 30)
     assert cache.get("a") is not None  # a is now the most recent
-    cache.put("c", b"x" * 30)          # over 100 bytes: b, the least recent, goes
+    cache.put("c", b"x" * 30)  # over 100 bytes: b, the least recent, goes
     assert cache.get("b") is None and cache.get("c") is not None and cache.bytes == 90
     cache.put("huge", b"x" * 101)
     assert cache.get("huge") is None

@@ -24,8 +24,9 @@ def test_defaults_and_parsing_into_a_frozen_typed_config():
 
 def test_every_service_address_is_a_setting():
     config = load(CommonConfig, {"EFFECTS_ADDRESS": "127.0.0.1:6000"})
-    assert config.addresses == {service.name: "127.0.0.1:6000" if service.name == "effects"
-                                else service.default_address for service in SERVICES}
+    assert config.addresses == {
+        service.name: "127.0.0.1:6000" if service.name == "effects" else service.default_address for service in SERVICES
+    }
 
 
 def test_every_bad_value_is_reported_at_once_with_its_variable():

@@ -2,6 +2,7 @@
 manifests against the API schemas (strict), Envoy's configuration against
 Envoy's own protos, Prometheus rules with promtool (that they use only exported metrics:
 integration/test_metrics.py)."""
+
 from __future__ import annotations
 
 import re
@@ -40,8 +41,14 @@ def render(directory: Path) -> list[dict]:
         docs += render(target) if target.is_dir() else [d for d in yaml.safe_load_all(target.read_text()) if d]
     for generator in kustomization.get("configMapGenerator", []):
         assert kustomization["generatorOptions"]["disableNameSuffixHash"] is True
-        docs.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": generator["name"]},
-                     "data": {Path(f).name: (directory / f).read_text() for f in generator["files"]}})
+        docs.append(
+            {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": generator["name"]},
+                "data": {Path(f).name: (directory / f).read_text() for f in generator["files"]},
+            }
+        )
     if "namespace" in kustomization:
         for doc in docs:
             if doc["kind"] != "Namespace":
@@ -118,8 +125,11 @@ def selects(selector: dict, labels: dict) -> bool:
 
 def _pods_selected(docs, selector: dict) -> list[dict]:
     """The pod templates of the workloads a selector picks (the Job serves no port)."""
-    return [d["spec"]["template"] for d in docs if d["kind"] in WORKLOADS
-            and selects(selector, d["spec"]["template"]["metadata"]["labels"])]
+    return [
+        d["spec"]["template"]
+        for d in docs
+        if d["kind"] in WORKLOADS and selects(selector, d["spec"]["template"]["metadata"]["labels"])
+    ]
 
 
 def test_service_and_policy_ports_match_container_ports(rendered):
@@ -150,8 +160,12 @@ def test_data_stores_are_stateful_sets_reached_by_their_one_client(rendered):
         assert {"cpu", "memory"} <= set(container["resources"]["limits"])
         assert [t["metadata"]["name"] for t in store["spec"]["volumeClaimTemplates"]] == ["data"]
         labels = store["spec"]["template"]["metadata"]["labels"]
-        admitted = [rule for policy in of_kind(docs, "NetworkPolicy").values()
-                    if selects(policy["spec"]["podSelector"], labels) for rule in policy["spec"].get("ingress", [])]
+        admitted = [
+            rule
+            for policy in of_kind(docs, "NetworkPolicy").values()
+            if selects(policy["spec"]["podSelector"], labels)
+            for rule in policy["spec"].get("ingress", [])
+        ]
         sources = [peer["podSelector"]["matchLabels"] for rule in admitted for peer in rule.get("from", [])]
         assert sources == [{"app.kubernetes.io/name": STORES[name]}], (name, admitted)
 
@@ -206,18 +220,22 @@ def test_gpu_overlay_puts_models_on_gpus(rendered):
             assert container["image"].endswith("-gpu")
             assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
             products = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
-                "nodeSelectorTerms"][0]["matchExpressions"][0]["values"]
+                "nodeSelectorTerms"
+            ][0]["matchExpressions"][0]["values"]
             assert {"NVIDIA-L4", "Tesla-T4"} == set(products)
             assert env[f"{name.upper()}_DEVICE"] == "cuda"
         else:
             assert "nvidia.com/gpu" not in container["resources"]["limits"] and "tolerations" not in pod
             assert env[f"{name.upper()}_DEVICE"] == "cpu"
     for name in ("effects", "gateway"):
-        assert "nvidia.com/gpu" not in deployments[name]["spec"]["template"]["spec"]["containers"][0]["resources"][
-            "limits"]
+        assert (
+            "nvidia.com/gpu"
+            not in deployments[name]["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+        )
 
 
 # --- Envoy ----------------------------------------------------------------
+
 
 def _load_envoy():
     # Importing registers the typed configs that envoy.yaml names.
@@ -233,6 +251,7 @@ def _load_envoy():
     from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2  # noqa: F401
     from envoy.extensions.transport_sockets.tls.v3 import tls_pb2  # noqa: F401
     from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401
+
     config = yaml.safe_load((DEPLOY / "envoy" / "envoy.yaml").read_text())
     bootstrap = json_format.ParseDict(config, bootstrap_pb2.Bootstrap())  # unknown fields and wrong types fail
     manager = http_connection_manager_pb2.HttpConnectionManager()
@@ -244,12 +263,16 @@ def test_envoy_config_parses_strictly_into_envoys_bootstrap():
     bootstrap, manager = _load_envoy()
     assert bootstrap.admin.address.socket_address.address == "127.0.0.1"
     assert [f.name for f in manager.http_filters] == [
-        "envoy.filters.http.local_ratelimit", "envoy.filters.http.cors", "envoy.filters.http.ext_authz",
+        "envoy.filters.http.local_ratelimit",
+        "envoy.filters.http.cors",
+        "envoy.filters.http.ext_authz",
         "envoy.filters.http.grpc_web",
-        "envoy.filters.http.router"]
+        "envoy.filters.http.router",
+    ]
     assert manager.access_log[0].typed_config.type_url.endswith("StdoutAccessLog")
     with pytest.raises(json_format.ParseError):
         from envoy.config.bootstrap.v3 import bootstrap_pb2
+
         broken = yaml.safe_load((DEPLOY / "envoy" / "envoy.yaml").read_text())
         broken["static_resources"]["clusters"][0]["conect_timeout"] = "2s"
         json_format.ParseDict(broken, bootstrap_pb2.Bootstrap())
@@ -274,12 +297,17 @@ def test_envoy_routes_reach_every_service():
     assert targets["/"].cluster == "gateway" and targets["/"].timeout.seconds >= 600
     retried = [r for r in routes if r.HasField("route") and r.route.HasField("retry_policy")]
     never_reached = {"connect-failure", "refused-stream"}  # safe for any request: no upstream saw it
-    assert retried and all("unavailable" in r.route.retry_policy.retry_on or r.match.headers
-                           or set(r.route.retry_policy.retry_on.split(",")) <= never_reached for r in retried)
+    assert retried and all(
+        "unavailable" in r.route.retry_policy.retry_on
+        or r.match.headers
+        or set(r.route.retry_policy.retry_on.split(",")) <= never_reached
+        for r in retried
+    )
     assert not set(targets["/"].retry_policy.retry_on.split(",")) - never_reached
 
 
 # --- containers -------------------------------------------------------------
+
 
 def _stages(dockerfile: Path) -> list[list[str]]:
     lines = re.sub(r"\\\n", " ", dockerfile.read_text()).splitlines()

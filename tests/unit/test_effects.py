@@ -23,8 +23,8 @@ def run(chain, image, tile):
         op.prepare(image)
     for job in op.jobs:
         context = job if op.whole_image else op.context_rect(job)
-        pixels = image if op.whole_image else image[context.y0:context.y1, context.x0:context.x1]
-        out[job.y0:job.y1, job.x0:job.x1] = op.render(job, pixels)
+        pixels = image if op.whole_image else image[context.y0 : context.y1, context.x0 : context.x1]
+        out[job.y0 : job.y1, job.x0 : job.x1] = op.render(job, pixels)
     return out
 
 
@@ -53,10 +53,16 @@ def test_chains_rgba_and_16bit_tile_exactly(photo):
 
 def test_blackwhite_defaults_are_the_film_look_users_know():
     defaults = {p.name: p.default for p in registry.EFFECTS["blackwhite"].params}
-    assert {k: defaults[k] for k in ("gamma_correction", "contrast_boost", "edge_strength", "halation_strength",
-                                     "grain_strength")} == {"gamma_correction": 1.02, "contrast_boost": 1.12,
-                                                            "edge_strength": 0.9, "halation_strength": 0.12,
-                                                            "grain_strength": 0.08}
+    assert {
+        k: defaults[k]
+        for k in ("gamma_correction", "contrast_boost", "edge_strength", "halation_strength", "grain_strength")
+    } == {
+        "gamma_correction": 1.02,
+        "contrast_boost": 1.12,
+        "edge_strength": 0.9,
+        "halation_strength": 0.12,
+        "grain_strength": 0.08,
+    }
 
 
 def test_grain_is_seeded_by_position_not_by_tile():
@@ -67,11 +73,14 @@ def test_grain_is_seeded_by_position_not_by_tile():
     assert -1 <= whole.min() < -0.5 and 0.5 < whole.max() <= 1 and abs(whole.mean()) < 0.05
 
 
-@pytest.mark.parametrize("options, params, palette", [
-    ({"palette": "bw"}, {}, {0, 255}),
-    ({"palette": "grey"}, {"levels": 4}, {0, 85, 170, 255}),
-    ({"palette": "bw"}, {"dot_spacing": 3}, {0, 255}),
-])
+@pytest.mark.parametrize(
+    "options, params, palette",
+    [
+        ({"palette": "bw"}, {}, {0, 255}),
+        ({"palette": "grey"}, {"levels": 4}, {0, 85, 170, 255}),
+        ({"palette": "bw"}, {"dot_spacing": 3}, {0, 255}),
+    ],
+)
 def test_floyd_steinberg_uses_only_its_palette_and_keeps_brightness(photo, options, params, palette):
     chain = chain_of([("dither", params, options)], photo)
     out = run(chain, photo, 64)
@@ -91,19 +100,22 @@ def test_pixel8bit_and_popart_use_their_palettes(photo):
     assert {tuple(c) for c in out.reshape(-1, 3)} <= gameboy
     grid = run(chain_of([("popart", {"levels": 4}, {"grid": "2x2"})], photo), photo, 64)
     assert grid.shape == (2 * photo.shape[0], 2 * photo.shape[1], 3)
-    quadrant = grid[:photo.shape[0], :photo.shape[1]]
+    quadrant = grid[: photo.shape[0], : photo.shape[1]]
     colours = {tuple(c) for c in quadrant.reshape(-1, 3)}
-    assert len(colours) <= 4 and not np.array_equal(quadrant, grid[photo.shape[0]:, photo.shape[1]:])
+    assert len(colours) <= 4 and not np.array_equal(quadrant, grid[photo.shape[0] :, photo.shape[1] :])
 
 
-@pytest.mark.parametrize("name, params, options, message", [
-    ("nope", {}, {}, "valid effects: blackwhite"),
-    ("blackwhite", {"grain": 1}, {}, "valid parameters: gamma_correction"),
-    ("blackwhite", {"grain_strength": 5}, {}, "between 0 and 1"),
-    ("pixel8bit", {"block": 2.5}, {}, "whole number"),
-    ("pixel8bit", {}, {"palette": "atari"}, "one of pico8"),
-    ("sepia", {}, {"tone": "warm"}, "valid options: none"),
-])
+@pytest.mark.parametrize(
+    "name, params, options, message",
+    [
+        ("nope", {}, {}, "valid effects: blackwhite"),
+        ("blackwhite", {"grain": 1}, {}, "valid parameters: gamma_correction"),
+        ("blackwhite", {"grain_strength": 5}, {}, "between 0 and 1"),
+        ("pixel8bit", {"block": 2.5}, {}, "whole number"),
+        ("pixel8bit", {}, {"palette": "atari"}, "one of pico8"),
+        ("sepia", {}, {"tone": "warm"}, "valid options: none"),
+    ],
+)
 def test_parameters_are_validated_naming_the_valid_ones(name, params, options, message):
     with pytest.raises(InvalidArgument, match=message):
         registry.get(name).resolve(params, options)

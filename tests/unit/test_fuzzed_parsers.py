@@ -1,4 +1,5 @@
 """Property-based fuzzing of what reads untrusted input: the decoder, the step and field parsers, the tile parser."""
+
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -17,8 +18,11 @@ SEEDS = [encoded(Image.new("RGB", (6, 5), "red"), fmt) for fmt in ("PNG", "JPEG"
 
 
 @settings(max_examples=300, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.sampled_from(SEEDS), flips=st.lists(st.tuples(st.integers(0, 200), st.integers(0, 255)), max_size=8),
-       cut=st.integers(0, 400))
+@given(
+    seed=st.sampled_from(SEEDS),
+    flips=st.lists(st.tuples(st.integers(0, 200), st.integers(0, 255)), max_size=8),
+    cut=st.integers(0, 400),
+)
 def test_decoder_only_ever_refuses_with_a_service_error(seed, flips, cut):
     data = bytearray(seed)
     for position, value in flips:
@@ -40,10 +44,18 @@ def test_decoder_on_random_bytes(data):
         pass
 
 
-JSON = st.recursive(st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.floats(allow_nan=True)
-                    | st.text(max_size=20), lambda inner: st.lists(inner, max_size=4)
-                    | st.dictionaries(st.sampled_from(["op", "effect", "scale", "model", "params", "tile", "alpha",
-                                                      "bgcolor", "refine", "x"]), inner, max_size=5), max_leaves=12)
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(10**12), 10**12) | st.floats(allow_nan=True) | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(["op", "effect", "scale", "model", "params", "tile", "alpha", "bgcolor", "refine", "x"]),
+            inner,
+            max_size=5,
+        )
+    ),
+    max_leaves=12,
+)
 
 
 @settings(max_examples=400, deadline=None)
@@ -59,8 +71,12 @@ def test_step_parser_only_ever_answers_400(value):
 @given(st.dictionaries(st.sampled_from(["scale", "tile", "format", "use_cache"]), JSON, max_size=4))
 def test_field_reads_only_ever_answer_400(values):
     fields = Fields(values)
-    for read in (lambda: fields.number("scale", 4.0), lambda: fields.number("tile", 0, integer=True, minimum=0),
-                 lambda: fields.text("format", "auto", ("auto", "png")), lambda: fields.boolean("use_cache")):
+    for read in (
+        lambda: fields.number("scale", 4.0),
+        lambda: fields.number("tile", 0, integer=True, minimum=0),
+        lambda: fields.text("format", "auto", ("auto", "png")),
+        lambda: fields.boolean("use_cache"),
+    ):
         try:
             read()
         except HttpError as exc:
@@ -68,8 +84,14 @@ def test_field_reads_only_ever_answer_400(values):
 
 
 @settings(max_examples=300, deadline=None)
-@given(x=st.integers(0, 2**32 - 1), y=st.integers(0, 2**32 - 1), w=st.integers(0, 2**32 - 1),
-       h=st.integers(0, 2**32 - 1), halo=st.integers(0, 2**32 - 1), pixels=st.binary(max_size=200))
+@given(
+    x=st.integers(0, 2**32 - 1),
+    y=st.integers(0, 2**32 - 1),
+    w=st.integers(0, 2**32 - 1),
+    h=st.integers(0, 2**32 - 1),
+    halo=st.integers(0, 2**32 - 1),
+    pixels=st.binary(max_size=200),
+)
 def test_tile_parser_only_ever_answers_invalid_argument(x, y, w, h, halo, pixels):
     info = wire.HeaderInfo(wire.header(64, 48, "RGB", np.uint8, tile_width=16, tile_height=16), 10**6)
     tile = common_pb2.Tile(x=x, y=y, width=w, height=h, halo_left=halo, pixels=pixels)

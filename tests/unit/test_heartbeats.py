@@ -8,6 +8,7 @@ def test_a_sender_still_computing_sends_heartbeats(monkeypatch):
     import asyncio
 
     from services.common import streaming
+
     monkeypatch.setattr(streaming, "HEARTBEAT_SECONDS", 0.05)
     written = []
 
@@ -26,6 +27,7 @@ def test_a_sender_still_computing_sends_heartbeats(monkeypatch):
         sender = streaming.Sender(Call(), pipeline_pb2.StreamRequest(start=pipeline_pb2.StreamStart()), slow_tiles())
         sender.accepted.set()
         await asyncio.wait_for(sender._task, 5)
+
     asyncio.run(run())
     assert written[0] == "start" and written[-2:] == ["tile", "done"]
     assert written.count("heartbeat") >= 3

@@ -47,7 +47,7 @@ def test_png_written_band_by_band_is_lossless_at_every_level(photo, mode, level)
     channels = len(mode)
     pixels = np.ascontiguousarray(np.dstack([photo] * 2)[:, :, :channels])
     writer = imageio.PngWriter(pixels.shape[1], pixels.shape[0], mode, 8, level=level)
-    bands = [writer.rows(pixels[top:top + 37]) for top in range(0, pixels.shape[0], 37)]
+    bands = [writer.rows(pixels[top : top + 37]) for top in range(0, pixels.shape[0], 37)]
     png = writer.start() + b"".join(bands) + writer.finish()
     assert Image.open(io.BytesIO(png)).mode == mode  # Pillow's decoder agrees with ours
     decoded = imageio.decode(png, **LIMITS)
@@ -104,8 +104,10 @@ def test_icc_profile_is_kept_through_decode_and_encode(photo):
     decoded = imageio.decode(encoded(Image.fromarray(photo), "JPEG", icc_profile=icc), **LIMITS)
     assert decoded.icc_profile == icc
     for fmt in ("png", "jpeg", "webp"):
-        assert Image.open(io.BytesIO(imageio.encode(decoded.pixels, "RGB", fmt, icc_profile=icc))).info.get(
-            "icc_profile") == icc
+        assert (
+            Image.open(io.BytesIO(imageio.encode(decoded.pixels, "RGB", fmt, icc_profile=icc))).info.get("icc_profile")
+            == icc
+        )
     png16 = imageio.encode_png(decoded.pixels.astype(np.uint16) * 257, "RGB", icc)
     assert imageio.decode(png16, **LIMITS).icc_profile == icc
 
@@ -113,8 +115,13 @@ def test_icc_profile_is_kept_through_decode_and_encode(photo):
 def _png_declaring(width: int, height: int) -> bytes:
     def chunk(kind, body):
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b""))
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\0" * 1000))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_decompression_bomb_is_refused_from_the_header():
@@ -124,10 +131,13 @@ def test_decompression_bomb_is_refused_from_the_header():
     assert time.perf_counter() - started < 1.0  # refused before decoding 30 GB of pixels
 
 
-@pytest.mark.parametrize("data, error", [
-    (b"", InvalidArgument),
-    (b"hello, I am a text file\n", UndecodableImage),
-])
+@pytest.mark.parametrize(
+    "data, error",
+    [
+        (b"", InvalidArgument),
+        (b"hello, I am a text file\n", UndecodableImage),
+    ],
+)
 def test_non_images(data, error):
     with pytest.raises(error):
         imageio.decode(data, **LIMITS)

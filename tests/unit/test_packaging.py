@@ -1,4 +1,5 @@
 """The lock files follow pyproject.toml's declarations (tools/lock.py writes them)."""
+
 import ast
 import importlib.util
 import re
@@ -20,8 +21,9 @@ def test_each_lock_pins_every_declared_requirement_within_its_range(lock):
     for requirement in declared(LOCKS[lock]):
         name = canonicalize_name(requirement.name)
         assert name in pinned, f"{lock} lacks {requirement} (run make lock)"
-        assert requirement.specifier.contains(pinned[name], prereleases=True), \
+        assert requirement.specifier.contains(pinned[name], prereleases=True), (
             f"{lock} pins {name}=={pinned[name]}, outside {requirement} (run make lock)"
+        )
 
 
 def test_the_images_pin_what_development_pins():
@@ -33,8 +35,10 @@ def test_the_images_pin_what_development_pins():
 
 def test_extras_follow_the_projects_references_to_its_own_extras(tmp_path):
     pyproject = tmp_path / "pyproject.toml"
-    pyproject.write_text('[project]\nname = "imagemesh"\ndependencies = ["numpy>=2"]\n'
-                         '[project.optional-dependencies]\na = ["imagemesh[b]", "redis"]\nb = ["imagemesh[a]", "rich"]\n')
+    pyproject.write_text(
+        '[project]\nname = "imagemesh"\ndependencies = ["numpy>=2"]\n'
+        '[project.optional-dependencies]\na = ["imagemesh[b]", "redis"]\nb = ["imagemesh[a]", "rich"]\n'
+    )
     assert sorted(str(r) for r in declared(("a",), pyproject)) == ["numpy>=2", "redis", "rich"]
     assert [str(r) for r in declared((), pyproject)] == ["numpy>=2"]
 
@@ -63,8 +67,11 @@ def _imported_modules() -> set[str]:
                     modules.update(alias.name for alias in node.names)
                 elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                     modules.add(node.module)
-    return {module for module in modules
-            if module.split(".")[0] not in sys.stdlib_module_names | FIRST_PARTY | INSTALLED_APART}
+    return {
+        module
+        for module in modules
+        if module.split(".")[0] not in sys.stdlib_module_names | FIRST_PARTY | INSTALLED_APART
+    }
 
 
 def _owners() -> dict[Path, str]:

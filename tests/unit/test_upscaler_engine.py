@@ -61,8 +61,8 @@ def test_lanczos_fallback_tiles_match_untiled(lanczos, photo):
 
 
 def test_rgba_keeps_alpha_and_colour_is_unaffected(general, photo):
-    yy, xx = np.mgrid[:photo.shape[0], :photo.shape[1]]
-    alpha = (255 * ((yy - 48) ** 2 + (xx - 64) ** 2 < 35 ** 2)).astype(np.uint8)
+    yy, xx = np.mgrid[: photo.shape[0], : photo.shape[1]]
+    alpha = (255 * ((yy - 48) ** 2 + (xx - 64) ** 2 < 35**2)).astype(np.uint8)
     rgba = np.dstack([photo, alpha])
     out = general.upscale(rgba, "RGBA", 4, tile=48)
     assert out.shape == (384, 512, 4)
@@ -102,6 +102,7 @@ def test_the_on_device_path_equals_the_host_arrays_path(general, photo):
 
 class ThreadCountingModel(ArrayBackend):
     """A 2x network that records the threads each call was given and the threads in use at once."""
+
     adapts_threads = True
 
     def __init__(self):
@@ -124,8 +125,9 @@ class ThreadCountingModel(ArrayBackend):
 
 def upscale_at_once(engine, requests: int) -> None:
     image = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    workers = [threading.Thread(target=engine.upscale, args=(image, "RGB", 2), kwargs={"tile": 16})
-               for _ in range(requests)]
+    workers = [
+        threading.Thread(target=engine.upscale, args=(image, "RGB", 2), kwargs={"tile": 16}) for _ in range(requests)
+    ]
     for worker in workers:
         worker.start()
     for worker in workers:
@@ -159,5 +161,6 @@ def test_backends_that_cannot_narrow_run_one_call_at_a_time_on_every_thread():
         with counting:
             calls -= 1
         return np.repeat(np.repeat(x, 2, axis=2), 2, axis=3)
+
     upscale_at_once(UpscaleEngine(FunctionBackend(model), 2, halo=2, lanes=InferenceLanes(threads=4, lanes=2)), 4)
     assert most == 1

@@ -36,14 +36,18 @@ def only(tmp_path, source, name):
 
 def test_every_upscaler_file_in_the_shared_folder_loads(model_dir, tmp_path, photo):
     present = [name for name in UPSCALER_FILES if (model_dir / name).is_file()]
-    assert {"realesr-animevideov3.pth", "realesr-general-x4v3_fp16.onnx",
-            "realesr-general-x4v3.fp16-derived.pth"} <= set(present)
+    assert {
+        "realesr-animevideov3.pth",
+        "realesr-general-x4v3_fp16.onnx",
+        "realesr-general-x4v3.fp16-derived.pth",
+    } <= set(present)
     for name in present:
         registry = registry_for(only(tmp_path, model_dir, name), tmp_path, "auto")
         ready = [m for m in registry.models.values() if m.ready and m.name != "lanczos"]
         assert [m.file_name for m in ready] == [name], name
-        assert ready[0].backend.startswith(("onnxruntime", "openvino") if name.endswith(".onnx") else
-                                           ("torch", "onnxruntime", "openvino", "ncnn"))
+        assert ready[0].backend.startswith(
+            ("onnxruntime", "openvino") if name.endswith(".onnx") else ("torch", "onnxruntime", "openvino", "ncnn")
+        )
         out = ready[0].engine.upscale(photo[:24, :24], "RGB", 4)
         assert out.shape == (96, 96, 3) and out.std() > 10
 
@@ -80,6 +84,7 @@ def test_a_restart_reuses_the_ncnn_network_and_openvinos_compiled_model(model_di
 
     def cache_files() -> dict:
         return {path: path.stat().st_mtime_ns for path in (tmp_path / "onnx").rglob("*") if path.is_file()}
+
     for backend in ("ncnn", "openvino"):
         registry_for(directory, tmp_path, backend)
     first = cache_files()
@@ -113,9 +118,10 @@ def test_rrdbnet_models_load_strictly_preferring_params_ema(tmp_path, name):
     image = np.random.default_rng(0).integers(0, 256, (11, 15, 3), dtype=np.uint8)
     out = model.engine.upscale(image, "RGB", spec.scale, tile=4096)
     with torch.inference_mode():
-        x = torch.from_numpy(np.pad(image, ((0, 11 % 2), (0, 15 % 2), (0, 0)), mode="edge")
-                             .astype(np.float32) / 255).permute(2, 0, 1)[None]
-        expected = ema.eval()(x).clamp(0, 1)[0].permute(1, 2, 0).numpy()[:11 * spec.scale, :15 * spec.scale]
+        x = torch.from_numpy(
+            np.pad(image, ((0, 11 % 2), (0, 15 % 2), (0, 0)), mode="edge").astype(np.float32) / 255
+        ).permute(2, 0, 1)[None]
+        expected = ema.eval()(x).clamp(0, 1)[0].permute(1, 2, 0).numpy()[: 11 * spec.scale, : 15 * spec.scale]
     assert out.shape == (11 * spec.scale, 15 * spec.scale, 3)
     assert np.abs(out.astype(float) - np.rint(expected * 255)).max() <= 1
     if spec.scale == 2:
@@ -172,8 +178,12 @@ def test_fetch_verifies_rembg_md5(tmp_path):
 
 def test_make_models_command_exports_to_the_cache_the_registry_uses(model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("ONNX_CACHE_DIR", str(tmp_path / "onnx"))
-    assert fetch_models.main(["--dir", str(tmp_path / "m"), "--model", "realesr-animevideov3",
-                              "--mirror", str(model_dir), "--export"]) == 0
+    assert (
+        fetch_models.main(
+            ["--dir", str(tmp_path / "m"), "--model", "realesr-animevideov3", "--mirror", str(model_dir), "--export"]
+        )
+        == 0
+    )
     exported = sorted((tmp_path / "onnx").rglob("*.*"))
     assert sorted(p.suffix for p in exported) == [".bin", ".onnx", ".param"]
     mtimes = [p.stat().st_mtime_ns for p in exported]
@@ -189,7 +199,8 @@ def test_calibration_picks_the_fastest_backend_within_45_db(model_dir, tmp_path)
     model = registry.resolve("realesr-animevideov3")
     figures = {m["backend"]: m for m in model.calibration}
     expected = {"torch-fp32", "torch-fp32-cl", "onnxruntime", "openvino", "ncnn"} | (
-        {"torch-bf16-cl"} if cpu_has_bf16() else set())
+        {"torch-bf16-cl"} if cpu_has_bf16() else set()
+    )
     assert set(figures) == expected
     chosen = [m for m in model.calibration if m["chosen"]]
     assert len(chosen) == 1 and chosen[0]["backend"] == model.backend
@@ -207,6 +218,7 @@ def test_calibration_refuses_a_fast_but_inaccurate_backend():
         def __call__(self, batch, threads=0):
             time.sleep(self.delay)
             return self.output
+
     tile = calibration_tile(32)
     reference = np.repeat(np.repeat(tile, 4, axis=2), 4, axis=3)
     wrong = Candidate("fast-wrong", "torch", lambda: Fixed("fast-wrong", reference * 0.5, 0.0))
@@ -214,7 +226,9 @@ def test_calibration_refuses_a_fast_but_inaccurate_backend():
     chosen, figures = calibrate([wrong, right], reference, tile, runs=2)
     assert chosen.name == "slow-right"
     assert [(f["backend"], f["eligible"], f["chosen"]) for f in figures] == [
-        ("fast-wrong", False, False), ("slow-right", True, True)]
+        ("fast-wrong", False, False),
+        ("slow-right", True, True),
+    ]
 
 
 def test_a_forced_backend_is_used_without_calibration(model_dir, tmp_path):
@@ -227,6 +241,7 @@ def test_a_forced_backend_is_used_without_calibration(model_dir, tmp_path):
 
 def test_inference_lanes_give_backends_a_wide_and_a_narrow_form_that_agree(model_dir, tmp_path):
     import threading
+
     directory = only(tmp_path, model_dir, "realesr-animevideov3.pth")
     tile = calibration_tile(48)
     one_lane = ModelRegistry(directory, backend="ncnn", onnx_cache_dir=tmp_path / "onnx", threads=2)

@@ -1,4 +1,5 @@
 """What Envoy asks the gateway: whether a public gRPC call may pass (ext_authz)."""
+
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request, Response

@@ -1,4 +1,5 @@
 """The primary API: /v1 image routes, catalogues and background-removal choices."""
+
 from __future__ import annotations
 
 import time
@@ -32,6 +33,7 @@ router = APIRouter(tags=["v1"])
 # Multipart fields of /v1/effects that are not effect parameters.
 EFFECT_RESERVED = {"file", "effect", "params", "format", "quality", "image_base64", "image_url"}
 
+
 def cache_hit_rate(stats) -> float:
     lookups = stats.cache_hits + stats.cache_misses
     return stats.cache_hits / lookups if lookups else 0.0
@@ -44,33 +46,54 @@ def effect_from(f: Fields) -> pipeline_pb2.Step:
     return effect_step(f)
 
 
-@router.get("/v1/models", summary="Every model of every service, with readiness and backend",
-            responses={200: json_answer("models and each service's default"), **errors(503)})
+@router.get(
+    "/v1/models",
+    summary="Every model of every service, with readiness and backend",
+    responses={200: json_answer("models and each service's default"), **errors(503)},
+)
 async def list_models(gw: Gateway = Depends(gateway)):
     replies = await gw.mesh.list_models()
-    return {"models": [dict(wire.as_json(m), service=service) for service, reply in replies.items() for m in reply.models],
-            "defaults": {service: reply.default_model for service, reply in replies.items()}}
+    return {
+        "models": [dict(wire.as_json(m), service=service) for service, reply in replies.items() for m in reply.models],
+        "defaults": {service: reply.default_model for service, reply in replies.items()},
+    }
 
 
-@router.get("/v1/effects", summary="Every effect with its parameters, ranges and options",
-            responses={200: json_answer("the effects"), **errors(503)})
+@router.get(
+    "/v1/effects",
+    summary="Every effect with its parameters, ranges and options",
+    responses={200: json_answer("the effects"), **errors(503)},
+)
 async def list_effects(gw: Gateway = Depends(gateway)):
     return wire.as_json(await gw.mesh.list_effects())
 
 
-@router.post("/v1/upscale", summary="Upscale an image with Real-ESRGAN (or Lanczos)", dependencies=PROTECTED,
-             openapi_extra={"requestBody": image_body({**UPSCALE, **OUTPUT})}, responses=IMAGE_ANSWER)
+@router.post(
+    "/v1/upscale",
+    summary="Upscale an image with Real-ESRGAN (or Lanczos)",
+    dependencies=PROTECTED,
+    openapi_extra={"requestBody": image_body({**UPSCALE, **OUTPUT})},
+    responses=IMAGE_ANSWER,
+)
 async def upscale(request: Request, gw: Gateway = Depends(gateway)):
     started = time.perf_counter()
     req = await gw.read(request)
-    return await gw.answer(request, req, [upscale_step(req.fields)], started,
-                           lambda result: {"scale": float(result.reports[0].details["scale"])})
+    return await gw.answer(
+        request,
+        req,
+        [upscale_step(req.fields)],
+        started,
+        lambda result: {"scale": float(result.reports[0].details["scale"])},
+    )
 
 
-@router.post("/v1/remove-background", summary="Remove the background (one model, or candidates)",
-             dependencies=PROTECTED, openapi_extra={"requestBody": image_body({**REMOVE, "models": CANDIDATES,
-                                                                                **OUTPUT})},
-             responses=REMOVAL_ANSWER)
+@router.post(
+    "/v1/remove-background",
+    summary="Remove the background (one model, or candidates)",
+    dependencies=PROTECTED,
+    openapi_extra={"requestBody": image_body({**REMOVE, "models": CANDIDATES, **OUTPUT})},
+    responses=REMOVAL_ANSWER,
+)
 async def remove_background(request: Request, gw: Gateway = Depends(gateway)):
     started = time.perf_counter()
     req = await gw.read(request)
@@ -81,11 +104,29 @@ async def remove_background(request: Request, gw: Gateway = Depends(gateway)):
     return await gw.candidates(req, models, started)
 
 
-@router.post("/v1/remove-background/choice", summary="Record which candidate the user picked",
-             dependencies=PROTECTED, responses={200: json_answer("the recorded pick"), **errors(400, 401, 404, 429)},
-             openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {
-                 "type": "object", "required": ["request_id", "model"], "properties": {
-                     "request_id": {"type": "string", "minLength": 1}, "model": {"type": "string", "minLength": 1}}}}}}})
+@router.post(
+    "/v1/remove-background/choice",
+    summary="Record which candidate the user picked",
+    dependencies=PROTECTED,
+    responses={200: json_answer("the recorded pick"), **errors(400, 401, 404, 429)},
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["request_id", "model"],
+                        "properties": {
+                            "request_id": {"type": "string", "minLength": 1},
+                            "model": {"type": "string", "minLength": 1},
+                        },
+                    }
+                }
+            },
+        }
+    },
+)
 async def record_choice(request: Request, gw: Gateway = Depends(gateway)):
     body = load_json(await request.body(), "the body")
     if not isinstance(body, dict):
@@ -97,32 +138,57 @@ async def record_choice(request: Request, gw: Gateway = Depends(gateway)):
     return wire.as_json(await gw.mesh.record_choice(request_id, model))
 
 
-@router.get("/v1/remove-background/stats", summary="Picks, share and mean latency per model",
-            dependencies=PROTECTED, responses={200: json_answer("statistics"), **errors(401, 429, 503)})
+@router.get(
+    "/v1/remove-background/stats",
+    summary="Picks, share and mean latency per model",
+    dependencies=PROTECTED,
+    responses={200: json_answer("statistics"), **errors(401, 429, 503)},
+)
 async def removal_stats(gw: Gateway = Depends(gateway)):
     reply = await gw.mesh.stats()
     return {
-        "models": [{"model": m.model, "runs": m.runs, "offered": m.offered, "picks": m.picks,
-                    "share": m.share, "pick_rate": m.pick_rate, "mean_ms": round(m.mean_ms, 1)}
-                   for m in reply.models],
-        "choices": reply.choices, "requests": reply.requests, "cache_hits": reply.cache_hits,
-        "cache_misses": reply.cache_misses, "cache_hit_rate": cache_hit_rate(reply),
-        "cache_bytes": reply.cache_bytes, "cache_entries": reply.cache_entries}
+        "models": [
+            {
+                "model": m.model,
+                "runs": m.runs,
+                "offered": m.offered,
+                "picks": m.picks,
+                "share": m.share,
+                "pick_rate": m.pick_rate,
+                "mean_ms": round(m.mean_ms, 1),
+            }
+            for m in reply.models
+        ],
+        "choices": reply.choices,
+        "requests": reply.requests,
+        "cache_hits": reply.cache_hits,
+        "cache_misses": reply.cache_misses,
+        "cache_hit_rate": cache_hit_rate(reply),
+        "cache_bytes": reply.cache_bytes,
+        "cache_entries": reply.cache_entries,
+    }
 
 
-@router.post("/v1/effects", summary="Apply an effect (its parameters as `params`, or as form fields)",
-             dependencies=PROTECTED, openapi_extra={"requestBody": image_body({**EFFECT, **OUTPUT}, ("effect",),
-                                                                  catalogue="effect-and-params")},
-             responses=IMAGE_ANSWER)
+@router.post(
+    "/v1/effects",
+    summary="Apply an effect (its parameters as `params`, or as form fields)",
+    dependencies=PROTECTED,
+    openapi_extra={"requestBody": image_body({**EFFECT, **OUTPUT}, ("effect",), catalogue="effect-and-params")},
+    responses=IMAGE_ANSWER,
+)
 async def apply_effect(request: Request, gw: Gateway = Depends(gateway)):
     started = time.perf_counter()
     req = await gw.read(request)
     return await gw.answer(request, req, [effect_from(req.fields)], started)
 
 
-@router.post("/v1/process", summary="Run a pipeline of steps, streamed through the services",
-             dependencies=PROTECTED, openapi_extra={"requestBody": image_body({"steps": STEPS, **OUTPUT}, ("steps",))},
-             responses=IMAGE_ANSWER)
+@router.post(
+    "/v1/process",
+    summary="Run a pipeline of steps, streamed through the services",
+    dependencies=PROTECTED,
+    openapi_extra={"requestBody": image_body({"steps": STEPS, **OUTPUT}, ("steps",))},
+    responses=IMAGE_ANSWER,
+)
 async def process(request: Request, gw: Gateway = Depends(gateway)):
     started = time.perf_counter()
     req = await gw.read(request)
