@@ -7,6 +7,7 @@ import copy
 import logging
 import time
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -121,18 +122,22 @@ def allowed_methods(app: FastAPI, path: str) -> list[str]:
     return sorted(methods)
 
 
-def openapi_for(app: FastAPI, config: GatewayConfig):
-    """The schema of this gateway as configured: bearer security only where tokens are
-    set (with its 401), image_url only where URL fetching is on, and each effect's
-    parameters from the effects service's catalogue (kept once it was read)."""
+class GatewayApi(FastAPI):
+    """FastAPI whose OpenAPI document is this gateway's as configured: bearer security
+    only where tokens are set (with its 401), image_url only where URL fetching is on,
+    and each effect's parameters from the effects service's catalogue (kept once it was read)."""
 
-    def schema() -> dict:
-        if app.openapi_schema:
-            return app.openapi_schema
+    def __init__(self, config: GatewayConfig, **settings: Any):
+        super().__init__(**settings)
+        self.gateway_config = config
+
+    def openapi(self) -> dict[str, Any]:
+        if self.openapi_schema:
+            return self.openapi_schema
         document = copy.deepcopy(
-            get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            get_openapi(title=self.title, version=self.version, description=self.description, routes=self.routes)
         )  # the routes' declarations stay as they are
-        auth = bool(config.api_tokens.strip())
+        auth = bool(self.gateway_config.api_tokens.strip())
         for path_item in document.get("paths", {}).values():
             for operation in path_item.values():
                 if not auth:
@@ -141,18 +146,16 @@ def openapi_for(app: FastAPI, config: GatewayConfig):
                         operation.get("responses", {}).pop("401", None)
                 for media in operation.get("requestBody", {}).get("content", {}).values():
                     body = media.get("schema", {})
-                    if not config.url_fetch_enabled and "image_url" in body.get("properties", {}):
+                    if not self.gateway_config.url_fetch_enabled and "image_url" in body.get("properties", {}):
                         del body["properties"]["image_url"]
                         body["oneOf"] = [alt for alt in body.get("oneOf", []) if alt["required"] != ["image_url"]]
         if not auth:
             document.get("components", {}).pop("securitySchemes", None)
-        effects = gateway_of(app).effects
+        effects = gateway_of(self).effects
         document = complete(document, effects)
         if effects is not None:
-            app.openapi_schema = document
+            self.openapi_schema = document
         return document
-
-    return schema
 
 
 def create_app(config: GatewayConfig) -> FastAPI:
@@ -170,7 +173,8 @@ def create_app(config: GatewayConfig) -> FastAPI:
             app.state.gateway = gw
             yield
 
-    app = FastAPI(
+    app = GatewayApi(
+        config,
         title="imagemesh",
         version="1.0",
         lifespan=lifespan,
@@ -183,7 +187,6 @@ def create_app(config: GatewayConfig) -> FastAPI:
             "primary API; the others keep clients of earlier services working."
         ),
     )
-    app.openapi = openapi_for(app, config)  # type: ignore[method-assign]
     app.add_middleware(
         RequestContext, max_upload_bytes=config.max_upload_bytes, write_timeout=config.client_write_timeout_seconds
     )
