@@ -1,11 +1,11 @@
 """A service started with bad settings exits at once and says which."""
 
+import os
+import subprocess
+import sys
+
 
 def test_a_service_with_bad_configuration_exits_with_a_clear_message():
-    import os
-    import subprocess
-    import sys
-
     result = subprocess.run(
         [sys.executable, "-m", "services.upscaler"],
         capture_output=True,

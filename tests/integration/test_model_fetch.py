@@ -1,18 +1,17 @@
 """make run fetches the missing small default models over HTTP (a loopback server) and then starts offline."""
 
+import functools
+import http.server
 import os
 import shutil
+import threading
 
 from services import fetch_models
 from services.upscaler.models import SPECS_BY_NAME, sha256_of
-from support.processes import free_ports
+from support.processes import free_port
 
 
 def test_make_run_fetches_the_missing_small_defaults_over_http_and_starts_offline(model_dir, tmp_path):
-    import functools
-    import http.server
-    import threading
-
     mirror = tmp_path / "mirror"
     mirror.mkdir()
     shutil.copy(model_dir / "realesr-animevideov3.pth", mirror)
@@ -28,7 +27,7 @@ def test_make_run_fetches_the_missing_small_defaults_over_http_and_starts_offlin
     finally:
         server.shutdown()
         server.server_close()
-    closed = f"http://127.0.0.1:{free_ports(1)[0]}"  # nothing listens: as good as offline
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens: as good as offline
     line = fetch_models.fetch_missing_at_start(tmp_path / "empty", closed)
     assert "could not fetch realesr-general-x4v3, realesr-animevideov3" in line and "\n" not in line
     assert not (tmp_path / "empty").exists() or not any((tmp_path / "empty").iterdir())

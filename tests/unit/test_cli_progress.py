@@ -1,11 +1,11 @@
 """The command line's progress bar, as a terminal shows it."""
 
+import io
+
+from imagemesh_client.cli import ProgressBar
+
 
 def test_the_progress_bar_shows_the_share_done_and_the_time_left():
-    import io
-
-    from imagemesh_client.cli import ProgressBar
-
     shown = io.StringIO()
     bar = ProgressBar(False, shown)
     bar.status({"status": "running", "progress": {"fraction": 0.4}, "eta_seconds": 6.2})

@@ -1,11 +1,13 @@
 """A job's estimate, progress and time left, computed from its plan and measured speeds."""
 
 import pytest
+from imagemesh.v1 import common_pb2, pipeline_pb2
+
+from services.gateway.estimate import estimate_seconds
+from services.gateway.jobs import Job
 
 
 def test_eta_and_progress_inside_a_tile_follow_the_expected_length():
-    from services.gateway.jobs import Job
-
     job = Job("j", "r", estimated_seconds=10.0)
     assert job.timing(now=100.0) == (0.0, 10.0)  # queued: its run's estimate
     job.status, job.started, job.tiles_total = "running", 100.0, 1
@@ -22,10 +24,6 @@ def test_eta_and_progress_inside_a_tile_follow_the_expected_length():
 
 
 def test_the_estimate_counts_every_pass_and_halo_at_the_measured_speed():
-    from imagemesh.v1 import common_pb2, pipeline_pb2
-
-    from services.gateway.estimate import estimate_seconds
-
     def model(name, speed, scale=0.0, input_size=0):
         return common_pb2.ModelInfo(
             name=name,

@@ -1,14 +1,14 @@
 """A sender that is still computing keeps its stream alive with heartbeats."""
 
+import asyncio
+
 from imagemesh.v1 import common_pb2, pipeline_pb2
+
+from services.common import streaming
 
 
 def test_a_sender_still_computing_sends_heartbeats(monkeypatch):
     """What keeps a pipeline's next service from taking a busy hop for an idle client."""
-    import asyncio
-
-    from services.common import streaming
-
     monkeypatch.setattr(streaming, "HEARTBEAT_SECONDS", 0.05)
     written = []
 
