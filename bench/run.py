@@ -39,7 +39,7 @@ from bench.gpu import conv_flops_per_input_pixel
 from services.bgremoval import engine as bg_engine
 from services.bgremoval.models import SegmenterRegistry
 from services.common import imageio, wire
-from services.common.resources import available_cpus
+from services.common.resources import available_cpus, cpu_model_and_flags
 from services.common.tiles import grid
 from services.effects import engine as fx_engine
 from services.effects import registry as fx_registry
@@ -84,13 +84,7 @@ DEFAULT_MODELS = Path(os.environ.get("IMAGEMESH_BENCH_MODELS", ROOT.parent / "sh
 
 
 def machine() -> dict:
-    model, flags = platform.processor() or "unknown", []
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        model = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
-        flags = next(line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        pass
+    model, flags = cpu_model_and_flags()
     wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile")
     return {
         "cpu": model,

@@ -1,7 +1,9 @@
 """What the container really has: CPUs from the cgroup quota and affinity, not
-the host's count; memory from the cgroup limit and MemAvailable."""
+the host's count; memory from the cgroup limit and MemAvailable; the CPU's model
+and instruction-set flags."""
 
 import os
+import platform
 
 
 def _read(path: str) -> str:
@@ -10,6 +12,15 @@ def _read(path: str) -> str:
             return f.read().strip()
     except OSError:
         return ""
+
+
+def cpu_model_and_flags() -> tuple[str, frozenset[str]]:
+    """The CPU's model name and its flags ("avx2", "avx512_bf16", ...), from /proc/cpuinfo."""
+    fields: dict[str, str] = {}
+    for line in _read("/proc/cpuinfo").splitlines():
+        name, _, value = line.partition(":")
+        fields.setdefault(name.strip(), value.strip())
+    return fields.get("model name") or platform.processor() or "unknown", frozenset(fields.get("flags", "").split())
 
 
 def available_cpus() -> int:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from services.common.onnx import onnx_session
+from services.common.resources import cpu_model_and_flags
 
 
 class Backend(Protocol):
@@ -116,12 +117,7 @@ def resolve_device(requested: str) -> str:
 
 def cpu_has_bf16() -> bool:
     """AVX-512 bf16 or AMX: bf16 convolutions run natively (several times fp32's speed)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return bool({"avx512_bf16", "amx_bf16"} & set(flags))
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_model_and_flags()[1])
 
 
 def onnx_providers(device: str) -> list[str]:
@@ -277,7 +273,7 @@ class OpenVinoBackend(ArrayBackend):
 @dataclass(frozen=True)
 class Candidate:
     name: str
-    family: str  # "torch", "onnxruntime", "openvino" or "ncnn"
+    family: str  # "torch", "onnxruntime", "openvino", "ncnn" or "ncnn-bf16"
     make: Callable[[], Backend]
 
 
@@ -296,10 +292,10 @@ TORCH_VARIANTS = {
         ("torch-cuda-bf16-cl-compiled", torch.bfloat16, True, True),
     ),
 }
-BACKEND_CHOICES = ("auto", "torch", "onnxruntime", "openvino", "ncnn") + tuple(
+BACKEND_CHOICES = ("auto", "torch", "onnxruntime", "openvino", "ncnn", "ncnn-bf16") + tuple(
     v[0] for vs in TORCH_VARIANTS.values() for v in vs
 )
-CPU_ONLY = ("openvino", "ncnn")
+CPU_ONLY = ("openvino", "ncnn", "ncnn-bf16")
 
 
 def torch_candidates(module: torch.nn.Module, device: str) -> list[Candidate]:

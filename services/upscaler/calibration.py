@@ -1,18 +1,26 @@
 """Calibration: every candidate backend timed on one tile, the candidates in turn in
-every round, and the fastest kept among those within MIN_PSNR_DB of fp32. It sits
+every round, and the fastest kept among those within MIN_PSNR_DB of fp32; on the
+CPU the fastest few are then timed on bigger tiles, for the tile size too. It sits
 beside the backends it measures; the registry (models.py) only asks it."""
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
+import json
 import logging
 import math
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from services.common import logs
 from services.common.contract import MIN_BACKEND_PSNR_DB
+from services.common.files import write_atomically
+from services.common.resources import cpu_model_and_flags
 
 from .backends import Backend, Candidate
 
@@ -42,50 +50,137 @@ def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
+LADDER_CONTENDERS = 2  # the fastest on the first tile are the ones timed on bigger tiles
+LADDER_RUNS = 2
+MEASUREMENT_KEYS = ("backend", "megapixels_per_second", "tile", "psnr_db", "eligible", "chosen")
+BACKEND_LIBRARIES = ("torch", "onnxruntime", "openvino", "ncnn")
+
+
+@dataclass(frozen=True)
+class _Speed:
+    core: int  # tile edge before the halo: the pixels a tile delivers
+    context: int  # the edge the network runs on, halo included
+    seconds: float
+
+    @property
+    def core_rate(self) -> float:
+        return self.core * self.core / self.seconds
+
+    @property
+    def context_rate(self) -> float:
+        """Input megapixels per second, halo included (what estimates of a request's time use)."""
+        return self.context * self.context / self.seconds / 1e6
+
+
+def _time_in_turn(backends: list[Backend], tile: np.ndarray, native_scale: int, runs: int) -> dict[str, float]:
+    """Best time per backend for one tile on its exact path, after one warm-up call each,
+    the backends in turn in every round so that the machine's drift falls on all alike."""
+    integer_tile = np.ascontiguousarray((tile[0].transpose(1, 2, 0) * 255).round().astype(np.uint8))
+    whole = slice(0, tile.shape[2] * native_scale)
+    calls = {b.name: (lambda b=b: b.render_exact(integer_tile, 1, native_scale, 1, whole, whole)) for b in backends}
+    for call in calls.values():
+        call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(runs):
+        for name, call in calls.items():
+            started = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - started)
+    return {name: min(t) for name, t in times.items()}  # the best run: what it can do, less the machine's noise
+
+
 def calibrate(
-    candidates: list[Candidate], reference: np.ndarray, tile: np.ndarray, runs: int, native_scale: int = 4
+    candidates: list[Candidate],
+    reference: np.ndarray,
+    tile: np.ndarray,
+    runs: int,
+    native_scale: int = 4,
+    *,
+    halo: int = 0,
+    tile_ladder: tuple[int, ...] = (),
 ) -> tuple[Backend | None, list[dict]]:
     """Time each candidate on the tile the way tiles will run (integer pixels in and
     out, its exact path), the candidates in turn in every round so that the
-    machine's drift falls on all alike; keep the fastest within MIN_PSNR_DB of the reference."""
-    pixels = tile.shape[2] * tile.shape[3]
-    integer_tile = np.ascontiguousarray((tile[0].transpose(1, 2, 0) * 255).round().astype(np.uint8))
-    whole = slice(0, tile.shape[2] * native_scale)
-    ready = []  # (backend, its output, how one tile runs on it)
+    machine's drift falls on all alike; keep the fastest within MIN_PSNR_DB of the reference.
+
+    With a `tile_ladder` (tile edges before the halo, ascending), the LADDER_CONTENDERS
+    fastest eligible candidates are then timed on ever bigger tiles, each until a bigger
+    tile stops paying: per-pixel speed changes with the tile (caches, the halo's share),
+    and not alike for every backend. Each measurement says the tile it was fastest at."""
+    ready = []  # (backend, its output on the tile)
     for candidate in candidates:
         try:
             backend = candidate.make()
-            out = backend(tile)  # warm-up, and the output compared
-
-            def run(backend: Backend = backend) -> np.ndarray:
-                return backend.render_exact(integer_tile, 1, native_scale, 1, whole, whole)
-
-            run()
-            ready.append((backend, out, run))
+            ready.append((backend, backend(tile)))  # warm-up, and the output compared
         except Exception as exc:  # a backend that cannot run here is skipped, not fatal
             logs.log(logger, logging.WARNING, "backend unavailable", backend=candidate.name, error=str(exc)[:300])
-    times: dict[str, list[float]] = {backend.name: [] for backend, _, _ in ready}
-    for _ in range(runs):
-        for backend, _, run in ready:
-            started = time.perf_counter()
-            run()
-            times[backend.name].append(time.perf_counter() - started)
-    chosen, best, measurements = None, 0.0, []
-    for backend, out, _ in ready:
-        speed = pixels / min(times[backend.name]) / 1e6  # the best run: what it can do, less the machine's noise
+    backends = [backend for backend, _ in ready]
+    edge = tile.shape[2]
+    core = max(1, edge - 2 * halo)
+    first = _time_in_turn(backends, tile, native_scale, runs)
+    fastest = {name: _Speed(core, edge, seconds) for name, seconds in first.items()}
+    measurements = []
+    for backend, out in ready:
         psnr = psnr_db(out, reference)
-        eligible = psnr >= MIN_PSNR_DB
         measurements.append(
-            {
-                "backend": backend.name,
-                "megapixels_per_second": round(speed, 4),
-                "psnr_db": round(min(psnr, 999.0), 2),
-                "eligible": eligible,
-                "chosen": False,
-            }
+            {"backend": backend.name, "psnr_db": round(min(psnr, 999.0), 2), "eligible": psnr >= MIN_PSNR_DB}
         )
-        if eligible and speed > best:
-            chosen, best = backend, speed
-    for m in measurements:
-        m["chosen"] = chosen is not None and m["backend"] == chosen.name
-    return chosen, measurements
+    eligible = [b for b, m in zip(backends, measurements) if m["eligible"]]
+    climbing = sorted(eligible, key=lambda b: fastest[b.name].core_rate, reverse=True)[:LADDER_CONTENDERS]
+    for bigger in (e for e in tile_ladder if e > core):
+        if not climbing:
+            break
+        context = bigger + 2 * halo
+        times = _time_in_turn(climbing, calibration_tile(context), native_scale, LADDER_RUNS)
+        for backend in list(climbing):
+            speed = _Speed(bigger, context, times[backend.name])
+            if speed.core_rate > fastest[backend.name].core_rate:
+                fastest[backend.name] = speed
+            else:
+                climbing.remove(backend)
+    chosen = max(eligible, key=lambda b: fastest[b.name].core_rate, default=None)
+    for backend, m in zip(backends, measurements):
+        speed = fastest[backend.name]
+        m.update(megapixels_per_second=round(speed.context_rate, 4), tile=speed.core, chosen=backend is chosen)
+    return chosen, [{k: m[k] for k in MEASUREMENT_KEYS} for m in measurements]
+
+
+def _installed_version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
+def record_path(directory: Path, **settings: object) -> Path:
+    """Where calibration's outcome for these settings (the model file, the candidates,
+    threads, halo, device...) is kept: named after everything else the outcome depends
+    on too (the CPU, the backend libraries' versions, this module's code), so a restart
+    on the same machine reuses it and any change measures again."""
+    cpu, flags = cpu_model_and_flags()
+    identity = {
+        **settings,
+        "cpu": cpu,
+        "flags": sorted(flags),
+        "libraries": {name: _installed_version(name) for name in BACKEND_LIBRARIES},
+        "method": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+    }
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+    return directory / f"{digest[:32]}.json"
+
+
+def read_record(path: Path) -> dict | None:
+    """A stored outcome: the chosen backend, its tile and every measurement; None when there
+    is none (or it cannot be read: then it is measured again)."""
+    try:
+        record = json.loads(path.read_text())
+        chosen = [m for m in record["calibration"] if m["chosen"]]
+        if len(chosen) == 1 and set(MEASUREMENT_KEYS) <= set(chosen[0]) and isinstance(record["preferred_tile"], int):
+            return record
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def write_record(path: Path, measurements: list[dict], preferred_tile: int) -> None:
+    write_atomically(path, json.dumps({"calibration": measurements, "preferred_tile": preferred_tile}).encode())

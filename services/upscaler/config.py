@@ -16,7 +16,7 @@ class UpscalerConfig(ServiceConfig):
     model_dir: str = setting("./models", "folder the model files are loaded from")
     upscaler_backend: str = setting(
         "auto",
-        "auto (measured at start), torch, onnxruntime, openvino, ncnn, or one torch variant",
+        "auto (measured at start), torch, onnxruntime, openvino, ncnn, ncnn-bf16 (bf16 storage), or one torch variant",
         choices=BACKEND_CHOICES,
     )
     upscaler_calibration_tile: int = setting(

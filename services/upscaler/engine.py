@@ -32,6 +32,12 @@ from .lanes import InferenceLanes
 
 UNSHARP_SIGMA, UNSHARP_AMOUNT, UNSHARP_MARGIN = 1.0, 0.5, 4
 TILE_CHOICES = (1024, 768, 512, 384, 256, 192, 128, 96, 64)
+CPU_MAX_TILE, GPU_MAX_TILE = 512, 1024
+
+
+def tile_ladder(smallest: int) -> tuple[int, ...]:
+    """The CPU tile edges above `smallest`, ascending: what calibration times for speed."""
+    return tuple(edge for edge in sorted(TILE_CHOICES) if smallest < edge <= CPU_MAX_TILE)
 
 
 @dataclass(frozen=True)
@@ -91,8 +97,10 @@ class UpscaleEngine:
         pad_multiple: int = 1,
         bytes_per_input_pixel: int = 1200,
         lanes: InferenceLanes | None = None,
+        preferred_tile: int = 0,
     ):
         self.model = model
+        self.preferred_tile = preferred_tile  # the CPU tile calibration found fastest (0: memory alone decides)
         # Each network call runs in one of the service's inference lanes; the rest of a tile's work outside them.
         self.lanes = lanes or InferenceLanes(1)
         self.native_scale = native_scale if model else 1
@@ -106,12 +114,13 @@ class UpscaleEngine:
         return max(1, int(math.floor(math.log(scale) / math.log(self.native_scale) + 1e-9)))
 
     def auto_tile(self, passes: int, concurrency: int = 1) -> int:
-        """Largest tile whose working memory fits in a quarter of what is free, per concurrent request."""
+        """Largest tile whose working memory fits in a quarter of what is free, per concurrent
+        request, and no bigger than the one calibration found fastest."""
         if self.model is not None and self.model.device == "cuda":  # big tiles keep a GPU busy; its memory limits
             free, _ = torch.cuda.mem_get_info(torch.device("cuda"))
-            budget, cap = free / 2 / max(1, concurrency), 1024
+            budget, cap = free / 2 / max(1, concurrency), GPU_MAX_TILE
         else:
-            budget, cap = available_memory_bytes() / 4 / max(1, concurrency), 512
+            budget, cap = available_memory_bytes() / 4 / max(1, concurrency), self.preferred_tile or CPU_MAX_TILE
         growth = (self.native_scale ** max(0, passes - 1)) ** 2  # later passes run on bigger tiles
         for edge in TILE_CHOICES:
             if edge * edge * self.bytes_per_input_pixel * growth <= budget:

@@ -5,6 +5,7 @@ downloaded while serving (see fetch.py for `make models`)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +19,8 @@ from services.common.registry import Registry
 
 from .arch import ARCHITECTURES, SRVGGNetCompact
 from .backends import CPU_ONLY, Backend, Candidate, OnnxBackend, OpenVinoBackend, export_onnx, torch_candidates
-from .calibration import MIN_PSNR_DB, calibrate, calibration_tile
-from .engine import UpscaleEngine
+from .calibration import MIN_PSNR_DB, calibrate, calibration_tile, read_record, record_path, write_record
+from .engine import UpscaleEngine, tile_ladder
 from .lanes import InferenceLanes
 from .ncnn_export import NcnnBackend, export_ncnn, exportable
 
@@ -165,6 +166,7 @@ class LoadedModel:
     parameters: int = 0
     file_bytes: int = 0
     calibration: list[dict] = field(default_factory=list)
+    preferred_tile: int = 0  # the CPU tile edge calibration found fastest (0: not measured)
     engine: UpscaleEngine | None = field(default=None, repr=False)
 
     def info(self) -> dict:
@@ -186,6 +188,7 @@ class LoadedModel:
             "parameters": self.parameters,
             "file_bytes": self.file_bytes,
             "calibration": self.calibration,
+            "preferred_tile": self.preferred_tile,
         }
 
 
@@ -230,7 +233,7 @@ class ModelRegistry(Registry):
 
     def _pick_file(self, spec: ModelSpec) -> Path | None:
         present = [self.model_dir / name for name in spec.files if (self.model_dir / name).is_file()]
-        if self.backend.startswith("torch") or self.backend == "ncnn":
+        if self.backend.startswith(("torch", "ncnn")):
             present = [p for p in present if p.suffix == ".pth"]
         elif self.backend in ("onnxruntime", "openvino"):
             present.sort(key=lambda p: p.suffix != ".onnx")  # a ready .onnx before an export
@@ -252,6 +255,16 @@ class ModelRegistry(Registry):
                 ),
             ),
         ]
+
+    def _ncnn_candidates(self, module: SRVGGNetCompact, stem: str) -> list[Candidate]:
+        """ncnn in fp32 and with bf16 storage, on the network written once from the weights."""
+
+        def make(bf16: bool) -> Backend:
+            param = cached_ncnn(module, self.onnx_cache_dir, stem)
+            return NcnnBackend(param, self.threads, self.narrow_threads, bf16)
+
+        variants = (("ncnn", False), ("ncnn-bf16", True))  # each its own family: UPSCALER_BACKEND=ncnn is fp32
+        return [Candidate(name, name, functools.partial(make, bf16)) for name, bf16 in variants]
 
     def _wanted(self, candidate: Candidate) -> bool:
         return self.backend in ("auto", candidate.family, candidate.name)
@@ -277,6 +290,7 @@ class ModelRegistry(Registry):
                 pad_multiple=2 if spec.scale == 2 else 1,
                 bytes_per_input_pixel=spec.bytes_per_input_pixel,
                 lanes=self.lanes,
+                preferred_tile=model.preferred_tile,
             )
             model.backend = run.name
             model.ready = True
@@ -299,41 +313,60 @@ class ModelRegistry(Registry):
         return model
 
     def _choose_backend(self, spec: ModelSpec, path: Path, digest: str, model: LoadedModel) -> Backend:
-        """The backend for this file: measured among the candidates UPSCALER_BACKEND allows."""
-        # A GPU needs bigger tiles than a CPU to show its speed.
-        tile = calibration_tile(self.calibration_tile if self.device == "cpu" else max(self.calibration_tile, 512))
+        """The backend for this file: measured among the candidates UPSCALER_BACKEND allows,
+        or what the same measurement chose on this machine before."""
+        stem = cache_stem(path, digest)
+        module: torch.nn.Module | None = None
         if path.suffix == ".onnx":
             model.parameters = onnx_parameter_count(path)
             candidates = self._onnx_candidates(lambda: path)
-            reference = None  # onnxruntime's own output: nothing more exact is at hand
         else:
             module = build_module(spec, path)
             model.parameters = sum(p.numel() for p in module.parameters())
-            stem = cache_stem(path, digest)
             candidates = torch_candidates(module, self.device) + self._onnx_candidates(
                 lambda: cached_onnx(module, self.onnx_cache_dir, stem)
             )
             if exportable(module):
-                compact = module
-                candidates.append(
-                    Candidate(
-                        "ncnn",
-                        "ncnn",
-                        lambda: NcnnBackend(
-                            cached_ncnn(compact, self.onnx_cache_dir, stem), self.threads, self.narrow_threads
-                        ),
-                    )
-                )
-            with torch.inference_mode():  # the accuracy reference: fp32 on the CPU
-                reference = module.float().cpu()(torch.from_numpy(tile)).numpy()
+                candidates += self._ncnn_candidates(module, stem)
         candidates = [c for c in candidates if self._wanted(c) and (self.device == "cpu" or c.family not in CPU_ONLY)]
         if not candidates:
             raise ValueError(f"UPSCALER_BACKEND={self.backend} is not available for {path.name} on this {self.device}")
         if len(candidates) == 1:
             return candidates[0].make()
-        if reference is None:
+        ladder = tile_ladder(self.calibration_tile - 2 * self.halo) if self.device == "cpu" else ()
+        record = record_path(
+            self.onnx_cache_dir / "calibration",
+            file=stem,
+            candidates=[c.name for c in candidates],
+            device=torch.cuda.get_device_name() if self.device == "cuda" else "cpu",
+            threads=(self.threads, self.narrow_threads),
+            tile=self.calibration_tile,
+            runs=self.calibration_runs,
+            halo=self.halo,
+            ladder=ladder,
+        )
+        by_name = {c.name: c for c in candidates}
+        earlier = read_record(record)
+        if (
+            earlier is not None
+            and (name := next(m["backend"] for m in earlier["calibration"] if m["chosen"])) in by_name
+        ):
+            model.calibration, model.preferred_tile = earlier["calibration"], earlier["preferred_tile"]
+            logs.log(logger, logging.INFO, "calibration reused", model=spec.name, backend=name, record=str(record))
+            return by_name[name].make()
+        # A GPU needs bigger tiles than a CPU to show its speed.
+        tile = calibration_tile(self.calibration_tile if self.device == "cpu" else max(self.calibration_tile, 512))
+        if module is not None:
+            with torch.inference_mode():  # the accuracy reference: fp32 on the CPU
+                reference = module.float().cpu()(torch.from_numpy(tile)).numpy()
+        else:  # onnxruntime's own output: nothing more exact is at hand
             reference = OnnxBackend(path, self.threads, self.device)(tile)
-        chosen, model.calibration = calibrate(candidates, reference, tile, self.calibration_runs, spec.scale)
+        chosen, model.calibration = calibrate(
+            candidates, reference, tile, self.calibration_runs, spec.scale, halo=self.halo, tile_ladder=ladder
+        )
         if chosen is None:
             raise ValueError(f"no backend ran within {MIN_PSNR_DB} dB of fp32: {model.calibration}")
+        if ladder:
+            model.preferred_tile = next(m["tile"] for m in model.calibration if m["chosen"])
+        write_record(record, model.calibration, model.preferred_tile)
         return chosen

@@ -175,6 +175,7 @@ def test_models_health_docs_and_unknown_routes(http):
     general = by_name["realesr-general-x4v3"]  # the backend chosen at start, and its figures
     chosen = [m for m in general["calibration"] if m["chosen"]]
     assert len(chosen) == 1 and chosen[0]["backend"] == general["backend"] and chosen[0]["psnr_db"] >= 45
+    assert general["preferred_tile"] == chosen[0]["tile"] > 0
     assert "make models" in by_name["RealESRGAN_x2plus"]["not_ready_reason"]
     assert http.get("/healthz").json() == {"status": "ok"}
     assert http.get("/readyz").json()["upstreams"] == {

@@ -78,6 +78,7 @@ def test_list_models_reports_readiness_backend_and_reasons(stub):
     # The backend is whatever calibration measured best on this CPU: exactly one chosen, eligible candidate.
     chosen = [c for c in general.calibration if c.chosen]
     assert general.ready and len(chosen) == 1 and chosen[0].backend == general.backend and chosen[0].eligible
+    assert general.preferred_tile == chosen[0].tile > 0  # and the tile it was fastest at on this CPU
     assert models["lanczos"].ready and models["lanczos"].backend == "lanczos"
     assert (
         not models["RealESRGAN_x4plus"].ready

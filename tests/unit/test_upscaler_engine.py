@@ -7,7 +7,7 @@ from PIL import Image
 
 from services.common.contract import output_size
 from services.upscaler.backends import ArrayBackend, FunctionBackend
-from services.upscaler.engine import UpscaleEngine
+from services.upscaler.engine import CPU_MAX_TILE, UpscaleEngine
 from services.upscaler.lanes import InferenceLanes
 from services.upscaler.models import ModelRegistry
 from support.images import fp32_untiled, psnr
@@ -164,3 +164,19 @@ def test_backends_that_cannot_narrow_run_one_call_at_a_time_on_every_thread():
 
     upscale_at_once(UpscaleEngine(FunctionBackend(model), 2, halo=2, lanes=InferenceLanes(threads=4, lanes=2)), 4)
     assert most == 1
+
+
+def test_the_tile_calibration_found_fastest_caps_the_memory_choice():
+    def nearest(x):
+        return np.repeat(np.repeat(x, 2, axis=2), 2, axis=3)
+
+    by_memory = UpscaleEngine(FunctionBackend(nearest), 2, halo=2, bytes_per_input_pixel=1)
+    assert by_memory.plan(2000, 2000, 2).tile == CPU_MAX_TILE  # a tiny model: memory allows the most
+    preferred = UpscaleEngine(FunctionBackend(nearest), 2, halo=2, bytes_per_input_pixel=1, preferred_tile=192)
+    plan = preferred.plan(2000, 2000, 2)
+    assert plan.tile == 192 and max(r.width for r in plan.tiles) == 192
+    assert preferred.plan(2000, 2000, 2, tile=320).tile == 320  # a request that names its tile gets it
+    hungry = UpscaleEngine(FunctionBackend(nearest), 2, halo=2, bytes_per_input_pixel=10**9, preferred_tile=192)
+    assert hungry.plan(2000, 2000, 2).tile < 192  # memory still lowers it
+    image = np.random.default_rng(5).integers(0, 256, (300, 260, 3), dtype=np.uint8)
+    assert np.array_equal(preferred.upscale(image, "RGB", 2), by_memory.upscale(image, "RGB", 2))

@@ -1,4 +1,5 @@
 import hashlib
+import logging
 import os
 import shutil
 import time
@@ -14,7 +15,8 @@ from services.common.fetch import Download, FetchError, fetch
 from services.upscaler import fetch as upscaler_fetch
 from services.upscaler.arch import RRDBNet
 from services.upscaler.backends import ArrayBackend, Candidate, cpu_has_bf16
-from services.upscaler.calibration import calibrate, calibration_tile
+from services.upscaler.calibration import LADDER_CONTENDERS, calibrate, calibration_tile, read_record
+from services.upscaler.engine import tile_ladder
 from services.upscaler.models import SPECS, SPECS_BY_NAME, ModelRegistry, sha256_of
 from support.images import psnr
 
@@ -69,7 +71,7 @@ def test_torch_and_onnxruntime_backends_agree(model_dir, tmp_path, photo, model)
 
 
 @pytest.mark.parametrize("model", ["realesr-general-x4v3", "realesr-animevideov3"])
-@pytest.mark.parametrize("backend", ["openvino", "ncnn"])
+@pytest.mark.parametrize("backend", ["openvino", "ncnn", "ncnn-bf16"])
 def test_openvino_and_ncnn_agree_with_torch(model_dir, tmp_path, photo, model, backend):
     reference = registry_for(model_dir, tmp_path, "torch-fp32").resolve(model)
     candidate = registry_for(only(tmp_path, model_dir, reference.file_name), tmp_path, backend).resolve(model)
@@ -194,20 +196,87 @@ def test_make_models_command_exports_to_the_cache_the_registry_uses(model_dir, t
     shutil.rmtree(tmp_path / "m")
 
 
-def test_calibration_picks_the_fastest_backend_within_45_db(model_dir, tmp_path):
-    registry = registry_for(only(tmp_path, model_dir, "realesr-animevideov3.pth"), tmp_path, "auto")
+def core_rate(measurement: dict, halo: int) -> float:
+    """Output-core pixels per second: what a tile delivers, its halo's share taken out."""
+    edge = measurement["tile"]
+    return measurement["megapixels_per_second"] * (edge / (edge + 2 * halo)) ** 2
+
+
+def test_calibration_picks_the_fastest_backend_and_tile_within_45_db(model_dir, tmp_path, caplog):
+    directory = only(tmp_path, model_dir, "realesr-animevideov3.pth")
+    registry = registry_for(directory, tmp_path, "auto")
     model = registry.resolve("realesr-animevideov3")
     figures = {m["backend"]: m for m in model.calibration}
-    expected = {"torch-fp32", "torch-fp32-cl", "onnxruntime", "openvino", "ncnn"} | (
+    expected = {"torch-fp32", "torch-fp32-cl", "onnxruntime", "openvino", "ncnn", "ncnn-bf16"} | (
         {"torch-bf16-cl"} if cpu_has_bf16() else set()
     )
     assert set(figures) == expected
     chosen = [m for m in model.calibration if m["chosen"]]
     assert len(chosen) == 1 and chosen[0]["backend"] == model.backend
     eligible = [m for m in model.calibration if m["eligible"]]
-    assert chosen[0]["megapixels_per_second"] == max(m["megapixels_per_second"] for m in eligible)
+    assert core_rate(chosen[0], registry.halo) == max(core_rate(m, registry.halo) for m in eligible)
     assert all(m["psnr_db"] >= 45 for m in eligible) and figures["torch-fp32"]["psnr_db"] > 100
+    # The tile: the first one for every candidate, bigger ones for the fastest two at most.
+    first = registry.calibration_tile - 2 * registry.halo
+    assert all(m["tile"] in (first, *tile_ladder(first)) for m in model.calibration)
+    assert sum(m["tile"] != first for m in model.calibration) <= LADDER_CONTENDERS
+    assert model.preferred_tile == chosen[0]["tile"] == model.engine.preferred_tile
+    assert model.engine.plan(4000, 4000, 4).tile <= model.preferred_tile
     assert model.info()["calibration"] == model.calibration
+    assert model.info()["preferred_tile"] == model.preferred_tile
+
+    # A restart on the same machine with the same settings reuses the outcome; other settings measure again.
+    with caplog.at_level(logging.INFO, logger="imagemesh.upscaler.models"):
+        again = registry_for(directory, tmp_path, "auto").resolve("realesr-animevideov3")
+    assert [r.getMessage() for r in caplog.records].count("calibration reused") == 1
+    assert (again.backend, again.calibration, again.preferred_tile) == (
+        model.backend,
+        model.calibration,
+        model.preferred_tile,
+    )
+    assert again.engine.preferred_tile == model.preferred_tile
+    records = sorted((tmp_path / "onnx" / "calibration").glob("*.json"))
+    assert len(records) == 1
+    records[0].write_text("{not json")  # a damaged record is measured again, and rewritten
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="imagemesh.upscaler.models"):
+        registry = ModelRegistry(directory, backend="auto", onnx_cache_dir=tmp_path / "onnx", threads=2, halo=8)
+        registry.load_all()
+        registry_for(directory, tmp_path, "auto")
+    assert "calibration reused" not in [r.getMessage() for r in caplog.records]
+    assert len(list((tmp_path / "onnx" / "calibration").glob("*.json"))) == 2
+    assert read_record(records[0]) is not None
+
+
+class Paced(ArrayBackend):
+    """A nearest-neighbour 4x "network" that takes a set time for a tile of so many pixels."""
+
+    def __init__(self, name, seconds_for_pixels, gain=1.0):
+        self.name, self.seconds_for_pixels, self.gain = name, seconds_for_pixels, gain
+
+    def __call__(self, batch, threads=0):
+        time.sleep(self.seconds_for_pixels(batch.shape[2] * batch.shape[3]))
+        return np.repeat(np.repeat(batch, 4, axis=2), 4, axis=3) * self.gain
+
+
+def test_calibration_times_the_fastest_on_bigger_tiles_until_they_stop_paying():
+    def cache_bound(pixels):  # fastest on small tiles, much slower per pixel past 48x48
+        return pixels * (1e-5 if pixels <= 48 * 48 else 6e-5)
+
+    candidates = [
+        Candidate("cache-bound", "torch", lambda: Paced("cache-bound", cache_bound)),
+        Candidate("steady", "torch", lambda: Paced("steady", lambda pixels: 0.005 + 2e-5 * pixels)),
+        Candidate("slow", "torch", lambda: Paced("slow", lambda pixels: 1e-4 * pixels)),
+        Candidate("fast-wrong", "torch", lambda: Paced("fast-wrong", lambda pixels: 1e-6 * pixels, gain=0.5)),
+    ]
+    tile = calibration_tile(32)
+    reference = np.repeat(np.repeat(tile, 4, axis=2), 4, axis=3)
+    chosen, figures = calibrate(candidates, reference, tile, runs=2, halo=0, tile_ladder=(48, 64, 96))
+    tiles = {f["backend"]: f["tile"] for f in figures}
+    assert chosen.name == "cache-bound" and tiles["cache-bound"] == 48  # 64 was slower per pixel: it stopped
+    assert tiles["steady"] in (64, 96)  # a fixed cost per call: bigger tiles pay
+    assert tiles["slow"] == tiles["fast-wrong"] == 32  # not among the two fastest eligible: never climbed
+    assert [f["backend"] for f in figures if f["chosen"]] == ["cache-bound"]
 
 
 def test_calibration_refuses_a_fast_but_inaccurate_backend():
