@@ -20,7 +20,7 @@ class UpscalerConfig(ServiceConfig):
         choices=BACKEND_CHOICES,
     )
     upscaler_calibration_tile: int = setting(
-        128, "edge of the tile backends are timed on at start", minimum=16, maximum=1024
+        128, "edge of the first tile backends are timed on at start, halo included", minimum=16, maximum=1024
     )
     upscaler_device: str = setting(
         "auto", "where models run: auto (CUDA when present), cpu or cuda", choices=("auto", "cpu", "cuda")
@@ -37,6 +37,6 @@ class UpscalerConfig(ServiceConfig):
     )
     onnx_cache_dir: str = setting(
         "",
-        "where .pth models exported to ONNX and ncnn, and OpenVINO's compiled "
-        "models, are cached (default ~/.cache/imagemesh/onnx)",
+        "where .pth models exported to ONNX and ncnn, OpenVINO's compiled "
+        "models and calibration's outcome are cached (default ~/.cache/imagemesh/onnx)",
     )
