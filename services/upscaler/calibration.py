@@ -50,7 +50,7 @@ def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
-LADDER_CONTENDERS = 2  # the fastest on the first tile are the ones timed on bigger tiles
+LADDER_CONTENDERS = 3  # the fastest on the first tile are timed on bigger ones (the order can change there)
 LADDER_RUNS = 2
 MEASUREMENT_KEYS = ("backend", "megapixels_per_second", "tile", "psnr_db", "eligible", "chosen")
 BACKEND_LIBRARIES = ("torch", "onnxruntime", "openvino", "ncnn")
