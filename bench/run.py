@@ -314,15 +314,18 @@ def cpu_backends(model_dir: Path, rounds: int, tiles: tuple[int, ...] = (512, 25
     for name, file, _ in REFERENCE_MODELS:
         directory, cache = single_model_dir(model_dir, file), Path(tempfile.mkdtemp(prefix="bench-cache-"))
         module = build_module(SPECS_BY_NAME[name], model_dir / file)
+        # Calibration first, as at a service's start: with every backend below loaded, their
+        # thread pools would take the cores from the one being timed.
+        auto = ModelRegistry(directory, onnx_cache_dir=cache, threads=available_cpus())
+        auto.load_all()
+        chosen, chosen_tile = auto.models[name].backend, auto.models[name].preferred_tile
+        del auto
         backends = {}
         for backend in CPU_BACKENDS:
             registry = ModelRegistry(directory, backend=backend, onnx_cache_dir=cache, threads=available_cpus())
             registry.load_all()
             if registry.models[name].ready:  # bf16 only where the CPU has it
                 backends[backend] = registry.models[name].engine.model
-        auto = ModelRegistry(directory, onnx_cache_dir=cache, threads=available_cpus())
-        auto.load_all()
-        chosen, chosen_tile = auto.models[name].backend, auto.models[name].preferred_tile
         for edge in tiles:
             tile = calibration_tile(edge)
             with torch.inference_mode():

@@ -52,6 +52,9 @@ def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
 
 LADDER_CONTENDERS = 3  # the fastest on the first tile are timed on bigger ones (the order can change there)
 LADDER_RUNS = 2
+# A backend stops climbing when a bigger tile is clearly slower per pixel than its best so far;
+# within this of it, the run-to-run noise of a busy 2-core machine could be all there is.
+LADDER_GIVE_UP = 0.85
 MEASUREMENT_KEYS = ("backend", "megapixels_per_second", "tile", "psnr_db", "eligible", "chosen")
 BACKEND_LIBRARIES = ("torch", "onnxruntime", "openvino", "ncnn")
 
@@ -105,7 +108,7 @@ def calibrate(
 
     With a `tile_ladder` (tile edges before the halo, ascending), the LADDER_CONTENDERS
     fastest eligible candidates are then timed on ever bigger tiles, each until a bigger
-    tile stops paying: per-pixel speed changes with the tile (caches, the halo's share),
+    tile is clearly slower per pixel: per-pixel speed changes with the tile (caches, the halo's share),
     and not alike for every backend. Each measurement says the tile it was fastest at."""
     ready = []  # (backend, its output on the tile)
     for candidate in candidates:
@@ -136,7 +139,7 @@ def calibrate(
             speed = _Speed(bigger, context, times[backend.name])
             if speed.core_rate > fastest[backend.name].core_rate:
                 fastest[backend.name] = speed
-            else:
+            elif speed.core_rate < LADDER_GIVE_UP * fastest[backend.name].core_rate:
                 climbing.remove(backend)
     chosen = max(eligible, key=lambda b: fastest[b.name].core_rate, default=None)
     for backend, m in zip(backends, measurements):
