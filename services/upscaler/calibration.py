@@ -75,13 +75,16 @@ class _Speed:
         return self.context * self.context / self.seconds / 1e6
 
 
-def _time_in_turn(backends: list[Backend], tile: np.ndarray, native_scale: int, runs: int) -> dict[str, float]:
-    """Best time per backend for one tile on its exact path, after one warm-up call each,
-    the backends in turn in every round so that the machine's drift falls on all alike."""
+def _time_in_turn(
+    backends: list[Backend], tile: np.ndarray, native_scale: int, runs: int, warm_up: bool = True
+) -> dict[str, float]:
+    """Best time per backend for one tile on its exact path (after a warm-up call each when
+    asked: a backend's first call sets it up), the backends in turn in every round so that
+    the machine's drift falls on all alike."""
     integer_tile = np.ascontiguousarray((tile[0].transpose(1, 2, 0) * 255).round().astype(np.uint8))
     whole = slice(0, tile.shape[2] * native_scale)
     calls = {b.name: (lambda b=b: b.render_exact(integer_tile, 1, native_scale, 1, whole, whole)) for b in backends}
-    for call in calls.values():
+    for call in calls.values() if warm_up else ():
         call()
     times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(runs):
@@ -134,7 +137,8 @@ def calibrate(
         if not climbing:
             break
         context = bigger + 2 * halo
-        times = _time_in_turn(climbing, calibration_tile(context), native_scale, LADDER_RUNS)
+        # Warm already: a new tile size costs at most its first call more, and the best of the runs is kept.
+        times = _time_in_turn(climbing, calibration_tile(context), native_scale, LADDER_RUNS, warm_up=False)
         for backend in list(climbing):
             speed = _Speed(bigger, context, times[backend.name])
             if speed.core_rate > fastest[backend.name].core_rate:
