@@ -104,7 +104,7 @@ def calibrate(
     *,
     halo: int = 0,
     tile_ladder: tuple[int, ...] = (),
-) -> tuple[Backend | None, list[dict]]:
+) -> tuple[Backend | None, list[dict], dict[int, float]]:
     """Time each candidate on the tile the way tiles will run (integer pixels in and
     out, its exact path), the candidates in turn in every round so that the
     machine's drift falls on all alike; keep the fastest within MIN_PSNR_DB of the reference.
@@ -112,7 +112,9 @@ def calibrate(
     With a `tile_ladder` (tile edges before the halo, ascending), the LADDER_CONTENDERS
     fastest eligible candidates are then timed on ever bigger tiles, each until a bigger
     tile is clearly slower per pixel: per-pixel speed changes with the tile (caches, the halo's share),
-    and not alike for every backend. Each measurement says the tile it was fastest at."""
+    and not alike for every backend. Each measurement says the tile it was fastest at; the
+    chosen backend's speed (input pixels per second, halo included) at every tile edge it
+    was timed on comes back too, for the engine to size each image's tiles."""
     ready = []  # (backend, its output on the tile)
     for candidate in candidates:
         try:
@@ -125,6 +127,7 @@ def calibrate(
     core = max(1, edge - 2 * halo)
     first = _time_in_turn(backends, tile, native_scale, runs)
     fastest = {name: _Speed(core, edge, seconds) for name, seconds in first.items()}
+    timed = {name: [speed] for name, speed in fastest.items()}  # every tile each was timed on
     measurements = []
     for backend, out in ready:
         psnr = psnr_db(out, reference)
@@ -141,6 +144,7 @@ def calibrate(
         times = _time_in_turn(climbing, calibration_tile(context), native_scale, LADDER_RUNS, warm_up=False)
         for backend in list(climbing):
             speed = _Speed(bigger, context, times[backend.name])
+            timed[backend.name].append(speed)
             if speed.core_rate > fastest[backend.name].core_rate:
                 fastest[backend.name] = speed
             elif speed.core_rate < LADDER_GIVE_UP * fastest[backend.name].core_rate:
@@ -149,7 +153,8 @@ def calibrate(
     for backend, m in zip(backends, measurements):
         speed = fastest[backend.name]
         m.update(megapixels_per_second=round(speed.context_rate, 4), tile=speed.core, chosen=backend is chosen)
-    return chosen, [{k: m[k] for k in MEASUREMENT_KEYS} for m in measurements]
+    tile_speeds = {speed.core: speed.context_rate * 1e6 for speed in timed[chosen.name]} if chosen else {}
+    return chosen, [{k: m[k] for k in MEASUREMENT_KEYS} for m in measurements], tile_speeds
 
 
 def _installed_version(distribution: str) -> str:
@@ -177,17 +182,19 @@ def record_path(directory: Path, **settings: object) -> Path:
 
 
 def read_record(path: Path) -> dict | None:
-    """A stored outcome: the chosen backend, its tile and every measurement; None when there
+    """A stored outcome: the chosen backend, its tile, its speed per tile and every measurement; None when there
     is none (or it cannot be read: then it is measured again)."""
     try:
         record = json.loads(path.read_text())
         chosen = [m for m in record["calibration"] if m["chosen"]]
         if len(chosen) == 1 and set(MEASUREMENT_KEYS) <= set(chosen[0]) and isinstance(record["preferred_tile"], int):
+            record["tile_speeds"] = {int(edge): float(speed) for edge, speed in record["tile_speeds"].items()}
             return record
     except (OSError, ValueError, KeyError, TypeError):
         pass
     return None
 
 
-def write_record(path: Path, measurements: list[dict], preferred_tile: int) -> None:
-    write_atomically(path, json.dumps({"calibration": measurements, "preferred_tile": preferred_tile}).encode())
+def write_record(path: Path, measurements: list[dict], preferred_tile: int, tile_speeds: dict[int, float]) -> None:
+    record = {"calibration": measurements, "preferred_tile": preferred_tile, "tile_speeds": tile_speeds}
+    write_atomically(path, json.dumps(record).encode())

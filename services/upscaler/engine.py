@@ -97,10 +97,11 @@ class UpscaleEngine:
         pad_multiple: int = 1,
         bytes_per_input_pixel: int = 1200,
         lanes: InferenceLanes | None = None,
-        preferred_tile: int = 0,
+        tile_speeds: dict[int, float] | None = None,
     ):
         self.model = model
-        self.preferred_tile = preferred_tile  # the CPU tile calibration found fastest (0: memory alone decides)
+        # Tile edge -> input pixels per second (halo included) that calibration measured at that size.
+        self.tile_speeds = dict(tile_speeds or {})
         # Each network call runs in one of the service's inference lanes; the rest of a tile's work outside them.
         self.lanes = lanes or InferenceLanes(1)
         self.native_scale = native_scale if model else 1
@@ -113,28 +114,43 @@ class UpscaleEngine:
             return 0
         return max(1, int(math.floor(math.log(scale) / math.log(self.native_scale) + 1e-9)))
 
-    def auto_tile(self, passes: int, concurrency: int = 1) -> int:
-        """Largest tile whose working memory fits in a quarter of what is free, per concurrent
-        request, and no bigger than the one calibration found fastest."""
+    def memory_tile(self, passes: int, concurrency: int = 1) -> int:
+        """Largest tile whose working memory fits in a quarter of what is free, per concurrent request."""
         if self.model is not None and self.model.device == "cuda":  # big tiles keep a GPU busy; its memory limits
             free, _ = torch.cuda.mem_get_info(torch.device("cuda"))
             budget, cap = free / 2 / max(1, concurrency), GPU_MAX_TILE
         else:
-            budget, cap = available_memory_bytes() / 4 / max(1, concurrency), self.preferred_tile or CPU_MAX_TILE
+            budget, cap = available_memory_bytes() / 4 / max(1, concurrency), CPU_MAX_TILE
         growth = (self.native_scale ** max(0, passes - 1)) ** 2  # later passes run on bigger tiles
         for edge in TILE_CHOICES:
             if edge * edge * self.bytes_per_input_pixel * growth <= budget:
                 return min(edge, cap)
         return TILE_CHOICES[-1]
 
+    def auto_tile(self, width: int, height: int, passes: int, halo: int, concurrency: int = 1) -> int:
+        """Among the tiles calibration timed that fit in memory, the one this image takes
+        least time in: its tiles' pixels, halos included, over the speed measured at that
+        size (one tile that holds a small image has no halo at all). Without timings, the
+        memory's choice."""
+        memory = self.memory_tile(passes, concurrency)
+        fitting = [edge for edge in self.tile_speeds if edge <= memory]
+        if not fitting:
+            return memory
+
+        def seconds(edge: int) -> float:
+            contexts = (rect.expand(halo, width, height) for rect in grid(width, height, edge, edge))
+            return sum(c.width * c.height for c in contexts) / self.tile_speeds[edge]
+
+        return min(sorted(fitting, reverse=True), key=seconds)  # a tie goes to the bigger tile: fewer calls
+
     def plan(
         self, width: int, height: int, scale: float, *, tile: int = 0, halo: int = 0, concurrency: int = 1
     ) -> Plan:
         passes = self.passes_for(scale)
-        tile = tile or self.auto_tile(passes, concurrency)
         halo = halo or self.default_halo
         if self.model is None:  # Lanczos support plus the unsharp mask's margin, in input pixels
             halo = max(halo, 4 + math.ceil(UNSHARP_MARGIN / scale))
+        tile = tile or self.auto_tile(width, height, passes, halo, concurrency)
         out_width, out_height = output_size(width, height, scale)
         return Plan(
             width,

@@ -167,6 +167,7 @@ class LoadedModel:
     file_bytes: int = 0
     calibration: list[dict] = field(default_factory=list)
     preferred_tile: int = 0  # the CPU tile edge calibration found fastest (0: not measured)
+    tile_speeds: dict[int, float] = field(default_factory=dict)  # the chosen backend's, per tile edge timed
     engine: UpscaleEngine | None = field(default=None, repr=False)
 
     def info(self) -> dict:
@@ -290,7 +291,7 @@ class ModelRegistry(Registry):
                 pad_multiple=2 if spec.scale == 2 else 1,
                 bytes_per_input_pixel=spec.bytes_per_input_pixel,
                 lanes=self.lanes,
-                preferred_tile=model.preferred_tile,
+                tile_speeds=model.tile_speeds,
             )
             model.backend = run.name
             model.ready = True
@@ -352,6 +353,7 @@ class ModelRegistry(Registry):
             and (name := next(m["backend"] for m in earlier["calibration"] if m["chosen"])) in by_name
         ):
             model.calibration, model.preferred_tile = earlier["calibration"], earlier["preferred_tile"]
+            model.tile_speeds = earlier["tile_speeds"]
             logs.log(logger, logging.INFO, "calibration reused", model=spec.name, backend=name, record=str(record))
             return by_name[name].make()
         # A GPU needs bigger tiles than a CPU to show its speed.
@@ -361,12 +363,13 @@ class ModelRegistry(Registry):
                 reference = module.float().cpu()(torch.from_numpy(tile)).numpy()
         else:  # onnxruntime's own output: nothing more exact is at hand
             reference = OnnxBackend(path, self.threads, self.device)(tile)
-        chosen, model.calibration = calibrate(
+        chosen, model.calibration, tile_speeds = calibrate(
             candidates, reference, tile, self.calibration_runs, spec.scale, halo=self.halo, tile_ladder=ladder
         )
         if chosen is None:
             raise ValueError(f"no backend ran within {MIN_PSNR_DB} dB of fp32: {model.calibration}")
-        if ladder:
+        if ladder:  # a GPU's tiles follow its memory: bigger is faster there
             model.preferred_tile = next(m["tile"] for m in model.calibration if m["chosen"])
-        write_record(record, model.calibration, model.preferred_tile)
+            model.tile_speeds = tile_speeds
+        write_record(record, model.calibration, model.preferred_tile, model.tile_speeds)
         return chosen

@@ -166,17 +166,18 @@ def test_backends_that_cannot_narrow_run_one_call_at_a_time_on_every_thread():
     assert most == 1
 
 
-def test_the_tile_calibration_found_fastest_caps_the_memory_choice():
+def test_each_image_gets_the_timed_tile_it_takes_least_time_in():
     def nearest(x):
         return np.repeat(np.repeat(x, 2, axis=2), 2, axis=3)
 
-    by_memory = UpscaleEngine(FunctionBackend(nearest), 2, halo=2, bytes_per_input_pixel=1)
-    assert by_memory.plan(2000, 2000, 2).tile == CPU_MAX_TILE  # a tiny model: memory allows the most
-    preferred = UpscaleEngine(FunctionBackend(nearest), 2, halo=2, bytes_per_input_pixel=1, preferred_tile=192)
-    plan = preferred.plan(2000, 2000, 2)
-    assert plan.tile == 192 and max(r.width for r in plan.tiles) == 192
-    assert preferred.plan(2000, 2000, 2, tile=320).tile == 320  # a request that names its tile gets it
-    hungry = UpscaleEngine(FunctionBackend(nearest), 2, halo=2, bytes_per_input_pixel=10**9, preferred_tile=192)
-    assert hungry.plan(2000, 2000, 2).tile < 192  # memory still lowers it
+    by_memory = UpscaleEngine(FunctionBackend(nearest), 2, halo=16, bytes_per_input_pixel=1)
+    assert by_memory.plan(2000, 2000, 2).tile == CPU_MAX_TILE  # untimed, a tiny model: memory allows the most
+    speeds = {96: 1.0e6, 192: 1.2e6, 256: 1.1e6}  # input pixels per second, halo included
+    timed = UpscaleEngine(FunctionBackend(nearest), 2, halo=16, bytes_per_input_pixel=1, tile_speeds=speeds)
+    assert timed.plan(2000, 2000, 2).tile == 192  # a big image: the fastest per pixel
+    assert timed.plan(250, 240, 2).tile == 256  # one 256 tile holds it: no halo beats 192's speed
+    assert timed.plan(2000, 2000, 2, tile=320).tile == 320  # a request that names its tile gets it
+    hungry = UpscaleEngine(FunctionBackend(nearest), 2, halo=16, bytes_per_input_pixel=10**9, tile_speeds=speeds)
+    assert hungry.plan(2000, 2000, 2).tile < 96  # memory still rules
     image = np.random.default_rng(5).integers(0, 256, (300, 260, 3), dtype=np.uint8)
-    assert np.array_equal(preferred.upscale(image, "RGB", 2), by_memory.upscale(image, "RGB", 2))
+    assert np.array_equal(timed.upscale(image, "RGB", 2), by_memory.upscale(image, "RGB", 2))

@@ -220,8 +220,11 @@ def test_calibration_picks_the_fastest_backend_and_tile_within_45_db(model_dir, 
     first = registry.calibration_tile - 2 * registry.halo
     assert all(m["tile"] in (first, *tile_ladder(first)) for m in model.calibration)
     assert sum(m["tile"] != first for m in model.calibration) <= LADDER_CONTENDERS
-    assert model.preferred_tile == chosen[0]["tile"] == model.engine.preferred_tile
-    assert model.engine.plan(4000, 4000, 4).tile <= model.preferred_tile
+    assert model.preferred_tile == chosen[0]["tile"] and model.preferred_tile in model.tile_speeds
+    assert model.engine.tile_speeds == model.tile_speeds and first in model.tile_speeds
+    assert model.engine.plan(4000, 4000, 4).tile in model.tile_speeds  # a size it was timed at
+    biggest = max(model.tile_speeds)
+    assert len(model.engine.plan(biggest, biggest - 8, 4).tiles) == 1  # an image one timed tile holds: no halo
     assert model.info()["calibration"] == model.calibration
     assert model.info()["preferred_tile"] == model.preferred_tile
 
@@ -234,7 +237,7 @@ def test_calibration_picks_the_fastest_backend_and_tile_within_45_db(model_dir, 
         model.calibration,
         model.preferred_tile,
     )
-    assert again.engine.preferred_tile == model.preferred_tile
+    assert again.engine.tile_speeds == model.tile_speeds
     records = sorted((tmp_path / "onnx" / "calibration").glob("*.json"))
     assert len(records) == 1
     records[0].write_text("{not json")  # a damaged record is measured again, and rewritten
@@ -278,7 +281,7 @@ def test_calibration_times_the_fastest_on_bigger_tiles_until_they_are_clearly_sl
     candidates = [Candidate(name, "torch", lambda backend=backend: backend) for name, backend in backends.items()]
     tile = calibration_tile(32)
     reference = np.repeat(np.repeat(tile, 4, axis=2), 4, axis=3)
-    chosen, figures = calibrate(candidates, reference, tile, runs=2, halo=0, tile_ladder=(48, 64, 96))
+    chosen, figures, speeds = calibrate(candidates, reference, tile, runs=2, halo=0, tile_ladder=(48, 64, 96))
     tiles = {f["backend"]: f["tile"] for f in figures}
     assert chosen.name == "cache-bound" and tiles["cache-bound"] == 48
     assert backends["cache-bound"].edges == {32, 48, 64}  # clearly slower at 64: not timed at 96
@@ -287,6 +290,7 @@ def test_calibration_times_the_fastest_on_bigger_tiles_until_they_are_clearly_sl
     assert backends["slow"].edges == backends["fast-wrong"].edges == {32}  # not among the fastest eligible
     assert tiles["slow"] == tiles["fast-wrong"] == 32
     assert [f["backend"] for f in figures if f["chosen"]] == ["cache-bound"]
+    assert sorted(speeds) == [32, 48, 64] and max(speeds, key=speeds.get) == 48  # the chosen one's, per tile
 
 
 def test_calibration_refuses_a_fast_but_inaccurate_backend():
@@ -302,7 +306,7 @@ def test_calibration_refuses_a_fast_but_inaccurate_backend():
     reference = np.repeat(np.repeat(tile, 4, axis=2), 4, axis=3)
     wrong = Candidate("fast-wrong", "torch", lambda: Fixed("fast-wrong", reference * 0.5, 0.0))
     right = Candidate("slow-right", "torch", lambda: Fixed("slow-right", reference + 1e-4, 0.01))
-    chosen, figures = calibrate([wrong, right], reference, tile, runs=2)
+    chosen, figures, _ = calibrate([wrong, right], reference, tile, runs=2)
     assert chosen.name == "slow-right"
     assert [(f["backend"], f["eligible"], f["chosen"]) for f in figures] == [
         ("fast-wrong", False, False),
