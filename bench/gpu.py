@@ -24,6 +24,7 @@ import skimage.data
 import torch
 from PIL import Image
 
+from bench.scratch import run_scratch
 from services.upscaler.models import SPECS_BY_NAME, ModelRegistry, build_module
 
 MODELS = (
@@ -157,4 +158,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with run_scratch():
+        status = main()
+    sys.exit(status)

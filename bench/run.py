@@ -36,6 +36,7 @@ from imagemesh.v1 import pipeline_pb2
 from PIL import Image
 
 from bench.gpu import conv_flops_per_input_pixel
+from bench.scratch import run_scratch
 from services.bgremoval import engine as bg_engine
 from services.bgremoval.models import SegmenterRegistry
 from services.common import imageio, wire
@@ -496,6 +497,9 @@ def start_upscaler(model_dir: Path, backend: str, **env) -> tuple[Process, str]:
             "UPSCALER_BACKEND": backend,
             "MAX_CONCURRENT_REQUESTS": "1",
             "LOG_LEVEL": "WARNING",
+            # Shared by the run's upscalers (the first one's exports and calibration serve the
+            # rest) and removed with the run's scratch directory.
+            "ONNX_CACHE_DIR": str(Path(tempfile.gettempdir()) / "upscaler-cache"),
             **env,
         },
     )
@@ -1021,4 +1025,6 @@ def with_machine_section(previous: str, machine: dict, text: str) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with run_scratch():
+        status = main()
+    sys.exit(status)
