@@ -182,12 +182,12 @@ def record_path(directory: Path, **settings: object) -> Path:
 
 
 def read_record(path: Path) -> dict | None:
-    """A stored outcome: the chosen backend, its tile, its speed per tile and every measurement; None when there
-    is none (or it cannot be read: then it is measured again)."""
+    """A stored outcome: every measurement (the chosen one with its tile) and the chosen backend's speed per
+    tile; None when there is none (or it cannot be read: then it is measured again)."""
     try:
         record = json.loads(path.read_text())
         chosen = [m for m in record["calibration"] if m["chosen"]]
-        if len(chosen) == 1 and set(MEASUREMENT_KEYS) <= set(chosen[0]) and isinstance(record["preferred_tile"], int):
+        if len(chosen) == 1 and set(MEASUREMENT_KEYS) <= set(chosen[0]):
             record["tile_speeds"] = {int(edge): float(speed) for edge, speed in record["tile_speeds"].items()}
             return record
     except (OSError, ValueError, KeyError, TypeError):
@@ -195,6 +195,6 @@ def read_record(path: Path) -> dict | None:
     return None
 
 
-def write_record(path: Path, measurements: list[dict], preferred_tile: int, tile_speeds: dict[int, float]) -> None:
-    record = {"calibration": measurements, "preferred_tile": preferred_tile, "tile_speeds": tile_speeds}
+def write_record(path: Path, measurements: list[dict], tile_speeds: dict[int, float]) -> None:
+    record = {"calibration": measurements, "tile_speeds": tile_speeds}
     write_atomically(path, json.dumps(record).encode())

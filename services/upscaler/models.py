@@ -166,9 +166,13 @@ class LoadedModel:
     parameters: int = 0
     file_bytes: int = 0
     calibration: list[dict] = field(default_factory=list)
-    preferred_tile: int = 0  # the CPU tile edge calibration found fastest (0: not measured)
     tile_speeds: dict[int, float] = field(default_factory=dict)  # the chosen backend's, per tile edge timed
     engine: UpscaleEngine | None = field(default=None, repr=False)
+
+    @property
+    def preferred_tile(self) -> int:
+        """The tile edge calibration found fastest (0 where tiles were not timed: a GPU's follow its memory)."""
+        return next((m["tile"] for m in self.calibration if m["chosen"]), 0) if self.tile_speeds else 0
 
     def info(self) -> dict:
         spec = self.spec
@@ -352,8 +356,7 @@ class ModelRegistry(Registry):
             earlier is not None
             and (name := next(m["backend"] for m in earlier["calibration"] if m["chosen"])) in by_name
         ):
-            model.calibration, model.preferred_tile = earlier["calibration"], earlier["preferred_tile"]
-            model.tile_speeds = earlier["tile_speeds"]
+            model.calibration, model.tile_speeds = earlier["calibration"], earlier["tile_speeds"]
             logs.log(logger, logging.INFO, "calibration reused", model=spec.name, backend=name, record=str(record))
             return by_name[name].make()
         # A GPU needs bigger tiles than a CPU to show its speed.
@@ -369,7 +372,6 @@ class ModelRegistry(Registry):
         if chosen is None:
             raise ValueError(f"no backend ran within {MIN_PSNR_DB} dB of fp32: {model.calibration}")
         if ladder:  # a GPU's tiles follow its memory: bigger is faster there
-            model.preferred_tile = next(m["tile"] for m in model.calibration if m["chosen"])
             model.tile_speeds = tile_speeds
-        write_record(record, model.calibration, model.preferred_tile, model.tile_speeds)
+        write_record(record, model.calibration, model.tile_speeds)
         return chosen
