@@ -6,6 +6,7 @@ stand-ins for the few names they import in its place. Inference never calls them
 
 from __future__ import annotations
 
+import importlib.machinery
 import sys
 import types
 from pathlib import Path
@@ -36,6 +37,7 @@ def _stub_torchvision() -> None:
     for module_name, attributes in names.items():
         module = types.ModuleType(module_name)
         module.__path__ = []  # a package, so that submodules import
+        module.__spec__ = importlib.machinery.ModuleSpec(module_name, None, is_package=True)  # for find_spec
         for attribute in attributes:
             setattr(module, attribute, _unavailable(attribute))
         sys.modules[module_name] = module
