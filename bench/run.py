@@ -40,7 +40,7 @@ from bench.scratch import run_scratch
 from services.bgremoval import engine as bg_engine
 from services.bgremoval.models import SegmenterRegistry
 from services.common import imageio, wire
-from services.common.resources import available_cpus, cpu_model_and_flags
+from services.common.resources import available_cpus, cpu_model_and_flags, keep_freed_memory_for_reuse
 from services.common.tiles import grid
 from services.effects import engine as fx_engine
 from services.effects import registry as fx_registry
@@ -956,6 +956,7 @@ def main(argv=None) -> int:
     )
     args = parser.parse_args(argv)
     args.models = args.models.resolve()
+    keep_freed_memory_for_reuse()  # as every service does: in-process runs (the reference too) as in the upscaler
     torch.set_num_threads(available_cpus())
     quick = args.quick
     results = {"machine": machine()}

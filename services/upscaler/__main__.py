@@ -7,7 +7,7 @@ from imagemesh.v1 import upscaler_pb2, upscaler_pb2_grpc
 
 from services.common import logs
 from services.common.config import load_or_exit
-from services.common.resources import available_cpus
+from services.common.resources import available_cpus, keep_freed_memory_for_reuse
 from services.common.server import ServiceRuntime, serve
 
 from .backends import resolve_device
@@ -17,6 +17,7 @@ from .server import UpscalerServicer
 
 
 async def main() -> None:
+    keep_freed_memory_for_reuse()
     config = load_or_exit(UpscalerConfig)
     logs.setup("upscaler", config.log_level)
     runtime = ServiceRuntime(
