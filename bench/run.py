@@ -253,12 +253,6 @@ def engine_vs_reference(model_dir: Path, rounds: int, size: int, tile: int = 128
             settings[best_tile], lambda: ours.engine.upscale(image, "RGB", 4), rounds
         )
         plan = ours.engine.plan(size, size, 4)
-        # And the reference at the tile ours chose (with its own tile_pad): the side-by-side method.
-        at_our_tile_s = (
-            best_ref_s
-            if plan.tile == best_tile
-            else alternately(reference(plan.tile), lambda: ours.engine.upscale(image, "RGB", 4), rounds)[0]
-        )
         megapixels, gflop = size * size / 1e6, tiled_gflop(model_dir, name, file, size, tile, halo)
         rows.append(
             {
@@ -278,8 +272,6 @@ def engine_vs_reference(model_dir: Path, rounds: int, size: int, tile: int = 128
                 "best_ours": megapixels / best_ours_s,
                 "best_reference": megapixels / best_ref_s,
                 "best_ratio": best_ref_s / best_ours_s,
-                "reference_at_our_tile": megapixels / at_our_tile_s,
-                "ratio_at_our_tile": at_our_tile_s / best_ours_s,
                 "best_psnr": psnr(best_our_out, np.ascontiguousarray(best_ref_out[:, :, ::-1])),
             }
         )
@@ -807,19 +799,17 @@ def report(results: dict, command: str) -> str:
         "\nEach at its best tile: ours as the service runs a request that names no tile (the backend and tile "
         "calibration chose at start, its halo of 16), the reference at the fastest of tile "
         f"{', '.join(str(t or 'untiled') for t in REFERENCE_TILES)} (its tile_pad as above, each timed twice "
-        "first: the best time in seconds in brackets). Beside it, the reference at the tile ours chose (its "
-        "tile_pad as above), timed alternately with ours too.\n",
+        "first: the best time in seconds in brackets).\n",
         "| model | ours: tile/halo | reference: tile/halo (trials) | ours (backend) | reference (fp32) | ratio "
-        "| reference at our tile | ratio | PSNR |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| PSNR |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in results["engine"]:
         trials = ", ".join(f"{t}: {s} s" for t, s in r["reference_trials"].items())
         out.append(
             f"| {r['model']} | {r['best_ours_tile']} | {r['best_reference_tile']} ({trials}) | "
             f"{r['best_ours']:.3f} MP/s ({r['backend']}) | {r['best_reference']:.3f} MP/s | "
-            f"**{r['best_ratio']:.2f}x** | {r['reference_at_our_tile']:.3f} MP/s | **{r['ratio_at_our_tile']:.2f}x** "
-            f"| {r['best_psnr']:.1f} dB |"
+            f"**{r['best_ratio']:.2f}x** | {r['best_psnr']:.1f} dB |"
         )
     peaks = results["peaks"]
     precision = "bf16" if "bf16" in peaks else "fp32"  # the fastest this CPU runs natively, int8 aside
