@@ -15,7 +15,7 @@ from services.common.fetch import Download, FetchError, fetch
 from services.upscaler import fetch as upscaler_fetch
 from services.upscaler.arch import RRDBNet
 from services.upscaler.backends import ArrayBackend, Candidate, cpu_has_bf16
-from services.upscaler.calibration import LADDER_CONTENDERS, calibrate, calibration_tile, read_record
+from services.upscaler.calibration import LADDER_CONTENDERS, LADDER_RUNS, calibrate, calibration_tile, read_record
 from services.upscaler.engine import tile_ladder
 from services.upscaler.models import SPECS, SPECS_BY_NAME, ModelRegistry, sha256_of
 from support.images import psnr
@@ -255,15 +255,20 @@ def test_calibration_picks_the_fastest_backend_and_tile_within_45_db(model_dir, 
 
 class Paced(ArrayBackend):
     """A nearest-neighbour 4x "network" that takes a set time for a tile of so many pixels,
-    and remembers the tile edges it was given."""
+    and remembers the tile edges it was given. `burst`: (edge, calls): its first calls at that
+    edge take four times as long, as under a passing burst of load from elsewhere."""
 
-    def __init__(self, name, seconds_for_pixels, gain=1.0):
+    def __init__(self, name, seconds_for_pixels, gain=1.0, burst=(0, 0)):
         self.name, self.seconds_for_pixels, self.gain = name, seconds_for_pixels, gain
         self.edges = set()
+        self.burst_edge, self.burst_calls = burst
 
     def __call__(self, batch, threads=0):
         self.edges.add(batch.shape[2])
-        time.sleep(self.seconds_for_pixels(batch.shape[2] * batch.shape[3]))
+        slowdown = 1
+        if batch.shape[2] == self.burst_edge and self.burst_calls > 0:
+            self.burst_calls, slowdown = self.burst_calls - 1, 4
+        time.sleep(slowdown * self.seconds_for_pixels(batch.shape[2] * batch.shape[3]))
         return np.repeat(np.repeat(batch, 4, axis=2), 4, axis=3) * self.gain
 
 
@@ -276,7 +281,8 @@ def test_calibration_times_the_fastest_on_bigger_tiles_until_they_are_clearly_sl
     backends = {
         "cache-bound": Paced("cache-bound", cache_bound),
         "plateau": Paced("plateau", plateau.__getitem__),
-        "steady": Paced("steady", lambda pixels: 0.005 + 2e-5 * pixels),
+        # A fixed cost per call (bigger tiles pay a little), caught in a burst at 64.
+        "steady": Paced("steady", lambda pixels: 0.005 + 2e-5 * pixels, burst=(64, LADDER_RUNS)),
         "slow": Paced("slow", lambda pixels: 6e-5 * pixels),
         "fast-wrong": Paced("fast-wrong", lambda pixels: 1e-6 * pixels, gain=0.5),
     }
@@ -288,7 +294,7 @@ def test_calibration_times_the_fastest_on_bigger_tiles_until_they_are_clearly_sl
     assert chosen.name == "cache-bound" and tiles["cache-bound"] == 48
     assert backends["cache-bound"].edges == {32, 48, 64}  # clearly slower at 64: not timed at 96
     assert tiles["plateau"] == 96 and 96 in backends["plateau"].edges  # a dip within noise did not stop it
-    assert tiles["steady"] in (48, 64, 96)  # a fixed cost per call: bigger tiles pay a little
+    assert tiles["steady"] == 96  # a step slowed by a burst is timed again before it gives up
     assert backends["slow"].edges == backends["fast-wrong"].edges == {32}  # not among the fastest eligible
     assert tiles["slow"] == tiles["fast-wrong"] == 32
     assert [f["backend"] for f in figures if f["chosen"]] == ["cache-bound"]
