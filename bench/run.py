@@ -946,7 +946,7 @@ def main(argv=None) -> int:
     )
     args = parser.parse_args(argv)
     args.models = args.models.resolve()
-    keep_freed_memory_for_reuse()  # as every service does: in-process runs (the reference too) as in the upscaler
+    keep_freed_memory_for_reuse()  # as the upscaler does: in-process runs (the reference too) as in it
     torch.set_num_threads(available_cpus())
     quick = args.quick
     results = {"machine": machine()}

@@ -11,7 +11,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from services.common import logs
 from services.common.cache import ResultCache
 from services.common.config import load_or_exit
-from services.common.resources import available_cpus, keep_freed_memory_for_reuse
+from services.common.resources import available_cpus
 from services.common.server import ServiceRuntime, serve
 
 from .config import BgRemovalConfig
@@ -21,7 +21,6 @@ from .store import ChoiceStore, database_url
 
 
 async def main() -> None:
-    keep_freed_memory_for_reuse()
     config = load_or_exit(BgRemovalConfig)
     logs.setup("bgremoval", config.log_level)
     runtime = ServiceRuntime(

@@ -6,7 +6,6 @@ from imagemesh.v1 import effects_pb2, effects_pb2_grpc
 
 from services.common import logs
 from services.common.config import load_or_exit
-from services.common.resources import keep_freed_memory_for_reuse
 from services.common.server import ServiceRuntime, serve
 
 from .config import EffectsConfig
@@ -14,7 +13,6 @@ from .server import EffectsServicer
 
 
 async def main() -> None:
-    keep_freed_memory_for_reuse()
     config = load_or_exit(EffectsConfig)
     logs.setup("effects", config.log_level)
     runtime = ServiceRuntime(

@@ -7,14 +7,12 @@ import uvicorn
 
 from services.common import logs
 from services.common.config import load_or_exit
-from services.common.resources import keep_freed_memory_for_reuse
 
 from .app import create_app
 from .config import GatewayConfig
 
 
 def main() -> None:
-    keep_freed_memory_for_reuse()
     config = load_or_exit(GatewayConfig)
     logs.setup("gateway", config.log_level)
     if not config.api_tokens.strip():
