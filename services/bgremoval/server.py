@@ -171,16 +171,19 @@ class BackgroundRemovalServicer(bgremoval_pb2_grpc.BackgroundRemovalServicer):
     async def RemoveBackground(
         self, request_iterator: AsyncIterable[pipeline_pb2.StreamRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pipeline_pb2.StreamResponse]:
-        async for reply in serve_stream(
-            request_iterator,
-            context,
-            method="RemoveBackground",
-            config=self.runtime.config,
-            limiter=self.runtime.limiter,
-            downstreams=self.downstreams,
-            plan_step=self.plan_step,
-        ):
-            yield reply
+        async with contextlib.aclosing(
+            serve_stream(
+                request_iterator,
+                context,
+                method="RemoveBackground",
+                config=self.runtime.config,
+                limiter=self.runtime.limiter,
+                downstreams=self.downstreams,
+                plan_step=self.plan_step,
+            )
+        ) as replies:
+            async for reply in replies:
+                yield reply
 
     @rpc()
     async def RemoveBackgroundCandidates(

@@ -214,7 +214,8 @@ class ServiceRuntime(Generic[ServiceConfigT]):
                 error=exc.message,
             )
             await context.abort(code, exc.message)
-        except (asyncio.CancelledError, grpc.aio.AbortError):
+        except (asyncio.CancelledError, grpc.aio.AbortError, GeneratorExit):
+            # GeneratorExit: the stream was closed at a reply it was waiting to send
             code = grpc.StatusCode.CANCELLED
             raise
         except Exception:
@@ -224,7 +225,8 @@ class ServiceRuntime(Generic[ServiceConfigT]):
         finally:
             metrics.REQUESTS.labels(self.service, method, code.name).inc()
             metrics.REQUEST_SECONDS.labels(self.service, method).observe(time.perf_counter() - started)
-            logs.request_id_var.reset(token)
+            with contextlib.suppress(ValueError):  # closed by the event loop's finaliser, in another context
+                logs.request_id_var.reset(token)
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -274,8 +276,8 @@ def rpc() -> Callable[[RpcMethod], RpcMethod]:
 
             @functools.wraps(fn)
             async def stream_wrapper(self, request, context):
-                async with self.runtime.call(method, context):
-                    async for item in fn(self, request, context):
+                async with self.runtime.call(method, context), contextlib.aclosing(fn(self, request, context)) as items:
+                    async for item in items:
                         yield item
 
             return cast(RpcMethod, stream_wrapper)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import AsyncIterable, AsyncIterator
 
 import grpc
@@ -140,13 +141,16 @@ class EffectsServicer(effects_pb2_grpc.EffectsServicer):
     async def ApplyEffects(
         self, request_iterator: AsyncIterable[pipeline_pb2.StreamRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pipeline_pb2.StreamResponse]:
-        async for reply in serve_stream(
-            request_iterator,
-            context,
-            method="ApplyEffects",
-            config=self.runtime.config,
-            limiter=self.runtime.limiter,
-            downstreams=self.downstreams,
-            plan_step=self.plan_step,
-        ):
-            yield reply
+        async with contextlib.aclosing(
+            serve_stream(
+                request_iterator,
+                context,
+                method="ApplyEffects",
+                config=self.runtime.config,
+                limiter=self.runtime.limiter,
+                downstreams=self.downstreams,
+                plan_step=self.plan_step,
+            )
+        ) as replies:
+            async for reply in replies:
+                yield reply

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import AsyncIterable, AsyncIterator
 
@@ -115,13 +116,16 @@ class UpscalerServicer(upscaler_pb2_grpc.UpscalerServicer):
         self, request_iterator: AsyncIterable[pipeline_pb2.StreamRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pipeline_pb2.StreamResponse]:
         with self.registry.lanes.request():  # how many are in flight sets each network call's threads
-            async for reply in serve_stream(
-                request_iterator,
-                context,
-                method="Upscale",
-                config=self.runtime.config,
-                limiter=self.runtime.limiter,
-                downstreams=self.downstreams,
-                plan_step=self.plan_step,
-            ):
-                yield reply
+            async with contextlib.aclosing(
+                serve_stream(
+                    request_iterator,
+                    context,
+                    method="Upscale",
+                    config=self.runtime.config,
+                    limiter=self.runtime.limiter,
+                    downstreams=self.downstreams,
+                    plan_step=self.plan_step,
+                )
+            ) as replies:
+                async for reply in replies:
+                    yield reply

@@ -5,11 +5,15 @@ import signal
 import threading
 import time
 
+import grpc
 import httpx
 import numpy as np
 import pytest
+from imagemesh.v1 import pipeline_pb2
 from PIL import Image
 
+from services.common import wire
+from services.common.tiles import grid
 from support.images import png
 from support.processes import Service, free_port, free_ports, in_flight, mesh_addresses, start_gateway, start_service
 
@@ -199,3 +203,61 @@ def test_a_client_that_leaves_stops_the_work_in_every_service(mesh, gateway, pho
     # Upscaling this image takes far longer than the time it took to stop.
     assert time.monotonic() - started < 15
     assert "client went away" in gateway.logs()
+
+
+ABANDONED_STREAMS = {
+    "upscaler": ("/imagemesh.v1.Upscaler/Upscale", pipeline_pb2.Step(upscale=pipeline_pb2.UpscaleOptions(scale=2))),
+    "bgremoval": (
+        "/imagemesh.v1.BackgroundRemoval/RemoveBackground",
+        pipeline_pb2.Step(remove_background=pipeline_pb2.RemoveBackgroundOptions(model="keyer")),
+    ),
+    "effects": (
+        "/imagemesh.v1.Effects/ApplyEffects",
+        pipeline_pb2.Step(effect=pipeline_pb2.EffectOptions(effect="blackwhite")),
+    ),
+}
+
+
+def requests_total(service, method: str, code: str) -> float:
+    pattern = f'method="{method}"'
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in httpx.get(service.metrics_url).text.splitlines()
+        if line.startswith("imagemesh_grpc_requests_total{") and pattern in line and f'code="{code}"' in line
+    )
+
+
+@pytest.mark.parametrize("name", ABANDONED_STREAMS)
+def test_a_stream_its_client_abandons_is_counted_cancelled_and_logs_no_error(mesh, photo, name):
+    service = mesh[name]
+    path, step = ABANDONED_STREAMS[name]
+    method = path.rsplit("/", 1)[1]
+    image = np.tile(photo, (4, 4, 1))
+    edge = 64
+    height, width = image.shape[:2]
+    abandoned = threading.Event()
+
+    def requests():  # half the image, then nothing until the client has gone
+        header = wire.header(width, height, "RGB", image.dtype, tile_width=edge, tile_height=edge)
+        yield pipeline_pb2.StreamRequest(start=pipeline_pb2.StreamStart(image=header, steps=[step]))
+        rects = list(grid(width, height, edge, edge))
+        for rect in rects[: len(rects) // 2]:
+            yield pipeline_pb2.StreamRequest(tile=wire.tile(rect, image[rect.y0 : rect.y1, rect.x0 : rect.x1]))
+        abandoned.wait(30)
+
+    cancelled_before = requests_total(service, method, "CANCELLED")
+    with grpc.insecure_channel(service.address) as channel:
+        call = channel.stream_stream(
+            path,
+            request_serializer=pipeline_pb2.StreamRequest.SerializeToString,
+            response_deserializer=pipeline_pb2.StreamResponse.FromString,
+        )(requests(), timeout=60)
+        assert next(call).WhichOneof("part") == "result"
+        call.cancel()
+        abandoned.set()
+    deadline = time.monotonic() + 15
+    while in_flight(service) or requests_total(service, method, "CANCELLED") == cancelled_before:
+        assert time.monotonic() < deadline, "the abandoned stream was not counted as cancelled"
+        time.sleep(0.1)
+    time.sleep(0.5)  # an error from closing the stream would be logged right after
+    assert "Traceback" not in service.logs()
