@@ -37,6 +37,11 @@ class InvalidArgument(ServiceError):
     reason = "invalid_argument"
 
 
+class StreamEndedEarly(InvalidArgument):
+    """A request stream that ended before its image was whole. gRPC ends a cancelled
+    call's request stream too, at times before it cancels the handler."""
+
+
 class LimitExceeded(ServiceError):
     """A configured size limit was broken (HTTP 413)."""
 

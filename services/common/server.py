@@ -27,7 +27,7 @@ from prometheus_client import Gauge
 
 from . import logs, metrics
 from .config import ServiceConfig
-from .errors import Overloaded, ServiceError, error_trailer
+from .errors import Overloaded, ServiceError, StreamEndedEarly, error_trailer
 
 # Set by a service on the streams it opens to forward a pipeline; Envoy removes it
 # from outside calls (deploy/envoy), so only the mesh itself can mark a hop.
@@ -37,6 +37,8 @@ HOP_HEADER = "x-imagemesh-hop"
 LIVENESS = "liveness"
 # Spread calls over every address a name resolves to (a headless Service's pods).
 CHANNEL_OPTIONS = (("grpc.lb_policy_name", "round_robin"),)
+# How long a stream that ended early waits for the cancellation that may have ended it.
+CANCELLATION_GRACE_SECONDS = 0.1
 
 
 T = TypeVar("T")
@@ -202,6 +204,11 @@ class ServiceRuntime(Generic[ServiceConfigT]):
             await context.send_initial_metadata(((logs.REQUEST_ID_HEADER, request_id),))
             yield
         except ServiceError as exc:
+            if isinstance(exc, StreamEndedEarly):
+                # A cancellation that ended the request stream cancels this task within
+                # moments: wait for it rather than refuse (and count) a cancelled call.
+                code = grpc.StatusCode.CANCELLED
+                await asyncio.sleep(CANCELLATION_GRACE_SECONDS)
             code = exc.code
             context.set_trailing_metadata(error_trailer(exc))
             logs.log(

@@ -22,7 +22,7 @@ from imagemesh.v1 import common_pb2, pipeline_pb2
 from . import logs, wire
 from .config import ServiceConfig
 from .contract import MAX_STEPS
-from .errors import InvalidArgument, LimitExceeded, ServiceError, StreamTimeout, error_detail
+from .errors import InvalidArgument, LimitExceeded, ServiceError, StreamEndedEarly, StreamTimeout, error_detail
 from .server import CHANNEL_OPTIONS, HOP_HEADER, Admission, StreamLimiter, channel_target
 from .tiles import GridAssembler, Rect, TileBuffer
 from .topology import BY_STEP
@@ -174,8 +174,8 @@ async def input_tiles(requests: AsyncIterator, info: wire.HeaderInfo) -> AsyncIt
         yield wire.tile_pixels(message.tile, info)
 
 
-def incomplete(buffer: TileBuffer) -> InvalidArgument:
-    return InvalidArgument(f"the stream ended with {buffer.missing} input tiles missing", field="tile")
+def incomplete(buffer: TileBuffer) -> StreamEndedEarly:
+    return StreamEndedEarly(f"the stream ended with {buffer.missing} input tiles missing", field="tile")
 
 
 async def receive_whole(requests: AsyncIterator, info: wire.HeaderInfo) -> np.ndarray:
@@ -312,7 +312,9 @@ async def read_start(requests: AsyncIterator, timeout: float) -> pipeline_pb2.St
         first = await asyncio.wait_for(anext(requests, None), timeout)
     except asyncio.TimeoutError:
         raise StreamTimeout(f"no StreamStart within {timeout:g} s of opening the stream", field="start") from None
-    if first is None or first.WhichOneof("part") != "start":
+    if first is None:
+        raise StreamEndedEarly("the stream ended before its StreamStart message", field="start")
+    if first.WhichOneof("part") != "start":
         raise InvalidArgument("the stream must begin with a StreamStart message", field="start")
     return first.start
 

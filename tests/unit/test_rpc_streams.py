@@ -1,12 +1,16 @@
-"""A response stream closed from outside its own task, as the event loop closes one that
-gRPC abandoned at a reply it was waiting to send."""
+"""Calls that end from outside their own task: a response stream the event loop closes
+when gRPC abandoned it at a reply it was waiting to send, and a request stream that a
+client's cancellation ended before gRPC cancelled the handler."""
 
 import asyncio
 import contextvars
 
+import grpc
+import pytest
 from imagemesh.v1 import effects_pb2
 
 from services.common import metrics
+from services.common.errors import StreamEndedEarly
 from services.common.server import ServiceRuntime, rpc
 from services.effects.config import EffectsConfig
 
@@ -20,9 +24,20 @@ class Context:
     async def send_initial_metadata(self, metadata):
         pass
 
+    def set_trailing_metadata(self, metadata):
+        pass
 
-def cancelled_count(method: str) -> float:
-    return metrics.REQUESTS.labels("test", method, "CANCELLED")._value.get()
+    async def abort(self, code, details):
+        self.aborted = code
+        raise grpc.aio.AbortError(details)
+
+
+def counted(method: str, code: str = "CANCELLED") -> float:
+    return metrics.REQUESTS.labels("test", method, code)._value.get()
+
+
+def runtime() -> ServiceRuntime:
+    return ServiceRuntime("test", effects_pb2.DESCRIPTOR.services_by_name["Effects"], EffectsConfig(), 0, 0)
 
 
 def test_a_stream_closed_by_the_loops_finaliser_is_counted_cancelled_and_closes_the_servicers_stream():
@@ -41,14 +56,52 @@ def test_a_stream_closed_by_the_loops_finaliser_is_counted_cancelled_and_closes_
                 closed.append(True)
 
     async def scenario():
-        config = EffectsConfig()
-        runtime = ServiceRuntime("test", effects_pb2.DESCRIPTOR.services_by_name["Effects"], config, 0, 0)
-        before = cancelled_count("Replies")
-        stream = Servicer(runtime).Replies(None, Context())
+        before = counted("Replies")
+        stream = Servicer(runtime()).Replies(None, Context())
         assert await anext(stream) == 0
         # The finaliser closes an abandoned generator in a task of its own, in another context.
         await asyncio.create_task(stream.aclose(), context=contextvars.Context())
-        assert cancelled_count("Replies") == before + 1
+        assert counted("Replies") == before + 1
         assert closed == [True]  # at once, not whenever the finaliser gets to it
+
+    asyncio.run(scenario())
+
+
+class EndsEarly:
+    """A servicer whose request stream ends with tiles missing."""
+
+    def __init__(self):
+        self.runtime = runtime()
+        self.ended = asyncio.Event()
+
+    @rpc()
+    async def Truncated(self, request, context):
+        self.ended.set()
+        raise StreamEndedEarly("the stream ended with 3 input tiles missing")
+
+
+def test_a_request_stream_ended_by_a_cancellation_that_comes_after_it_is_counted_cancelled_not_refused():
+    async def scenario():
+        servicer, context = EndsEarly(), Context()
+        before = (counted("Truncated"), counted("Truncated", "INVALID_ARGUMENT"))
+        call = asyncio.create_task(servicer.Truncated(None, context))
+        await servicer.ended.wait()
+        call.cancel()  # as gRPC cancels the handler once the client's cancellation reaches it
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        assert not hasattr(context, "aborted")
+        assert (counted("Truncated"), counted("Truncated", "INVALID_ARGUMENT")) == (before[0] + 1, before[1])
+
+    asyncio.run(scenario())
+
+
+def test_a_request_stream_that_ends_early_with_no_cancellation_is_refused_as_invalid():
+    async def scenario():
+        servicer, context = EndsEarly(), Context()
+        before = counted("Truncated", "INVALID_ARGUMENT")
+        with pytest.raises(grpc.aio.AbortError):
+            await servicer.Truncated(None, context)
+        assert context.aborted == grpc.StatusCode.INVALID_ARGUMENT
+        assert counted("Truncated", "INVALID_ARGUMENT") == before + 1
 
     asyncio.run(scenario())
