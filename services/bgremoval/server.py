@@ -172,15 +172,7 @@ class BackgroundRemovalServicer(bgremoval_pb2_grpc.BackgroundRemovalServicer):
         self, request_iterator: AsyncIterable[pipeline_pb2.StreamRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pipeline_pb2.StreamResponse]:
         async with contextlib.aclosing(
-            serve_stream(
-                request_iterator,
-                context,
-                method="RemoveBackground",
-                config=self.runtime.config,
-                limiter=self.runtime.limiter,
-                downstreams=self.downstreams,
-                plan_step=self.plan_step,
-            )
+            serve_stream(self, request_iterator, context, method="RemoveBackground")
         ) as replies:
             async for reply in replies:
                 yield reply

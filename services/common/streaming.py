@@ -23,7 +23,7 @@ from . import logs, wire
 from .config import ServiceConfig
 from .contract import MAX_STEPS
 from .errors import InvalidArgument, LimitExceeded, ServiceError, StreamEndedEarly, StreamTimeout, error_detail
-from .server import CHANNEL_OPTIONS, HOP_HEADER, Admission, StreamLimiter, channel_target
+from .server import CHANNEL_OPTIONS, HOP_HEADER, Admission, ServiceRuntime, channel_target
 from .tiles import GridAssembler, Rect, TileBuffer
 from .topology import BY_STEP
 
@@ -345,18 +345,25 @@ async def open_stream(
     return start, within_idle_timeout(requests, config.stream_idle_timeout_seconds)
 
 
+class StepServicer(Protocol):
+    """A service's servicer, as its streaming RPCs' shared body uses it."""
+
+    runtime: ServiceRuntime
+    downstreams: "Downstreams"
+
+    def plan_step(self, start: pipeline_pb2.StreamStart, info: wire.HeaderInfo) -> StepPlan: ...
+
+
 async def serve_stream(
+    servicer: StepServicer,
     request_iterator: AsyncIterable[pipeline_pb2.StreamRequest],
     context: grpc.aio.ServicerContext,
     *,
     method: str,
-    config: ServiceConfig,
-    limiter: StreamLimiter,
-    downstreams: "Downstreams",
-    plan_step: Callable[[pipeline_pb2.StreamStart, wire.HeaderInfo], StepPlan],
 ):
     """The body of a service's streaming RPC (an async generator of StreamResponse):
     the start is read and checked, and the step planned, before the stream is admitted."""
+    config, limiter, downstreams = servicer.runtime.config, servicer.runtime.limiter, servicer.downstreams
     started = time.perf_counter()
     start, requests = await open_stream(request_iterator, config)
     if not start.steps:
@@ -366,7 +373,7 @@ async def serve_stream(
     for step in start.steps:
         step_kind(step)
     info = wire.HeaderInfo(start.image, config.max_input_pixels)
-    plan = plan_step(start, info)
+    plan = servicer.plan_step(start, info)
     op = plan.op
     check_output_size(op.out_width, op.out_height, config.max_output_pixels)
     wire.HeaderInfo(output_header(op, info), config.max_output_pixels)  # its grid within the contract too

@@ -141,16 +141,6 @@ class EffectsServicer(effects_pb2_grpc.EffectsServicer):
     async def ApplyEffects(
         self, request_iterator: AsyncIterable[pipeline_pb2.StreamRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pipeline_pb2.StreamResponse]:
-        async with contextlib.aclosing(
-            serve_stream(
-                request_iterator,
-                context,
-                method="ApplyEffects",
-                config=self.runtime.config,
-                limiter=self.runtime.limiter,
-                downstreams=self.downstreams,
-                plan_step=self.plan_step,
-            )
-        ) as replies:
+        async with contextlib.aclosing(serve_stream(self, request_iterator, context, method="ApplyEffects")) as replies:
             async for reply in replies:
                 yield reply

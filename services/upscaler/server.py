@@ -116,16 +116,6 @@ class UpscalerServicer(upscaler_pb2_grpc.UpscalerServicer):
         self, request_iterator: AsyncIterable[pipeline_pb2.StreamRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pipeline_pb2.StreamResponse]:
         with self.registry.lanes.request():  # how many are in flight sets each network call's threads
-            async with contextlib.aclosing(
-                serve_stream(
-                    request_iterator,
-                    context,
-                    method="Upscale",
-                    config=self.runtime.config,
-                    limiter=self.runtime.limiter,
-                    downstreams=self.downstreams,
-                    plan_step=self.plan_step,
-                )
-            ) as replies:
+            async with contextlib.aclosing(serve_stream(self, request_iterator, context, method="Upscale")) as replies:
                 async for reply in replies:
                     yield reply
