@@ -10,6 +10,7 @@ every queue between tasks is bounded."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from .errors import InvalidArgument, LimitExceeded, ServiceError, StreamEndedEar
 from .server import CHANNEL_OPTIONS, HOP_HEADER, Admission, ServiceRuntime, channel_target
 from .tiles import GridAssembler, Rect, TileBuffer
 from .topology import BY_STEP
+
+logger = logging.getLogger("imagemesh.streaming")
 
 QUEUE_MESSAGES = 8
 _END = object()
@@ -61,6 +64,10 @@ class Sender:
             await call.done_writing()
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
             pass  # the call has ended: its reader reports how
+        except Exception:
+            # Requests that cannot be written must not leave the call waiting for them.
+            logger.exception("writing a stream's requests failed")
+            call.cancel()
 
     @staticmethod
     async def _write_with_heartbeats(call: grpc.aio.StreamStreamCall, rest: AsyncIterator) -> None:

@@ -12,6 +12,7 @@ from imagemesh.v1 import effects_pb2
 from services.common import metrics
 from services.common.errors import StreamEndedEarly
 from services.common.server import ServiceRuntime, rpc
+from services.common.streaming import Sender
 from services.effects.config import EffectsConfig
 
 
@@ -103,5 +104,35 @@ def test_a_request_stream_that_ends_early_with_no_cancellation_is_refused_as_inv
             await servicer.Truncated(None, context)
         assert context.aborted == grpc.StatusCode.INVALID_ARGUMENT
         assert counted("Truncated", "INVALID_ARGUMENT") == before + 1
+
+    asyncio.run(scenario())
+
+
+def test_requests_that_cannot_be_written_cancel_their_call_instead_of_leaving_it_waiting():
+    class Call:
+        """The request side of a grpc.aio stream-stream call."""
+
+        def __init__(self):
+            self.written, self.cancelled = [], False
+
+        async def write(self, message):
+            self.written.append(message)
+
+        async def done_writing(self):
+            raise AssertionError("a stream whose requests failed is not ended as if complete")
+
+        def cancel(self):
+            self.cancelled = True
+
+    def tiles():
+        yield "tile 1"
+        raise ValueError("a tile that cannot be made")
+
+    async def scenario():
+        call = Call()
+        sender = Sender(call, "start", tiles())
+        sender.accepted.set()
+        await asyncio.wait_for(asyncio.gather(sender._task), 5)
+        assert call.written == ["start", "tile 1"] and call.cancelled
 
     asyncio.run(scenario())
