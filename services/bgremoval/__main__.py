@@ -14,10 +14,17 @@ from services.common.config import load_or_exit
 from services.common.resources import available_cpus
 from services.common.server import ServiceRuntime, serve
 
+from . import engine
 from .config import BgRemovalConfig
 from .models import SegmenterRegistry
 from .server import BackgroundRemovalServicer
 from .store import ChoiceStore, database_url
+
+
+def load(registry: SegmenterRegistry) -> None:
+    """What requests need, ready before the service reports SERVING."""
+    registry.load_all()
+    engine.load_matting()
 
 
 async def main() -> None:
@@ -53,7 +60,7 @@ async def main() -> None:
         await serve(
             runtime,
             lambda server: bgremoval_pb2_grpc.add_BackgroundRemovalServicer_to_server(servicer, server),
-            lambda: asyncio.get_running_loop().run_in_executor(None, registry.load_all),
+            lambda: asyncio.get_running_loop().run_in_executor(None, load, registry),
         )
     finally:
         store.close()

@@ -120,9 +120,15 @@ def guided_refine(mask: np.ndarray, rgb8: np.ndarray, eps: float = 1e-3) -> np.n
     return np.clip(box(a) * guide + box(b), 0.0, 1.0)
 
 
+def load_matting() -> None:
+    """Import pymatting, whose numba functions compile on import when numba's cache is
+    cold (a minute on 2 cores): done while the service loads, so no request waits for it."""
+    import pymatting  # noqa: F401
+
+
 def alpha_matting(mask: np.ndarray, rgb8: np.ndarray, erode_size: int = 10) -> Cutout:
     """Closed-form matting on a trimap from the mask (slow; opt-in)."""
-    from pymatting import estimate_alpha_cf, estimate_foreground_ml  # numba compiles on first use
+    from pymatting import estimate_alpha_cf, estimate_foreground_ml  # imported by load_matting
 
     kernel = np.ones((erode_size, erode_size), np.uint8)
     sure_fg = cv2.erode((mask > 240 / 255).astype(np.uint8), kernel)

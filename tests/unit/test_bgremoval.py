@@ -1,6 +1,8 @@
 import io
 import os
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -209,6 +211,22 @@ def test_alpha_matting_produces_a_matte_and_clean_colours():
     matted = engine.alpha_matting(rough, logo, erode_size=3)
     assert matted.mask.shape == rough.shape and matted.foreground.shape == logo.shape
     assert matted.mask[60:70, 60:70].min() > 0.95 and matted.mask[:5].max() < 0.05
+
+
+def test_the_services_load_step_imports_matting_before_it_serves(tmp_path):
+    """pymatting compiles its numba functions on import when numba's cache is cold (a
+    minute on 2 cores): the load step, run before SERVING, imports it, so that no
+    alpha-matting request waits for it (one waited past a client's 60 s timeout)."""
+    check = (
+        "import sys; from pathlib import Path\n"
+        "from services.bgremoval.__main__ import load\n"
+        "from services.bgremoval.models import SegmenterRegistry\n"
+        "assert 'pymatting' not in sys.modules\n"
+        f"load(SegmenterRegistry(Path({str(tmp_path)!r}), threads=1))\n"
+        "assert 'pymatting' in sys.modules\n"
+    )
+    run = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
 
 
 def test_outputs_only_mask_and_bgcolor():
