@@ -14,7 +14,17 @@ import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping, Protocol, Sequence
+from typing import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+    Protocol,
+    Sequence,
+    runtime_checkable,
+)
 
 import grpc
 import numpy as np
@@ -132,6 +142,15 @@ class TileOp(Protocol):
     def render(self, job: Rect, context: np.ndarray) -> np.ndarray: ...
 
 
+@runtime_checkable
+class RendersTogether(Protocol):
+    """A TileOp that renders up to `tiles_together` ready jobs in one call."""
+
+    tiles_together: int
+
+    def render_together(self, jobs: list[tuple[Rect, np.ndarray]]) -> list[np.ndarray]: ...  # outputs in order
+
+
 @dataclass
 class StepPlan:
     op: TileOp
@@ -217,6 +236,13 @@ async def render_stream(
         out_header.tile_height,
     )
     compute = 0.0
+    render_group: Callable[[list[tuple[Rect, np.ndarray]]], list[np.ndarray]]
+    if isinstance(op, RendersTogether):
+        together, render_group = op.tiles_together, op.render_together
+    else:
+        together, render_group = 1, lambda jobs: [op.render(*job) for job in jobs]
+    # Jobs whose context has come, read ahead of rendering so that several can be taken at once.
+    ready: asyncio.Queue = asyncio.Queue(2 * together)
 
     async def run(fn, *args):
         nonlocal compute
@@ -226,52 +252,81 @@ async def render_stream(
         compute += elapsed
         return result, elapsed
 
-    async def render(job: Rect, context: np.ndarray) -> None:
-        out, elapsed = await run(op.render, job, context)
-        plan.observe(elapsed)
-        report.tiles += 1
-        for cell, pixels in assembler.add(op.output_rect(job), out):
-            await emit(wire.tile(cell, pixels))
+    async def render(group: list[tuple[Rect, np.ndarray]]) -> None:
+        outs, elapsed = await run(render_group, group)
+        for (job, _), out in zip(group, outs):
+            plan.observe(elapsed)
+            report.tiles += 1
+            for cell, pixels in assembler.add(op.output_rect(job), out):
+                await emit(wire.tile(cell, pixels))
 
-    # Each job waits for the input cells its context touches; each cell is kept until
-    # the last job that needs it has rendered: work per tile stays constant, whatever
-    # the number of jobs (a rescan of every pending job per tile was quadratic).
-    contexts = [] if op.whole_image else [op.context_rect(job) for job in op.jobs]
-    missing = [0] * len(contexts)
-    needed_by: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for index, context in enumerate(contexts):
-        for key in buffer.cell_keys(context):
-            needed_by[key].append(index)
-            missing[index] += 1
-    users = {key: len(jobs) for key, jobs in needed_by.items()}
-    rendered = 0
-
-    async for rect, pixels in input_tiles(requests, info):
-        buffer.add(rect, pixels)
-        if op.whole_image:
-            if buffer.complete:
-                whole = buffer.read(Rect(0, 0, info.width, info.height))
-                buffer.release([])
-                await run(op.prepare, whole)
-                for job in op.jobs:
-                    await render(job, whole)
-                rendered = len(op.jobs)
-            continue
-        (key,) = buffer.cell_keys(rect)  # a tile is one cell of the grid
-        if not users.get(key):
-            buffer.drop(key)
-        for index in needed_by.get(key, ()):
-            missing[index] -= 1
-            if missing[index]:
+    async def read() -> None:
+        # Each job waits for the input cells its context touches; each cell is kept until
+        # the last job that needs it has been queued: work per tile stays constant, whatever
+        # the number of jobs (a rescan of every pending job per tile was quadratic).
+        contexts = [] if op.whole_image else [op.context_rect(job) for job in op.jobs]
+        missing = [0] * len(contexts)
+        needed_by: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for index, context in enumerate(contexts):
+            for key in buffer.cell_keys(context):
+                needed_by[key].append(index)
+                missing[index] += 1
+        users = {key: len(jobs) for key, jobs in needed_by.items()}
+        queued = 0
+        async for rect, pixels in input_tiles(requests, info):
+            buffer.add(rect, pixels)
+            if op.whole_image:
+                if buffer.complete:
+                    whole = buffer.read(Rect(0, 0, info.width, info.height))
+                    buffer.release([])
+                    await run(op.prepare, whole)
+                    for job in op.jobs:
+                        await ready.put((job, whole))
+                    queued = len(op.jobs)
                 continue
-            await render(op.jobs[index], buffer.read(contexts[index]))
-            rendered += 1
-            for used in buffer.cell_keys(contexts[index]):
-                users[used] -= 1
-                if not users[used]:
-                    buffer.drop(used)
-    if rendered < len(op.jobs) or not buffer.complete:
-        raise incomplete(buffer)
+            (key,) = buffer.cell_keys(rect)  # a tile is one cell of the grid
+            if not users.get(key):
+                buffer.drop(key)
+            for index in needed_by.get(key, ()):
+                missing[index] -= 1
+                if missing[index]:
+                    continue
+                await ready.put((op.jobs[index], buffer.read(contexts[index])))
+                queued += 1
+                for used in buffer.cell_keys(contexts[index]):
+                    users[used] -= 1
+                    if not users[used]:
+                        buffer.drop(used)
+        if queued < len(op.jobs) or not buffer.complete:
+            raise incomplete(buffer)
+
+    async def reader() -> None:
+        try:
+            await read()
+            await ready.put(_END)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # handed to the renderer, which raises it
+            await ready.put(exc)
+
+    reading = asyncio.create_task(reader())
+    try:
+        ended = False
+        while not ended:
+            group: list[tuple[Rect, np.ndarray]] = []
+            while not group or (len(group) < together and not ready.empty()):
+                item = await ready.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item is _END:
+                    ended = True
+                    break
+                group.append(item)
+            if group:
+                await render(group)
+    finally:
+        reading.cancel()
+        await asyncio.gather(reading, return_exceptions=True)
     report.compute_ms = compute * 1000
     report.total_ms = (time.perf_counter() - started) * 1000
     admission.finish()

@@ -37,7 +37,7 @@ async def main() -> None:
         device=device,
         onnx_cache_dir=Path(config.onnx_cache_dir) if config.onnx_cache_dir else None,
         threads=config.upscaler_threads or available_cpus(),
-        lanes=min(config.upscaler_inference_lanes, config.max_concurrent_requests),
+        lanes=config.inference_lanes,
         halo=config.upscaler_tile_halo,
         calibration_tile=config.upscaler_calibration_tile,
     )

@@ -124,9 +124,16 @@ def onnx_providers(device: str) -> list[str]:
     return ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
 
 
-class TorchBackend:
-    adapts_threads = False  # one intra-op thread pool per process
+def use_torch_threads(threads: int) -> None:
+    """Give this thread's own torch calls `threads` threads (0: leave them as they are).
+    With OpenMP, torch's thread count is the calling thread's own setting, made from the
+    process-wide one on its first parallel call: that happens first, so a later change
+    elsewhere cannot overwrite this one."""
+    if threads and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
+
+class TorchBackend:
     def __init__(
         self,
         name: str,
@@ -148,6 +155,8 @@ class TorchBackend:
                 if parameter.dim() == 4:
                     parameter.data = parameter.data.contiguous(memory_format=torch.channels_last)
         self.on_gpu = self.device == "cuda"
+        # On CPU each calling thread has its own intra-op thread count (compiled kernels keep their own).
+        self.adapts_threads = not self.on_gpu and not compiled
         if self.on_gpu:
             torch.backends.cudnn.benchmark = True  # the fastest convolution algorithm per shape
         if compiled:  # fuses each convolution's bias and activation into one kernel
@@ -170,6 +179,7 @@ class TorchBackend:
         return host.numpy()
 
     def __call__(self, batch: np.ndarray, threads: int = 0) -> np.ndarray:
+        use_torch_threads(threads)
         with torch.inference_mode():
             x = torch.from_numpy(batch).to(self.torch_device, self.dtype).contiguous(memory_format=self.memory_format)
             return self.module(x).float().cpu().numpy()
@@ -187,6 +197,7 @@ class TorchBackend:
         """The whole tile on the backend's device: the integer pixels go there, the
         passes, clamping, cropping and quantising run there, and only the integer
         result comes back."""
+        use_torch_threads(threads)
         maximum = float(np.iinfo(pixels.dtype).max)
         # torch warns on read-only arrays (tiles straight off the wire); copying one costs little.
         source = torch.from_numpy(

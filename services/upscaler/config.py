@@ -29,9 +29,9 @@ class UpscalerConfig(ServiceConfig):
     upscaler_threads: int = setting(0, "inference threads (0: the CPUs the container may use)", minimum=0)
     upscaler_inference_lanes: int = setting(
         2,
-        "network calls run at once when several requests are in flight, each on UPSCALER_THREADS / lanes "
-        "threads; a lone request's calls always use every thread (at most UPSCALER_THREADS and "
-        "MAX_CONCURRENT_REQUESTS)",
+        "network calls run at once, each on UPSCALER_THREADS / lanes threads, whenever more than one is "
+        "wanted: several requests in flight, or a request's tiles rendered together (a tile alone uses "
+        "every thread; at most UPSCALER_THREADS and MAX_CONCURRENT_REQUESTS)",
         minimum=1,
         maximum=64,
     )
@@ -40,3 +40,9 @@ class UpscalerConfig(ServiceConfig):
         "where .pth models exported to ONNX and ncnn, OpenVINO's compiled "
         "models and calibration's outcome are cached (default ~/.cache/imagemesh/onnx)",
     )
+
+    @property
+    def inference_lanes(self) -> int:
+        """Lanes, at most one per compute slot: the tile size is chosen so that each slot's
+        tile fits in its share of the memory (UpscaleEngine.memory_tile)."""
+        return min(self.upscaler_inference_lanes, self.max_concurrent_requests)

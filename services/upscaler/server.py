@@ -45,6 +45,7 @@ class UpscaleOp:
         self.out_width, self.out_height, self.out_mode, self.out_dtype = plan.out_width, plan.out_height, mode, dtype
         self.jobs = plan.tiles
         self.preferred_cell = max(16, int(plan.tile * plan.scale))
+        self.tiles_together = engine.tiles_together
 
     def context_rect(self, job: Rect) -> Rect:
         return self.plan.context_rect(job)
@@ -57,6 +58,9 @@ class UpscaleOp:
 
     def render(self, job: Rect, context: np.ndarray) -> np.ndarray:
         return self.engine.render(self.plan, job, context, self.mode, self.alpha_through_model)
+
+    def render_together(self, jobs: list[tuple[Rect, np.ndarray]]) -> list[np.ndarray]:
+        return self.engine.render_together(self.plan, jobs, self.mode, self.alpha_through_model)
 
 
 class UpscalerServicer(upscaler_pb2_grpc.UpscalerServicer):

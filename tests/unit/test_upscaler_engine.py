@@ -123,8 +123,8 @@ class ThreadCountingModel(ArrayBackend):
         return np.repeat(np.repeat(x, 2, axis=2), 2, axis=3)
 
 
-def upscale_at_once(engine, requests: int) -> None:
-    image = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+def upscale_at_once(engine, requests: int, size: tuple[int, int] = (32, 32)) -> None:
+    image = np.random.default_rng(1).integers(0, 256, (*size, 3), dtype=np.uint8)
     workers = [
         threading.Thread(target=engine.upscale, args=(image, "RGB", 2), kwargs={"tile": 16}) for _ in range(requests)
     ]
@@ -134,10 +134,46 @@ def upscale_at_once(engine, requests: int) -> None:
         worker.join()
 
 
-def test_a_lone_request_runs_every_network_call_on_every_thread():
+@pytest.mark.parametrize(
+    "size, widths",
+    [
+        ((16, 16), [4]),  # one tile: every thread
+        ((32, 32), [2, 2, 2, 2]),  # two pairs of tiles, each on half the threads
+        ((16, 48), [2, 2, 4]),  # a pair, then the last tile alone on every thread
+    ],
+)
+def test_a_lone_request_renders_its_tiles_in_lanes_and_a_tile_alone_on_every_thread(size, widths):
     model = ThreadCountingModel()
-    upscale_at_once(UpscaleEngine(model, 2, halo=2, lanes=InferenceLanes(threads=4, lanes=2)), 1)
-    assert set(model.widths) == {4} and model.most_calls == 1
+    upscale_at_once(UpscaleEngine(model, 2, halo=2, lanes=InferenceLanes(threads=4, lanes=2)), 1, size)
+    assert sorted(model.widths) == widths
+    assert model.most_in_use <= 4 and model.most_calls == min(2, len(widths))
+
+
+def test_tiles_rendered_together_land_where_they_belong():
+    image = np.random.default_rng(2).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    together = UpscaleEngine(ThreadCountingModel(), 2, halo=2, lanes=InferenceLanes(threads=2, lanes=2))
+    alone = UpscaleEngine(ThreadCountingModel(), 2, halo=2)
+    assert together.tiles_together == 2 and alone.tiles_together == 1
+    assert np.array_equal(together.upscale(image, "RGB", 2, tile=16), alone.upscale(image, "RGB", 2, tile=16))
+
+
+def test_a_failing_tile_fails_the_request_once_its_partner_has_ended():
+    ended = []
+
+    class FailsOnce(ThreadCountingModel):
+        def __call__(self, x, threads=0):
+            if not ended:
+                ended.append("failed")
+                raise RuntimeError("the network failed")
+            out = super().__call__(x, threads)
+            ended.append("rendered")
+            return out
+
+    engine = UpscaleEngine(FailsOnce(), 2, halo=2, lanes=InferenceLanes(threads=2, lanes=2))
+    image = np.zeros((16, 32, 3), np.uint8)  # two tiles: rendered together
+    with pytest.raises(RuntimeError, match="the network failed"):
+        engine.upscale(image, "RGB", 2, tile=16)
+    assert sorted(ended) == ["failed", "rendered"]  # the other tile's call had ended before the error came out
 
 
 @pytest.mark.parametrize("lanes", [2, 4])
