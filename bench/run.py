@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import copy
 import datetime
+import functools
 import io
 import os
 import platform
@@ -40,6 +41,7 @@ from bench.scratch import run_scratch
 from services.bgremoval import engine as bg_engine
 from services.bgremoval.models import SegmenterRegistry
 from services.common import imageio, wire
+from services.common.config import load as load_config
 from services.common.resources import available_cpus, cpu_model_and_flags, keep_freed_memory_for_reuse
 from services.common.tiles import grid
 from services.effects import engine as fx_engine
@@ -47,9 +49,11 @@ from services.effects import registry as fx_registry
 from services.effects.server import EffectsOp
 from services.upscaler.calibration import MIN_PSNR_DB, calibration_tile
 from services.upscaler.calibration import psnr_db as calibration_psnr
+from services.upscaler.config import UpscalerConfig
 from services.upscaler.models import SPECS_BY_NAME, ModelRegistry, build_module
 
 ROOT = Path(__file__).resolve().parent.parent
+SERVICE_LANES = load_config(UpscalerConfig, {}).inference_lanes  # as a service started with its defaults runs
 RESULTS = ROOT / "bench" / "RESULTS.md"
 GPU_MARK = "<!-- GPU section: written by `python -m bench.gpu` on a GPU machine; bench/run.py keeps it -->"
 
@@ -70,15 +74,21 @@ def timed(fn):
     return time.perf_counter() - started, result
 
 
+def in_turn(contenders: dict, rounds: int) -> tuple[dict, dict]:
+    """Every contender in turn, round by round: each one's median seconds and last result."""
+    times: dict = {key: [] for key in contenders}
+    results: dict = {}
+    for _ in range(rounds):
+        for key, contender in contenders.items():
+            times[key].append((seconds := timed(contender))[0])
+            results[key] = seconds[1]
+    return {key: statistics.median(values) for key, values in times.items()}, results
+
+
 def alternately(first, second, rounds: int) -> tuple[float, float, object, object]:
     """Both contenders in turn, round by round: their median seconds, and each one's last result."""
-    first_times, second_times = [], []
-    for _ in range(rounds):
-        seconds, first_result = timed(first)
-        first_times.append(seconds)
-        seconds, second_result = timed(second)
-        second_times.append(seconds)
-    return statistics.median(first_times), statistics.median(second_times), first_result, second_result
+    seconds, results = in_turn({"first": first, "second": second}, rounds)
+    return seconds["first"], seconds["second"], results["first"], results["second"]
 
 
 DEFAULT_MODELS = Path(os.environ.get("IMAGEMESH_BENCH_MODELS", ROOT.parent / "shared" / "models"))
@@ -211,6 +221,7 @@ def engine_vs_reference(model_dir: Path, rounds: int, size: int, tile: int = 128
         registry = ModelRegistry(
             single_model_dir(model_dir, file),
             threads=available_cpus(),
+            lanes=SERVICE_LANES,
             onnx_cache_dir=Path(tempfile.mkdtemp(prefix="bench-onnx-")),
         )
         registry.load_all()
@@ -357,10 +368,11 @@ def cpu_backends(model_dir: Path, rounds: int, tiles: tuple[int, ...] = (512, 25
 
 # --- 1c. throughput: requests at once on the same cores --------------------------
 
-THROUGHPUT_SETUPS = (  # (label, UPSCALER_INFERENCE_LANES)
-    ("1 lane: one network call at a time on all threads", 1),
-    ("2 lanes (default): a lone request on all threads, two or more in lanes of half of them", 2),
-)
+LANES_LABELS = {
+    1: "1 lane: one network call at a time on all threads",
+    2: "2 lanes (default): a request's tiles, and requests, two at a time on half the threads each",
+}
+THROUGHPUT_SETUPS = tuple((LANES_LABELS[lanes], lanes) for lanes in (1, 2))  # (label, UPSCALER_INFERENCE_LANES)
 
 
 def throughput(model_dir: Path, rounds: int, concurrencies=(1, 2, 4), size: int = 256, tile: int = 128) -> dict:
@@ -495,7 +507,6 @@ def start_upscaler(model_dir: Path, backend: str, **env) -> tuple[Process, str]:
             "UPSCALER_PORT": str(port),
             "UPSCALER_METRICS_PORT": "0",
             "UPSCALER_BACKEND": backend,
-            "MAX_CONCURRENT_REQUESTS": "1",
             "LOG_LEVEL": "WARNING",
             # Shared by the run's upscalers (the first one's exports and calibration serve the
             # rest) and removed with the run's scratch directory.
@@ -522,10 +533,10 @@ def start_upscaler(model_dir: Path, backend: str, **env) -> tuple[Process, str]:
 
 
 @contextlib.contextmanager
-def running_mesh(model_dir: Path, backend: str):
-    """An upscaler (on `backend`) and a gateway on loopback; yields an HTTP client, the upscale URL and
-    the gateway's process."""
-    upscaler, address = start_upscaler(model_dir, backend)
+def running_mesh(model_dir: Path, backend: str, **upscaler_env):
+    """An upscaler (on `backend`, its other settings the defaults but for `upscaler_env`) and a gateway
+    on loopback; yields an HTTP client, the upscale URL and the gateway's process."""
+    upscaler, address = start_upscaler(model_dir, backend, **upscaler_env)
     gateway_port = free_port()
     gateway = Process(
         "services.gateway",
@@ -568,31 +579,49 @@ def upscale_through(client: httpx.Client, url: str, image: np.ndarray, fields: d
 
 
 def mesh_overhead(model_dir: Path, rounds: int, size: int = 1024, tile: int = 256) -> dict:
+    """The mesh against the engine in-process, each with the service's default lanes (a request's
+    tiles rendered together, one lane each) and with one lane (one tile at a time on every
+    thread): all four in turn, round by round."""
     model = "realesr-general-x4v3"
-    registry = ModelRegistry(
-        model_dir, threads=available_cpus(), onnx_cache_dir=Path(tempfile.mkdtemp(prefix="bench-onnx-"))
-    )
-    registry.load_all()
-    engine = registry.resolve(model)
+    engines = {}
+    for lanes in (SERVICE_LANES, 1):
+        registry = ModelRegistry(
+            model_dir,
+            threads=available_cpus(),
+            lanes=lanes,
+            onnx_cache_dir=Path(tempfile.mkdtemp(prefix="bench-onnx-")),
+        )
+        registry.load_all()
+        engines[lanes] = registry.resolve(model)
+    backend = engines[SERVICE_LANES].backend
     image = photo(size, size)
-    with running_mesh(model_dir, engine.backend) as (client, url, gateway):
-        through_mesh = upscale_through(
-            client, url, image, {"scale": "4", "model": model, "tile": str(tile), "format": "png"}
-        )
-        gateway_cpu = gateway.cpu_seconds()  # it works only while a request goes through the mesh
-        in_process, mesh, _, answer = alternately(
-            lambda: engine.engine.upscale(image, "RGB", 4, tile=tile), through_mesh, rounds
-        )
-        gateway_cpu = (gateway.cpu_seconds() - gateway_cpu) / rounds
+    fields = {"scale": "4", "model": model, "tile": str(tile), "format": "png"}
+    with contextlib.ExitStack() as meshes:
+        contenders, gateways = {}, {}
+        for lanes, engine in engines.items():
+            client, url, gateways[lanes] = meshes.enter_context(
+                running_mesh(model_dir, backend, UPSCALER_INFERENCE_LANES=str(lanes))
+            )
+            contenders[lanes, "mesh"] = upscale_through(client, url, image, fields)
+            contenders[lanes, "in_process"] = functools.partial(engine.engine.upscale, image, "RGB", 4, tile=tile)
+        gateway_cpu = gateways[SERVICE_LANES].cpu_seconds()  # it works only while a request goes through the mesh
+        seconds, answers = in_turn(contenders, rounds)
+        gateway_cpu = (gateways[SERVICE_LANES].cpu_seconds() - gateway_cpu) / rounds
     return {
-        "backend": engine.backend,
+        "backend": backend,
         "image": f"{size}x{size}",
-        "in_process": in_process,
-        "mesh": mesh,
-        "ratio": mesh / in_process,
+        "rows": [
+            {
+                "lanes": lanes,
+                "in_process": seconds[lanes, "in_process"],
+                "mesh": seconds[lanes, "mesh"],
+                "ratio": seconds[lanes, "mesh"] / seconds[lanes, "in_process"],
+            }
+            for lanes in engines
+        ],
         "gateway_cpu": gateway_cpu,
         "cpus": available_cpus(),
-        "png": png_encoders(np.asarray(Image.open(io.BytesIO(answer))), rounds),
+        "png": png_encoders(np.asarray(Image.open(io.BytesIO(answers[SERVICE_LANES, "mesh"]))), rounds),
     }
 
 
@@ -848,21 +877,30 @@ def report(results: dict, command: str) -> str:
     return "\n".join(out + later_sections(results)) + "\n"
 
 
-def later_sections(results: dict) -> list[str]:
-    out = []
-    mesh = results["mesh"]
-    out += [
+def mesh_overhead_report(mesh: dict) -> list[str]:
+    return [
         "\n## 2. Mesh overhead\n",
         f"The same {mesh['image']} upscale 4x (realesr-general-x4v3, {mesh['backend']}): PNG upload through "
-        "REST -> gateway -> gRPC -> upscaler -> streamed PNG answer, against the engine called in-process.\n",
-        "| in-process | through the mesh | ratio |",
-        "|---|---|---|",
-        f"| {mesh['in_process']:.2f} s | {mesh['mesh']:.2f} s | **{mesh['ratio']:.3f}x** |",
+        "REST -> gateway -> gRPC -> upscaler -> streamed PNG answer, against the engine called in-process "
+        "with the same lanes; the four in turn, round by round.\n",
+        "| lanes | in-process | through the mesh | ratio |",
+        "|---|---|---|---|",
+        *(
+            f"| {LANES_LABELS.get(row['lanes'], row['lanes'])} | {row['in_process']:.2f} s | {row['mesh']:.2f} s "
+            f"| **{row['ratio']:.3f}x** |"
+            for row in mesh["rows"]
+        ),
         f"\nThe gateway's own CPU time per request (reading the upload, tiles in and out of protobuf, the PNG "
         f"answer's deflate): {mesh['gateway_cpu']:.2f} s. Where the network keeps every core busy (this machine "
-        f"has {mesh['cpus']}), that time competes with the network for the same cores instead of hiding "
-        "under it.",
+        f"has {mesh['cpus']}), that work and the upscaler's own tile I/O take turns on the same cores with the "
+        "network: one call on every thread waits at each layer's barrier for a thread the OS set aside, while "
+        "tiles rendered together in lanes of their own lose only the time taken.",
     ]
+
+
+def later_sections(results: dict) -> list[str]:
+    mesh = results["mesh"]
+    out = mesh_overhead_report(mesh)
     out += mesh_reference_report(results["mesh_reference"])
     png = mesh["png"]
     out += [
@@ -973,7 +1011,7 @@ def main(argv=None) -> int:
             step
             for step in steps
             if step[0]
-            in {"backends": ("peaks", "backends"), "throughput": ("throughput",), "mesh": ("mesh_reference",)}[
+            in {"backends": ("peaks", "backends"), "throughput": ("throughput",), "mesh": ("mesh", "mesh_reference")}[
                 args.only
             ]
         ]
@@ -985,7 +1023,7 @@ def main(argv=None) -> int:
         lines = {
             "backends": lambda: cpu_backends_report(results["backends"], results["peaks"]),
             "throughput": lambda: throughput_report(results["throughput"]),
-            "mesh": lambda: mesh_reference_report(results["mesh_reference"]),
+            "mesh": lambda: mesh_overhead_report(results["mesh"]) + mesh_reference_report(results["mesh_reference"]),
         }[args.only]()
         print("\n".join(lines))
         return 0
