@@ -352,3 +352,25 @@ def test_inference_lanes_give_backends_a_wide_and_a_narrow_form_that_agree(model
         for call in narrow:
             call.join()
         assert len(outputs) == 3 and all(psnr(out, expected, 1.0) >= 45 for out in outputs), backend
+
+
+def test_torch_on_cpu_narrows_a_call_on_its_own_thread_only(model_dir, tmp_path):
+    import threading
+
+    directory = only(tmp_path, model_dir, "realesr-animevideov3.pth")
+    registry = ModelRegistry(directory, backend="torch-fp32-cl", onnx_cache_dir=tmp_path / "onnx", threads=2, lanes=2)
+    registry.load_all()
+    model = registry.resolve("realesr-animevideov3").engine.model
+    assert model.adapts_threads
+    tile = calibration_tile(48)
+    wide = model(tile, threads=2)
+    narrow: list = []
+
+    def call_narrow():
+        narrow.extend([model(tile, threads=1), torch.get_num_threads()])
+
+    caller = threading.Thread(target=call_narrow)
+    caller.start()
+    caller.join()
+    assert narrow[1] == 1 and torch.get_num_threads() == 2  # the narrow call's thread only
+    assert psnr(narrow[0], wide, 1.0) >= 45
