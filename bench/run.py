@@ -583,17 +583,18 @@ def mesh_overhead(model_dir: Path, rounds: int, size: int = 1024, tile: int = 25
     tiles rendered together, one lane each) and with one lane (one tile at a time on every
     thread): all four in turn, round by round."""
     model = "realesr-general-x4v3"
-    engines = {}
-    for lanes in (SERVICE_LANES, 1):
+    engines, backend = {}, "auto"
+    for lanes in (SERVICE_LANES, 1):  # both on the backend calibration chose for the first
         registry = ModelRegistry(
             model_dir,
+            backend=backend,
             threads=available_cpus(),
             lanes=lanes,
             onnx_cache_dir=Path(tempfile.mkdtemp(prefix="bench-onnx-")),
         )
         registry.load_all()
         engines[lanes] = registry.resolve(model)
-    backend = engines[SERVICE_LANES].backend
+        backend = engines[lanes].backend
     image = photo(size, size)
     fields = {"scale": "4", "model": model, "tile": str(tile), "format": "png"}
     with contextlib.ExitStack() as meshes:
