@@ -142,22 +142,24 @@ def calibrate(
         context = bigger + 2 * halo
         step = calibration_tile(context)
 
-        def clearly_slower(name: str, seconds: float) -> bool:
-            return _Speed(bigger, context, seconds).core_rate < LADDER_GIVE_UP * fastest[name].core_rate
+        def clearly_slower(name: str, speed: _Speed) -> bool:
+            return speed.core_rate < LADDER_GIVE_UP * fastest[name].core_rate
 
         # Warm already: a new tile size costs at most its first call more, and the best of the runs is kept.
         times = _time_in_turn(climbing, step, native_scale, LADDER_RUNS, warm_up=False)
+        speeds = {name: _Speed(bigger, context, seconds) for name, seconds in times.items()}
         # Timed once more before giving up: a burst of load from elsewhere on a shared machine
         # slows every backend in the round for a few seconds, and passes.
-        if doubtful := [b for b in climbing if clearly_slower(b.name, times[b.name])]:
+        if doubtful := [b for b in climbing if clearly_slower(b.name, speeds[b.name])]:
             again = _time_in_turn(doubtful, step, native_scale, LADDER_RUNS, warm_up=False)
-            times.update({name: min(seconds, times[name]) for name, seconds in again.items()})
+            for name, seconds in again.items():
+                speeds[name] = _Speed(bigger, context, min(seconds, times[name]))
         for backend in list(climbing):
-            speed = _Speed(bigger, context, times[backend.name])
+            speed = speeds[backend.name]
             timed[backend.name].append(speed)
             if speed.core_rate > fastest[backend.name].core_rate:
                 fastest[backend.name] = speed
-            elif clearly_slower(backend.name, times[backend.name]):
+            elif clearly_slower(backend.name, speed):
                 climbing.remove(backend)
     chosen = max(eligible, key=lambda b: fastest[b.name].core_rate, default=None)
     for backend, m in zip(backends, measurements):
