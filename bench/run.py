@@ -375,6 +375,12 @@ LANES_LABELS = {
 THROUGHPUT_SETUPS = tuple((LANES_LABELS[lanes], lanes) for lanes in (1, 2))  # (label, UPSCALER_INFERENCE_LANES)
 
 
+def process_cpu_seconds() -> float:
+    """User and system CPU time this process (every thread) has used so far."""
+    times = os.times()
+    return times.user + times.system
+
+
 def throughput(model_dir: Path, rounds: int, concurrencies=(1, 2, 4), size: int = 256, tile: int = 128) -> dict:
     """Images per minute with 1, 2 and 4 requests at once, computed as the service computes them:
     one thread per request (MAX_CONCURRENT_REQUESTS), each upscaling its images tile by tile
@@ -396,7 +402,9 @@ def throughput(model_dir: Path, rounds: int, concurrencies=(1, 2, 4), size: int 
     for engine in engines.values():
         engine.upscale(image[:64, :64], "RGB", 4, tile=tile)  # warm
 
-    def images_per_minute(engine, concurrency: int) -> tuple[float, float]:
+    def images_per_minute(engine, concurrency: int) -> tuple[float, float, float, float]:
+        """Images per minute, the median latency, and the process's CPU seconds per image and
+        per second of the run: more CPU per image is contention, fewer busy cores idle time."""
         per_request = 2 if concurrency > 1 else 3
         latencies: list[float] = []
 
@@ -407,14 +415,16 @@ def throughput(model_dir: Path, rounds: int, concurrencies=(1, 2, 4), size: int 
                 latencies.append(time.perf_counter() - started)
 
         workers = [threading.Thread(target=request) for _ in range(concurrency)]
-        started = time.perf_counter()
+        cpu_before, started = process_cpu_seconds(), time.perf_counter()
         for worker in workers:
             worker.start()
         for worker in workers:
             worker.join()
-        return concurrency * per_request * 60 / (time.perf_counter() - started), statistics.median(latencies)
+        seconds, cpu = time.perf_counter() - started, process_cpu_seconds() - cpu_before
+        images = concurrency * per_request
+        return images * 60 / seconds, statistics.median(latencies), cpu / images, cpu / seconds
 
-    measured: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    measured: dict[tuple[str, int], list[tuple[float, float, float, float]]] = {}
     for _ in range(rounds):
         for concurrency in concurrencies:
             for label, engine in engines.items():
@@ -425,6 +435,8 @@ def throughput(model_dir: Path, rounds: int, concurrencies=(1, 2, 4), size: int 
             "concurrency": c,
             "images_per_minute": statistics.median(r[0] for r in runs),
             "latency": statistics.median(r[1] for r in runs),
+            "cpu_per_image": statistics.median(r[2] for r in runs),
+            "cores_busy": statistics.median(r[3] for r in runs),
         }
         for (label, c), runs in measured.items()
     ]
@@ -447,17 +459,19 @@ def throughput_report(result: dict) -> list[str]:
         f"{result['model']} ({result['backend']}), a {result['image']} photo 4x in {result['tile']}-pixel tiles, "
         f"{result['threads']} threads; one thread per request, as the service's compute pool runs them "
         "(`python -m bench.run --only throughput`). Latency: one image, median; single-request latency is "
-        "the latency at concurrency 1, against one lane's.\n",
+        "the latency at concurrency 1, against one lane's. CPU per image: the process's CPU time over the "
+        "images (more with more requests at once is contention); cores busy: its CPU time over the run's "
+        "wall time (fewer than the threads is idle time).\n",
         "| setup | requests at once | images per minute | vs the same setup at 1 | latency | single-request "
-        "latency vs 1 lane |",
-        "|---|---|---|---|---|---|",
+        "latency vs 1 lane | CPU per image | cores busy |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: ([s[0] for s in THROUGHPUT_SETUPS].index(r["setup"]), r["concurrency"])):
         at_one = next(x["images_per_minute"] for x in rows if x["setup"] == r["setup"] and x["concurrency"] == 1)
         out.append(
             f"| {r['setup']} | {r['concurrency']} | {r['images_per_minute']:.1f} | "
             f"**{r['images_per_minute'] / at_one:.2f}x** | {r['latency']:.2f} s | "
-            f"{lone[r['setup']] / lone[one_lane]:.2f}x |"
+            f"{lone[r['setup']] / lone[one_lane]:.2f}x | {r['cpu_per_image']:.2f} s | {r['cores_busy']:.2f} |"
         )
     return out
 
