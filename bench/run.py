@@ -26,6 +26,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
+from typing import Iterable
 
 import grpc
 import httpx
@@ -50,6 +51,7 @@ from services.effects.server import EffectsOp
 from services.upscaler.calibration import MIN_PSNR_DB, calibration_tile
 from services.upscaler.calibration import psnr_db as calibration_psnr
 from services.upscaler.config import UpscalerConfig
+from services.upscaler.engine import UpscaleEngine
 from services.upscaler.models import SPECS_BY_NAME, ModelRegistry, build_module
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -375,6 +377,23 @@ LANES_LABELS = {
 THROUGHPUT_SETUPS = tuple((LANES_LABELS[lanes], lanes) for lanes in (1, 2))  # (label, UPSCALER_INFERENCE_LANES)
 
 
+def engines_per_lanes(model_dir: Path, lanes_settings: Iterable[int]) -> tuple[dict[int, UpscaleEngine], str]:
+    """realesr-general-x4v3's engine once per UPSCALER_INFERENCE_LANES setting, every one on the
+    backend calibration chose for the first (calibrating on its own, another could pick another
+    backend, and the comparison would be of backends); the engines, and that backend."""
+    name, file, _ = REFERENCE_MODELS[0]
+    directory, cache = single_model_dir(model_dir, file), Path(tempfile.mkdtemp(prefix="bench-cache-"))
+    engines, backend = {}, "auto"
+    for lanes in lanes_settings:
+        registry = ModelRegistry(
+            directory, backend=backend, lanes=lanes, threads=available_cpus(), onnx_cache_dir=cache
+        )
+        registry.load_all()
+        model = registry.resolve(name)
+        engines[lanes], backend = model.engine, model.backend
+    return engines, backend
+
+
 def process_cpu_seconds() -> float:
     """User and system CPU time this process (every thread) has used so far."""
     times = os.times()
@@ -386,18 +405,9 @@ def throughput(model_dir: Path, rounds: int, concurrencies=(1, 2, 4), size: int 
     one thread per request (MAX_CONCURRENT_REQUESTS), each upscaling its images tile by tile
     through the engine. Every setup runs the backend calibration chose for one lane; the
     setups take turns in every round."""
-    name, file, _ = REFERENCE_MODELS[0]
-    directory, cache = single_model_dir(model_dir, file), Path(tempfile.mkdtemp(prefix="bench-cache-"))
-    backend = ""
-    engines = {}
-    for label, lanes in THROUGHPUT_SETUPS:
-        registry = ModelRegistry(
-            directory, backend=backend or "auto", lanes=lanes, threads=available_cpus(), onnx_cache_dir=cache
-        )
-        registry.load_all()
-        model = registry.resolve(name)
-        backend = backend or model.backend
-        engines[label] = model.engine
+    name = REFERENCE_MODELS[0][0]
+    by_lanes, backend = engines_per_lanes(model_dir, (lanes for _, lanes in THROUGHPUT_SETUPS))
+    engines = {label: by_lanes[lanes] for label, lanes in THROUGHPUT_SETUPS}
     image = photo(size, size)
     for engine in engines.values():
         engine.upscale(image[:64, :64], "RGB", 4, tile=tile)  # warm
@@ -596,19 +606,8 @@ def mesh_overhead(model_dir: Path, rounds: int, size: int = 1024, tile: int = 25
     """The mesh against the engine in-process, each with the service's default lanes (a request's
     tiles rendered together, one lane each) and with one lane (one tile at a time on every
     thread): all four in turn, round by round."""
-    model = "realesr-general-x4v3"
-    engines, backend = {}, "auto"
-    for lanes in (SERVICE_LANES, 1):  # both on the backend calibration chose for the first
-        registry = ModelRegistry(
-            model_dir,
-            backend=backend,
-            threads=available_cpus(),
-            lanes=lanes,
-            onnx_cache_dir=Path(tempfile.mkdtemp(prefix="bench-onnx-")),
-        )
-        registry.load_all()
-        engines[lanes] = registry.resolve(model)
-        backend = engines[lanes].backend
+    model = REFERENCE_MODELS[0][0]
+    engines, backend = engines_per_lanes(model_dir, (SERVICE_LANES, 1))
     image = photo(size, size)
     fields = {"scale": "4", "model": model, "tile": str(tile), "format": "png"}
     with contextlib.ExitStack() as meshes:
@@ -618,7 +617,7 @@ def mesh_overhead(model_dir: Path, rounds: int, size: int = 1024, tile: int = 25
                 running_mesh(model_dir, backend, UPSCALER_INFERENCE_LANES=str(lanes))
             )
             contenders[lanes, "mesh"] = upscale_through(client, url, image, fields)
-            contenders[lanes, "in_process"] = functools.partial(engine.engine.upscale, image, "RGB", 4, tile=tile)
+            contenders[lanes, "in_process"] = functools.partial(engine.upscale, image, "RGB", 4, tile=tile)
         gateway_cpu = gateways[SERVICE_LANES].cpu_seconds()  # it works only while a request goes through the mesh
         seconds, answers = in_turn(contenders, rounds)
         gateway_cpu = (gateways[SERVICE_LANES].cpu_seconds() - gateway_cpu) / rounds
