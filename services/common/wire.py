@@ -135,9 +135,7 @@ class HeaderInfo:
 def tile(rect: Rect, pixels: np.ndarray) -> common_pb2.Tile:
     """A halo-free tile message from a (h, w, c) array."""
     wire = pixels.astype(pixels.dtype.newbyteorder("<"), copy=False)
-    return common_pb2.Tile(
-        x=rect.x0, y=rect.y0, width=rect.width, height=rect.height, pixels=np.ascontiguousarray(wire).tobytes()
-    )
+    return common_pb2.Tile(x=rect.x0, y=rect.y0, width=rect.width, height=rect.height, pixels=wire.tobytes())
 
 
 def tile_pixels(msg: common_pb2.Tile, info: HeaderInfo) -> tuple[Rect, np.ndarray]:
@@ -147,9 +145,10 @@ def tile_pixels(msg: common_pb2.Tile, info: HeaderInfo) -> tuple[Rect, np.ndarra
     expected = full_w * full_h * info.channels * info.dtype.itemsize
     if msg.width == 0 or msg.height == 0:
         raise InvalidArgument("a tile must not be empty", field="tile")
-    if len(msg.pixels) != expected:
+    pixels = msg.pixels  # each read of a bytes field copies it
+    if len(pixels) != expected:
         raise InvalidArgument(
-            f"tile at ({msg.x}, {msg.y}) has {len(msg.pixels)} bytes of pixels, expected {expected}",
+            f"tile at ({msg.x}, {msg.y}) has {len(pixels)} bytes of pixels, expected {expected}",
             field="tile.pixels",
         )
     if msg.x + msg.width > info.width or msg.y + msg.height > info.height:
@@ -158,6 +157,6 @@ def tile_pixels(msg: common_pb2.Tile, info: HeaderInfo) -> tuple[Rect, np.ndarra
             f"{info.width}x{info.height} image",
             field="tile",
         )
-    full = np.frombuffer(msg.pixels, info.wire_dtype).reshape(full_h, full_w, info.channels)
+    full = np.frombuffer(pixels, info.wire_dtype).reshape(full_h, full_w, info.channels)
     core = full[msg.halo_top : msg.halo_top + msg.height, msg.halo_left : msg.halo_left + msg.width]
     return Rect(msg.x, msg.y, msg.x + msg.width, msg.y + msg.height), core.astype(info.dtype, copy=False)
