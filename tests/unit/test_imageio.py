@@ -54,6 +54,23 @@ def test_png_written_band_by_band_is_lossless_at_every_level(photo, mode, level)
     assert decoded.mode == mode and np.array_equal(decoded.pixels, pixels)
 
 
+def test_every_png_chunk_carries_the_crc_the_format_defines():
+    """Pillow skips IDAT's CRC; libpng and other strict decoders refuse a wrong one."""
+    noise = np.random.default_rng(3).integers(0, 256, (400, 300, 3), dtype=np.uint8)  # deflates band by band
+    writer = imageio.PngWriter(noise.shape[1], noise.shape[0], "RGB", 8, icc_profile=b"a profile")
+    bands = [writer.rows(noise[top : top + 50]) for top in range(0, noise.shape[0], 50)]
+    png = writer.start() + b"".join(bands) + writer.finish()
+    offset, kinds = 8, []
+    while offset < len(png):
+        (length,) = struct.unpack(">I", png[offset : offset + 4])
+        kind, body = png[offset + 4 : offset + 8], png[offset + 8 : offset + 8 + length]
+        (crc,) = struct.unpack(">I", png[offset + 8 + length : offset + 12 + length])
+        assert crc == zlib.crc32(kind + body), kind
+        kinds.append(kind)
+        offset += 12 + length
+    assert kinds[:2] == [b"IHDR", b"iCCP"] and kinds[-1] == b"IEND" and kinds.count(b"IDAT") > 1
+
+
 def test_png_levels_outside_zero_to_nine_are_refused():
     for level in (-1, 10):
         with pytest.raises(ValueError):
