@@ -56,7 +56,7 @@ class Admission:
         pass
 
 
-def run(op: DoublingOp, image: np.ndarray, tiles: list | None = None) -> np.ndarray:
+def run(op: DoublingOp, image: np.ndarray, tiles: list | None = None, send=None) -> np.ndarray:
     height, width = image.shape[:2]
     header = wire.header(width, height, "RGB", np.uint8, tile_width=16, tile_height=16)
     info = wire.HeaderInfo(header, 1 << 20)
@@ -76,7 +76,7 @@ def run(op: DoublingOp, image: np.ndarray, tiles: list | None = None) -> np.ndar
         whole.extend(pixels for _, pixels in out.add(rect, pixels))
 
     plan = StepPlan(op, pipeline_pb2.StepReport())
-    asyncio.run(render_stream(plan, info, requests(), Admission(), emit))
+    asyncio.run(render_stream(plan, info, requests(), Admission(), send or emit))
     assert plan.report.tiles == len(op.jobs)
     return whole[0] if whole else np.empty(0)
 
@@ -106,3 +106,15 @@ def test_a_stream_that_ends_with_jobs_unrendered_is_refused_as_ended_early():
     with pytest.raises(StreamEndedEarly, match="input tiles missing"):
         run(op, IMAGE, tiles[:-2])
     assert 0 < sum(op.calls) < len(op.jobs)
+
+
+def test_a_tile_that_cannot_be_sent_ends_the_stream_with_its_error_and_rendering_with_it():
+    op = DoublingOp(40, 48, 2)
+    op.preferred_cell = 32  # each job's output is a tile of its own, sent as soon as it is rendered
+
+    async def refused(tile):
+        raise InvalidArgument("the next service refused the tile")
+
+    with pytest.raises(InvalidArgument, match="refused the tile"):
+        run(op, IMAGE, send=refused)
+    assert len(op.calls) == 1  # nothing more is rendered once a group's tiles cannot leave
