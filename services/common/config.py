@@ -152,3 +152,8 @@ class ServiceConfig(CommonConfig):
     stream_idle_timeout_seconds: float = setting(
         60.0, "a stream that sends nothing (not even a heartbeat) for this long is ended", minimum=15
     )
+
+    @property
+    def renders_per_request(self) -> int:
+        """How many of one request's tiles may render at once (sharing its compute slot)."""
+        return 1

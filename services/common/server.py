@@ -64,16 +64,17 @@ logger = logging.getLogger("imagemesh.server")
 class StreamLimiter:
     """How much work a service takes on. At most `max_active + max_queued` streams are
     open at once (one more is refused at once: RESOURCE_EXHAUSTED), and at most
-    `max_active` computations run at a time, on a thread pool of that size, the
-    earliest-admitted stream first. A stream holds a compute slot only while it
-    computes, never while it waits for its input or for the next service, so a pipeline
+    `max_active` of them compute at a time, each in a compute slot, the earliest-admitted
+    stream first; a stream's computations share its slot, up to `computations_per_stream`
+    at once, on a thread pool of `max_active * computations_per_stream`. A stream holds a
+    compute slot only while it computes, never while it waits for its input or for the next service, so a pipeline
     that passes through a service twice, or two pipelines that cross, never wait on
     each other."""
 
-    def __init__(self, service: str, max_active: int, max_queued: int):
+    def __init__(self, service: str, max_active: int, max_queued: int, computations_per_stream: int = 1):
         self.service = service
         self.max_open = max_active + max_queued
-        self.executor = ThreadPoolExecutor(max_workers=max_active, thread_name_prefix=service)
+        self.executor = ThreadPoolExecutor(max_workers=max_active * computations_per_stream, thread_name_prefix=service)
         self.open = 0
         self._free = max_active
         self._waiting: list[tuple[int, asyncio.Future]] = []  # a heap: earliest admission first
@@ -131,14 +132,23 @@ class Admission:
         self._in_flight.inc()
         limiter.open += 1
         self._finished = False
+        self._computing = 0  # computations of this stream running in its slot
+        self._taking_slot = asyncio.Lock()
 
     async def compute(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run `fn(*args)` on the service's thread pool once a compute slot is free."""
-        await self.limiter._acquire(self.order, self._in_flight)
+        """Run `fn(*args)` on the service's thread pool in the stream's compute slot: taken,
+        once one is free, by its first computation; shared by those that start while it
+        runs (a stream may render several tiles at once); given back when none is left."""
+        async with self._taking_slot:
+            if not self._computing:
+                await self.limiter._acquire(self.order, self._in_flight)
+            self._computing += 1
         try:
             return await asyncio.get_running_loop().run_in_executor(self.limiter.executor, fn, *args)
         finally:
-            self.limiter._release()
+            self._computing -= 1
+            if not self._computing:
+                self.limiter._release()
 
     def finish(self) -> None:
         if not self._finished:
@@ -192,7 +202,9 @@ class ServiceRuntime(Generic[ServiceConfigT]):
         self.metrics_port = metrics_port
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server()  # built in the serving event loop (the services' async main)
-        self.limiter = StreamLimiter(service, config.max_concurrent_requests, config.max_queued_requests)
+        self.limiter = StreamLimiter(
+            service, config.max_concurrent_requests, config.max_queued_requests, config.renders_per_request
+        )
 
     @contextlib.asynccontextmanager
     async def call(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:

@@ -46,3 +46,7 @@ class UpscalerConfig(ServiceConfig):
         """Lanes, at most one per compute slot: the tile size is chosen so that each slot's
         tile fits in its share of the memory (UpscaleEngine.memory_tile)."""
         return min(self.upscaler_inference_lanes, self.max_concurrent_requests)
+
+    @property
+    def renders_per_request(self) -> int:
+        return self.inference_lanes  # a request's tiles render one per lane
