@@ -144,11 +144,12 @@ class TileOp(Protocol):
 
 @runtime_checkable
 class RendersTogether(Protocol):
-    """A TileOp that renders up to `tiles_together` ready jobs in one call."""
+    """A TileOp that renders up to `tiles_together` of a stream's jobs at once, each in a
+    call of its own; `ready` is told how many are ready or rendering (0 once rendering ends)."""
 
     tiles_together: int
 
-    def render_together(self, jobs: list[tuple[Rect, np.ndarray]]) -> list[np.ndarray]: ...  # outputs in order
+    def ready(self, jobs: int) -> None: ...
 
 
 @dataclass
@@ -235,28 +236,56 @@ async def render_stream(
         out_header.tile_width,
         out_header.tile_height,
     )
-    compute = 0.0
-    render_group: Callable[[list[tuple[Rect, np.ndarray]]], list[np.ndarray]]
-    if isinstance(op, RendersTogether):
-        together, render_group = op.tiles_together, op.render_together
-    else:
-        together, render_group = 1, lambda jobs: [op.render(*job) for job in jobs]
-    # Jobs whose context has come, read ahead of rendering so that several can be taken at once.
+    together = op.tiles_together if isinstance(op, RendersTogether) else 1
+    ready_jobs = op.ready if isinstance(op, RendersTogether) else lambda jobs: None
+    # Jobs whose context has come, read ahead of rendering; up to `together` renderers take them,
+    # each the next as soon as its own is done (none waits for another's job to end).
     ready: asyncio.Queue = asyncio.Queue(2 * together)
+    wanted = 0  # jobs queued or rendering
+    computing, compute, busy_since = 0, 0.0, 0.0
+    rendered: asyncio.Queue = asyncio.Queue(together)  # outputs leave from one task while the next jobs render
+
+    def want(change: int) -> None:
+        nonlocal wanted
+        wanted += change
+        ready_jobs(wanted)
 
     async def run(fn, *args):
-        nonlocal compute
-        t = time.perf_counter()
-        result = await admission.compute(fn, *args)
-        elapsed = time.perf_counter() - t
-        compute += elapsed
-        return result, elapsed
+        """`fn` in the stream's compute slot; the report's compute time counts time with any running."""
+        nonlocal computing, compute, busy_since
+        if not computing:
+            busy_since = time.perf_counter()
+        computing += 1
+        try:
+            return await admission.compute(fn, *args)
+        finally:
+            computing -= 1
+            if not computing:
+                compute += time.perf_counter() - busy_since
 
-    async def render(group: list[tuple[Rect, np.ndarray]]) -> None:
-        outs, elapsed = await run(render_group, group)
-        for (job, _), out in zip(group, outs):
-            plan.observe(elapsed)
+    async def queue(job: Rect, context: np.ndarray) -> None:
+        await ready.put((job, context))
+        want(+1)
+
+    async def renderer() -> None:
+        while (item := await ready.get()) is not _END:
+            if isinstance(item, BaseException):
+                ready.put_nowait(item)  # for the other renderers too
+                raise item
+            job, context = item
+            try:
+                t = time.perf_counter()
+                out = await run(op.render, job, context)
+                plan.observe(time.perf_counter() - t)
+            finally:
+                want(-1)
             report.tiles += 1
+            await rendered.put((job, out))
+        ready.put_nowait(_END)  # for the other renderers too
+
+    async def sender() -> None:
+        while (item := await rendered.get()) is not _END:
+            job, out = item
             for cell, pixels in assembler.add(op.output_rect(job), out):
                 await emit(wire.tile(cell, pixels))
 
@@ -281,7 +310,7 @@ async def render_stream(
                     buffer.release([])
                     await run(op.prepare, whole)
                     for job in op.jobs:
-                        await ready.put((job, whole))
+                        await queue(job, whole)
                     queued = len(op.jobs)
                 continue
             (key,) = buffer.cell_keys(rect)  # a tile is one cell of the grid
@@ -291,7 +320,7 @@ async def render_stream(
                 missing[index] -= 1
                 if missing[index]:
                     continue
-                await ready.put((op.jobs[index], buffer.read(contexts[index])))
+                await queue(op.jobs[index], buffer.read(contexts[index]))
                 queued += 1
                 for used in buffer.cell_keys(contexts[index]):
                     users[used] -= 1
@@ -306,27 +335,30 @@ async def render_stream(
             await ready.put(_END)
         except asyncio.CancelledError:
             raise
-        except BaseException as exc:  # handed to the renderer, which raises it
+        except BaseException as exc:  # handed to the renderers, which raise it
             await ready.put(exc)
 
-    reading = asyncio.create_task(reader())
+    async def render_all() -> None:
+        renderers = [asyncio.create_task(renderer()) for _ in range(together)]
+        try:
+            await asyncio.gather(*renderers)
+        finally:
+            for task in renderers:
+                task.cancel()
+            await asyncio.gather(*renderers, return_exceptions=True)
+        await rendered.put(_END)
+
+    tasks = [asyncio.create_task(reader()), asyncio.create_task(render_all()), asyncio.create_task(sender())]
     try:
-        ended = False
-        while not ended:
-            group: list[tuple[Rect, np.ndarray]] = []
-            while not group or (len(group) < together and not ready.empty()):
-                item = await ready.get()
-                if isinstance(item, BaseException):
-                    raise item
-                if item is _END:
-                    ended = True
-                    break
-                group.append(item)
-            if group:
-                await render(group)
+        done, _ = await asyncio.wait(tasks[1:], return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            if (error := task.exception()) is not None:
+                raise error
     finally:
-        reading.cancel()
-        await asyncio.gather(reading, return_exceptions=True)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        ready_jobs(0)
     report.compute_ms = compute * 1000
     report.total_ms = (time.perf_counter() - started) * 1000
     admission.finish()

@@ -30,7 +30,7 @@ class UpscalerConfig(ServiceConfig):
     upscaler_inference_lanes: int = setting(
         2,
         "network calls run at once, each on UPSCALER_THREADS / lanes threads, whenever more than one is "
-        "wanted: several requests in flight, or a request's tiles rendered together (a tile alone uses "
+        "wanted: several requests in flight, or several of a request's tiles ready to render (a tile alone uses "
         "every thread; at most UPSCALER_THREADS and MAX_CONCURRENT_REQUESTS)",
         minimum=1,
         maximum=64,

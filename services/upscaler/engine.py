@@ -15,10 +15,8 @@ beyond its box, so tiled output equals untiled output.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
-from typing import Sequence
 
 import cv2
 import numpy as np
@@ -248,14 +246,6 @@ class UpscaleEngine:
         narrow its calls, else one (each call would take every thread anyway)."""
         return self.lanes.lanes if self.model is not None and self.model.adapts_threads else 1
 
-    def render_together(
-        self, plan: Plan, jobs: Sequence[tuple[Rect, np.ndarray]], mode: str, alpha_through_model: bool = False
-    ) -> list[np.ndarray]:
-        """`render` of several tiles of one request at once, each in a lane of its own."""
-        return self.lanes.together(
-            [functools.partial(self.render, plan, rect, context, mode, alpha_through_model) for rect, context in jobs]
-        )
-
     def upscale(
         self,
         pixels: np.ndarray,
@@ -277,9 +267,11 @@ class UpscaleEngine:
         plan = self.plan(width, height, scale, tile=tile, halo=halo, concurrency=self.tiles_together)
         whole_in, whole_out = Rect(0, 0, width, height), Rect(0, 0, plan.out_width, plan.out_height)
         out = np.empty((plan.out_height, plan.out_width, pixels.shape[2]), pixels.dtype)
-        for start in range(0, len(plan.tiles), self.tiles_together):
-            group = plan.tiles[start : start + self.tiles_together]
-            jobs = [(rect, pixels[plan.context_rect(rect).relative_to(whole_in)]) for rect in group]
-            for rect, rendered in zip(group, self.render_together(plan, jobs, mode, alpha_through_model)):
-                out[plan.output_rect(rect).relative_to(whole_out)] = rendered
+
+        def render_into(rect: Rect) -> None:
+            context = pixels[plan.context_rect(rect).relative_to(whole_in)]
+            rendered = self.render(plan, rect, context, mode, alpha_through_model)
+            out[plan.output_rect(rect).relative_to(whole_out)] = rendered
+
+        self.lanes.each(render_into, plan.tiles, self.tiles_together)
         return out

@@ -20,6 +20,7 @@ from services.common.wire import HeaderInfo
 
 from .config import UpscalerConfig
 from .engine import Plan, UpscaleEngine
+from .lanes import ReadyTiles
 from .models import ModelRegistry
 
 
@@ -46,6 +47,7 @@ class UpscaleOp:
         self.jobs = plan.tiles
         self.preferred_cell = max(16, int(plan.tile * plan.scale))
         self.tiles_together = engine.tiles_together
+        self._ready = ReadyTiles(engine.lanes)
 
     def context_rect(self, job: Rect) -> Rect:
         return self.plan.context_rect(job)
@@ -59,8 +61,8 @@ class UpscaleOp:
     def render(self, job: Rect, context: np.ndarray) -> np.ndarray:
         return self.engine.render(self.plan, job, context, self.mode, self.alpha_through_model)
 
-    def render_together(self, jobs: list[tuple[Rect, np.ndarray]]) -> list[np.ndarray]:
-        return self.engine.render_together(self.plan, jobs, self.mode, self.alpha_through_model)
+    def ready(self, jobs: int) -> None:
+        self._ready.set(jobs)
 
 
 class UpscalerServicer(upscaler_pb2_grpc.UpscalerServicer):

@@ -1,7 +1,9 @@
 """render_stream, the body every processing service runs on a stream: jobs rendered
-alone or, for an op that renders several at once, together as they become ready."""
+one at a time or, for an op that renders several at once, up to that many, each taken
+as soon as a renderer is free."""
 
 import asyncio
+import threading
 
 import numpy as np
 import pytest
@@ -14,7 +16,8 @@ from services.common.tiles import GridAssembler, Rect, grid
 
 
 class DoublingOp:
-    """Nearest-neighbour 2x in 16-pixel jobs with a 2-pixel halo; records how many jobs each call rendered."""
+    """Nearest-neighbour 2x in 16-pixel jobs with a 2-pixel halo; records its renders, how many
+    ran at once, and what it was told of the jobs ready."""
 
     whole_image = False
 
@@ -22,7 +25,10 @@ class DoublingOp:
         self.width, self.height = width, height
         self.out_width, self.out_height, self.out_mode, self.out_dtype = 2 * width, 2 * height, "RGB", np.uint8
         self.jobs = list(grid(width, height, 16, 16))
-        self.calls: list[int] = []
+        self.rendered: list[Rect] = []
+        self.in_flight = self.most_in_flight = 0
+        self.told: list[int] = []
+        self.counting = threading.Lock()
         if together > 1:
             self.tiles_together = together
 
@@ -40,12 +46,18 @@ class DoublingOp:
         return core.repeat(2, axis=0).repeat(2, axis=1)
 
     def render(self, job: Rect, context: np.ndarray) -> np.ndarray:
-        self.calls.append(0)  # one job, through render itself
-        return self._double(job, context)
+        with self.counting:
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            return self._double(job, context)
+        finally:
+            with self.counting:
+                self.in_flight -= 1
+                self.rendered.append(job)
 
-    def render_together(self, jobs: list[tuple[Rect, np.ndarray]]) -> list[np.ndarray]:
-        self.calls.append(len(jobs))
-        return [self._double(job, context) for job, context in jobs]
+    def ready(self, jobs: int) -> None:
+        self.told.append(jobs)
 
 
 class Admission:
@@ -85,11 +97,38 @@ IMAGE = np.random.default_rng(3).integers(0, 256, (48, 40, 3), dtype=np.uint8)  
 DOUBLED = IMAGE.repeat(2, axis=0).repeat(2, axis=1)
 
 
-@pytest.mark.parametrize("together, calls", [(1, [0] * 9), (2, [2, 2, 2, 2, 1]), (4, [4, 4, 1])])
-def test_an_op_that_renders_several_jobs_at_once_is_given_the_ready_ones_together(together, calls):
+@pytest.mark.parametrize("together", [1, 2, 4])
+def test_an_op_renders_up_to_its_jobs_together_at_once_and_is_told_how_many_are_ready(together):
     op = DoublingOp(40, 48, together)
     assert np.array_equal(run(op, IMAGE), DOUBLED)
-    assert op.calls == calls
+    assert len(op.rendered) == len(op.jobs) and set(op.rendered) == set(op.jobs)  # each job once
+    assert op.most_in_flight <= together
+    if together > 1:
+        assert max(op.told) > 1 and op.told[-1] == 0  # several ready at once; none once rendering ended
+    else:
+        assert op.told == []  # an op that renders one job at a time is not asked
+
+
+class WaitsForTheOthers(DoublingOp):
+    """The first job's render ends only once every other job has rendered."""
+
+    def __init__(self, width: int, height: int, together: int):
+        super().__init__(width, height, together)
+        self.others_done = threading.Event()
+
+    def render(self, job: Rect, context: np.ndarray) -> np.ndarray:
+        if job == self.jobs[0]:
+            self.others_done.wait(timeout=30)  # a bound, so that a failure fails rather than hangs
+        out = super().render(job, context)
+        if len(self.rendered) == len(self.jobs) - 1 and job != self.jobs[0]:
+            self.others_done.set()
+        return out
+
+
+def test_a_slow_job_holds_up_no_other_job():
+    op = WaitsForTheOthers(40, 48, 2)
+    assert np.array_equal(run(op, IMAGE), DOUBLED)
+    assert op.rendered[-1] == op.jobs[0]  # the other renderer took every other job meanwhile
 
 
 def test_a_bad_tile_read_ahead_of_rendering_fails_the_stream():
@@ -105,7 +144,7 @@ def test_a_stream_that_ends_with_jobs_unrendered_is_refused_as_ended_early():
     tiles = [wire.tile(rect, IMAGE[rect.y0 : rect.y1, rect.x0 : rect.x1]) for rect in grid(40, 48, 16, 16)]
     with pytest.raises(StreamEndedEarly, match="input tiles missing"):
         run(op, IMAGE, tiles[:-2])
-    assert 0 < sum(op.calls) < len(op.jobs)
+    assert 0 < len(op.rendered) < len(op.jobs)
 
 
 def test_a_tile_that_cannot_be_sent_ends_the_stream_with_its_error_and_rendering_with_it():
@@ -117,4 +156,6 @@ def test_a_tile_that_cannot_be_sent_ends_the_stream_with_its_error_and_rendering
 
     with pytest.raises(InvalidArgument, match="refused the tile"):
         run(op, IMAGE, send=refused)
-    assert len(op.calls) == 1  # nothing more is rendered once a group's tiles cannot leave
+    # Nothing starts once the first output cannot leave: at most the outputs waiting to leave
+    # behind it (one per renderer) and those rendering (as many) came after it.
+    assert len(op.rendered) <= 1 + 2 * 2 < len(op.jobs)

@@ -138,8 +138,8 @@ def upscale_at_once(engine, requests: int, size: tuple[int, int] = (32, 32)) -> 
     "size, widths",
     [
         ((16, 16), [4]),  # one tile: every thread
-        ((32, 32), [2, 2, 2, 2]),  # two pairs of tiles, each on half the threads
-        ((16, 48), [2, 2, 4]),  # a pair, then the last tile alone on every thread
+        ((32, 32), [2, 2, 2, 2]),  # four tiles, two at a time, each on half the threads
+        ((16, 48), [2, 2, 2]),  # the third starts while the second still renders
     ],
 )
 def test_a_lone_request_renders_its_tiles_in_lanes_and_a_tile_alone_on_every_thread(size, widths):
@@ -157,23 +157,43 @@ def test_tiles_rendered_together_land_where_they_belong():
     assert np.array_equal(together.upscale(image, "RGB", 2, tile=16), alone.upscale(image, "RGB", 2, tile=16))
 
 
-def test_a_failing_tile_fails_the_request_once_its_partner_has_ended():
-    ended = []
+def test_a_slow_tile_holds_up_no_other_tile_of_its_request():
+    others_done = threading.Event()
 
-    class FailsOnce(ThreadCountingModel):
+    class FirstWaitsForTheOthers(ThreadCountingModel):
         def __call__(self, x, threads=0):
-            if not ended:
-                ended.append("failed")
-                raise RuntimeError("the network failed")
+            first = x.mean() > 0.5  # only the first tile is bright
+            if first:
+                others_done.wait(timeout=30)  # a bound, so that a failure fails rather than hangs
             out = super().__call__(x, threads)
-            ended.append("rendered")
+            if not first and len(self.widths) == 3:
+                others_done.set()
             return out
 
-    engine = UpscaleEngine(FailsOnce(), 2, halo=2, lanes=InferenceLanes(threads=2, lanes=2))
-    image = np.zeros((16, 32, 3), np.uint8)  # two tiles: rendered together
+    image = np.zeros((16, 64, 3), np.uint8)
+    image[:, :16] = 255
+    engine = UpscaleEngine(FirstWaitsForTheOthers(), 2, halo=2, lanes=InferenceLanes(threads=2, lanes=2))
+    out = engine.upscale(image, "RGB", 2, tile=16)
+    assert others_done.is_set() and out[:, :32].min() == 255 and out[:, 36:].max() == 0
+
+
+def test_a_failing_tile_fails_the_request_once_no_other_tile_is_rendering():
+    class FailsFirst(ThreadCountingModel):
+        failed = False
+
+        def __call__(self, x, threads=0):
+            with self.counting:
+                first, self.failed = not self.failed, True
+            if first:
+                time.sleep(0.005)  # the other lane has begun its tile by now
+                raise RuntimeError("the network failed")
+            return super().__call__(x, threads)
+
+    model = FailsFirst()
+    engine = UpscaleEngine(model, 2, halo=2, lanes=InferenceLanes(threads=2, lanes=2))
     with pytest.raises(RuntimeError, match="the network failed"):
-        engine.upscale(image, "RGB", 2, tile=16)
-    assert sorted(ended) == ["failed", "rendered"]  # the other tile's call had ended before the error came out
+        engine.upscale(np.zeros((16, 64, 3), np.uint8), "RGB", 2, tile=16)
+    assert model.calls == 0  # no other tile was still rendering when the error came out
 
 
 @pytest.mark.parametrize("lanes", [2, 4])
