@@ -67,9 +67,9 @@ class StreamLimiter:
     `max_active` of them compute at a time, each in a compute slot, the earliest-admitted
     stream first; a stream's computations share its slot, up to `computations_per_stream`
     at once, on a thread pool of `max_active * computations_per_stream`. A stream holds a
-    compute slot only while it computes, never while it waits for its input or for the next service, so a pipeline
-    that passes through a service twice, or two pipelines that cross, never wait on
-    each other."""
+    compute slot only while it computes, never while it waits for its input or for the
+    next service, so a pipeline that passes through a service twice, or two pipelines
+    that cross, never wait on each other."""
 
     def __init__(self, service: str, max_active: int, max_queued: int, computations_per_stream: int = 1):
         self.service = service
