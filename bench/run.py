@@ -335,8 +335,10 @@ def cpu_backends(model_dir: Path, rounds: int, tiles: tuple[int, ...] = (512, 25
         chosen, chosen_tile = auto.models[name].backend, auto.models[name].preferred_tile
         del auto
         backends = {}
-        for backend in CPU_BACKENDS:
-            registry = ModelRegistry(directory, backend=backend, onnx_cache_dir=cache, threads=available_cpus())
+        for backend in CPU_BACKENDS:  # only each network is timed here: at a fixed tile, not at start as well
+            registry = ModelRegistry(
+                directory, backend=backend, onnx_cache_dir=cache, threads=available_cpus(), tile=max(tiles)
+            )
             registry.load_all()
             if registry.models[name].ready:  # bf16 only where the CPU has it
                 backends[backend] = registry.models[name].engine.model

@@ -40,6 +40,7 @@ class Setting:
     minimum: float | None = None
     maximum: float | None = None
     choices: tuple[str, ...] | None = None
+    zero_means_auto: bool = False  # 0 is allowed besides the range: "choose for me"
 
     @property
     def key(self) -> str:
@@ -54,6 +55,8 @@ class Setting:
         return value
 
     def check(self, value: Any) -> None:
+        if self.zero_means_auto and value == 0:
+            return
         if self.minimum is not None and value < self.minimum:
             raise ConfigError(f"{self.env}={value!r}: must be at least {self.minimum:g}")
         if self.maximum is not None and value > self.maximum:
@@ -69,9 +72,11 @@ def setting(
     minimum: float | None = None,
     maximum: float | None = None,
     choices: tuple[str, ...] | None = None,
+    zero_means_auto: bool = False,
 ) -> Any:
     """A field of a config dataclass, read from the variable of its name in upper case."""
-    return field(default=default, metadata={"help": help, "minimum": minimum, "maximum": maximum, "choices": choices})
+    metadata = {"help": help, "minimum": minimum, "maximum": maximum, "choices": choices}
+    return field(default=default, metadata={**metadata, "zero_means_auto": zero_means_auto})
 
 
 def settings_of(config_class: type) -> list[Setting]:

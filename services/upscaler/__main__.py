@@ -40,6 +40,7 @@ async def main() -> None:
         lanes=config.inference_lanes,
         halo=config.upscaler_tile_halo,
         calibration_tile=config.upscaler_calibration_tile,
+        tile=config.upscaler_tile,
     )
     servicer = UpscalerServicer(runtime, registry)
     await serve(

@@ -104,6 +104,7 @@ def calibrate(
     *,
     halo: int = 0,
     tile_ladder: tuple[int, ...] = (),
+    forced: bool = False,
 ) -> tuple[Backend | None, list[dict], dict[int, float]]:
     """Time each candidate on the tile the way tiles will run (integer pixels in and
     out, its exact path), the candidates in turn in every round so that the
@@ -114,13 +115,18 @@ def calibrate(
     tile is clearly slower per pixel, twice over: per-pixel speed changes with the tile (caches, the halo's share),
     and not alike for every backend. Each measurement says the tile it was fastest at; the
     chosen backend's speed (input pixels per second, halo included) at every tile edge it
-    was timed on comes back too, for the engine to size each image's tiles."""
+    was timed on comes back too, for the engine to size each image's tiles.
+
+    `forced`: the one candidate was asked for by name; it is chosen and timed on the
+    ladder whatever its accuracy (still measured and reported), and its failure is raised."""
     ready = []  # (backend, its output on the tile)
     for candidate in candidates:
         try:
             backend = candidate.make()
             ready.append((backend, backend(tile)))  # warm-up, and the output compared
         except Exception as exc:  # a backend that cannot run here is skipped, not fatal
+            if forced:
+                raise
             logs.log(logger, logging.WARNING, "backend unavailable", backend=candidate.name, error=str(exc)[:300])
     backends = [backend for backend, _ in ready]
     edge = tile.shape[2]
@@ -134,7 +140,7 @@ def calibrate(
         measurements.append(
             {"backend": backend.name, "psnr_db": round(min(psnr, 999.0), 2), "eligible": psnr >= MIN_PSNR_DB}
         )
-    eligible = [b for b, m in zip(backends, measurements) if m["eligible"]]
+    eligible = backends if forced else [b for b, m in zip(backends, measurements) if m["eligible"]]
     climbing = sorted(eligible, key=lambda b: fastest[b.name].core_rate, reverse=True)[:LADDER_CONTENDERS]
     for bigger in (e for e in tile_ladder if e > core):
         if not climbing:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.common.config import ServiceConfig, metrics_port_setting, port_setting, setting
+from services.common.contract import MAX_TILE_SIZE, MIN_TILE_SIZE
 
 from .backends import BACKEND_CHOICES
 
@@ -24,6 +25,15 @@ class UpscalerConfig(ServiceConfig):
     )
     upscaler_device: str = setting(
         "auto", "where models run: auto (CUDA when present), cpu or cuda", choices=("auto", "cpu", "cuda")
+    )
+    upscaler_tile: int = setting(
+        0,
+        "inference tile edge for requests that name no tile_size (0: chosen per image among the sizes timed "
+        "at start that fit in memory); when set, candidates are timed on it alone, and a backend forced by name "
+        "not at all",
+        minimum=MIN_TILE_SIZE,
+        maximum=MAX_TILE_SIZE,
+        zero_means_auto=True,
     )
     upscaler_tile_halo: int = setting(16, "context pixels around each tile", minimum=1, maximum=256)
     upscaler_threads: int = setting(0, "inference threads (0: the CPUs the container may use)", minimum=0)

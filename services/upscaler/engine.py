@@ -98,8 +98,10 @@ class UpscaleEngine:
         bytes_per_input_pixel: int = 1200,
         lanes: InferenceLanes | None = None,
         tile_speeds: dict[int, float] | None = None,
+        default_tile: int = 0,
     ):
         self.model = model
+        self.default_tile = default_tile  # a request's tile_size when it names none (0: auto_tile's choice)
         # Tile edge -> input pixels per second (halo included) that calibration measured at that size.
         self.tile_speeds = dict(tile_speeds or {})
         # Each network call runs in one of the service's inference lanes; the rest of a tile's work outside them.
@@ -150,7 +152,7 @@ class UpscaleEngine:
         halo = halo or self.default_halo
         if self.model is None:  # Lanczos support plus the unsharp mask's margin, in input pixels
             halo = max(halo, 4 + math.ceil(UNSHARP_MARGIN / scale))
-        tile = tile or self.auto_tile(width, height, passes, halo, concurrency)
+        tile = tile or self.default_tile or self.auto_tile(width, height, passes, halo, concurrency)
         out_width, out_height = output_size(width, height, scale)
         return Plan(
             width,

@@ -171,7 +171,8 @@ class LoadedModel:
 
     @property
     def preferred_tile(self) -> int:
-        """The tile edge calibration found fastest (0 where tiles were not timed: a GPU's follow its memory)."""
+        """The tile edge calibration found fastest, or UPSCALER_TILE (timed there); 0 where tiles were
+        not timed (a GPU's follow its memory)."""
         return next((m["tile"] for m in self.calibration if m["chosen"]), 0) if self.tile_speeds else 0
 
     def info(self) -> dict:
@@ -213,6 +214,7 @@ class ModelRegistry(Registry):
         device: str = "cpu",
         calibration_tile: int = 128,
         calibration_runs: int = 3,
+        tile: int = 0,
     ):
         super().__init__()
         self.device = device
@@ -224,6 +226,7 @@ class ModelRegistry(Registry):
         self.lanes = InferenceLanes(self.threads, lanes)  # shared by every model's network calls
         self.narrow_threads = self.threads // self.lanes.lanes
         self.halo = halo
+        self.tile = tile  # UPSCALER_TILE: every request's tile_size unless it names one (0: chosen per image)
 
     def load_all(self) -> None:
         torch.set_num_threads(self.threads)
@@ -296,6 +299,7 @@ class ModelRegistry(Registry):
                 bytes_per_input_pixel=spec.bytes_per_input_pixel,
                 lanes=self.lanes,
                 tile_speeds=model.tile_speeds,
+                default_tile=self.tile,
             )
             model.backend = run.name
             model.ready = True
@@ -336,16 +340,23 @@ class ModelRegistry(Registry):
         candidates = [c for c in candidates if self._wanted(c) and (self.device == "cpu" or c.family not in CPU_ONLY)]
         if not candidates:
             raise ValueError(f"UPSCALER_BACKEND={self.backend} is not available for {path.name} on this {self.device}")
-        if len(candidates) == 1:
+        ladder: tuple[int, ...] = ()
+        if self.tile:  # timed on the tile every request will run at
+            first = self.tile + 2 * self.halo
+        elif self.device == "cpu":
+            first, ladder = self.calibration_tile, tile_ladder(self.calibration_tile - 2 * self.halo)
+        else:  # a GPU needs bigger tiles than a CPU to show its speed, and its tiles follow its memory
+            first = max(self.calibration_tile, 512)
+        forced = len(candidates) == 1  # asked for by name: timed only to size its tiles
+        if forced and not ladder:
             return candidates[0].make()
-        ladder = tile_ladder(self.calibration_tile - 2 * self.halo) if self.device == "cpu" else ()
         record = record_path(
             self.onnx_cache_dir / "calibration",
             file=stem,
             candidates=[c.name for c in candidates],
             device=torch.cuda.get_device_name() if self.device == "cuda" else "cpu",
             threads=(self.threads, self.narrow_threads),
-            tile=self.calibration_tile,
+            tile=first,
             runs=self.calibration_runs,
             halo=self.halo,
             ladder=ladder,
@@ -359,19 +370,25 @@ class ModelRegistry(Registry):
             model.calibration, model.tile_speeds = earlier["calibration"], earlier["tile_speeds"]
             logs.log(logger, logging.INFO, "calibration reused", model=spec.name, backend=name, record=str(record))
             return by_name[name].make()
-        # A GPU needs bigger tiles than a CPU to show its speed.
-        tile = calibration_tile(self.calibration_tile if self.device == "cpu" else max(self.calibration_tile, 512))
+        tile = calibration_tile(first)
         if module is not None:
             with torch.inference_mode():  # the accuracy reference: fp32 on the CPU
                 reference = module.float().cpu()(torch.from_numpy(tile)).numpy()
         else:  # onnxruntime's own output: nothing more exact is at hand
             reference = OnnxBackend(path, self.threads, self.device)(tile)
         chosen, model.calibration, tile_speeds = calibrate(
-            candidates, reference, tile, self.calibration_runs, spec.scale, halo=self.halo, tile_ladder=ladder
+            candidates,
+            reference,
+            tile,
+            self.calibration_runs,
+            spec.scale,
+            halo=self.halo,
+            tile_ladder=ladder,
+            forced=forced,
         )
         if chosen is None:
             raise ValueError(f"no backend ran within {MIN_PSNR_DB} dB of fp32: {model.calibration}")
-        if ladder:  # a GPU's tiles follow its memory: bigger is faster there
+        if ladder or self.tile:
             model.tile_speeds = tile_speeds
         write_record(record, model.calibration, model.tile_speeds)
         return chosen

@@ -11,7 +11,7 @@ import numpy as np
 import yaml
 
 from support.images import png
-from support.processes import ROOT, free_port, start_gateway, start_service
+from support.processes import EXACT_UPSCALER, ROOT, free_port, start_gateway, start_service
 
 DEPLOY = ROOT / "deploy"
 
@@ -69,9 +69,7 @@ def test_a_service_that_only_relays_a_pipeline_is_not_in_flight(mesh, http, phot
 
 
 def test_queued_streams_count_in_the_queue_not_in_flight(tmp_path_factory, model_dir, photo):
-    upscaler = start_service(
-        "upscaler", tmp_path_factory, model_dir, MAX_CONCURRENT_REQUESTS="1", UPSCALER_BACKEND="torch-fp32"
-    )
+    upscaler = start_service("upscaler", tmp_path_factory, model_dir, MAX_CONCURRENT_REQUESTS="1", **EXACT_UPSCALER)
     try:
         ports = {
             "upscaler": int(upscaler.address.rsplit(":", 1)[1]),

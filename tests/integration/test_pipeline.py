@@ -15,7 +15,7 @@ from services.common import wire
 from services.common.tiles import grid
 from support.clients import collect
 from support.images import logo_on_white, png
-from support.processes import free_ports, mesh_addresses, start_gateway, start_service
+from support.processes import EXACT_UPSCALER, free_ports, mesh_addresses, start_gateway, start_service
 
 
 def stream_steps(address: str, image: np.ndarray, mode: str, steps, edge=64):
@@ -95,7 +95,7 @@ def test_each_service_memory_stays_bounded_for_a_large_image(tmp_path_factory, m
     ports = dict(zip(("upscaler", "bgremoval", "effects"), free_ports(3)))
     addresses = mesh_addresses(ports)
     services = {
-        name: start_service(name, tmp_path_factory, model_dir, ports[name], addresses, UPSCALER_BACKEND="torch-fp32")
+        name: start_service(name, tmp_path_factory, model_dir, ports[name], addresses, **EXACT_UPSCALER)
         for name in ("upscaler", "effects")
     }
     try:

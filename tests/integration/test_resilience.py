@@ -15,7 +15,16 @@ from PIL import Image
 from services.common import wire
 from services.common.tiles import grid
 from support.images import png
-from support.processes import Service, free_port, free_ports, in_flight, mesh_addresses, start_gateway, start_service
+from support.processes import (
+    EXACT_UPSCALER,
+    Service,
+    free_port,
+    free_ports,
+    in_flight,
+    mesh_addresses,
+    start_gateway,
+    start_service,
+)
 
 
 @pytest.fixture
@@ -28,7 +37,7 @@ def two_replicas(tmp_path_factory, model_dir):
             tmp_path_factory,
             model_dir,
             port,
-            UPSCALER_BACKEND="torch-fp32",
+            **EXACT_UPSCALER,
             MAX_CONCURRENT_REQUESTS="2",
             MAX_QUEUED_REQUESTS="16",
         )
@@ -136,7 +145,7 @@ def test_overload_is_refused_cleanly_and_service_resumes(tmp_path_factory, model
         model_dir,
         ports["upscaler"],
         mesh_addresses(ports),
-        UPSCALER_BACKEND="torch-fp32",
+        **EXACT_UPSCALER,
         MAX_CONCURRENT_REQUESTS="1",
         MAX_QUEUED_REQUESTS="1",
     )

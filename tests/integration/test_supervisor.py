@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from support.processes import ROOT, free_ports
+from support.processes import EXACT_UPSCALER, ROOT, free_ports
 
 
 def child_pid(parent: int, module: str) -> int:
@@ -55,7 +55,7 @@ def supervised(model_dir, tmp_path):
         "RESULT_DIR": str(tmp_path / "results"),
         "BGREMOVAL_DB": str(tmp_path / "db.sqlite3"),
         "ONNX_CACHE_DIR": str(tmp_path / "onnx"),
-        "UPSCALER_BACKEND": "torch-fp32",
+        **EXACT_UPSCALER,
         "ENVOY_ADMIN_PORT": str(next(ports)),
         "MODEL_MIRROR": str(tmp_path / "mirror"),
     }  # never the network; MODEL_DIR lacks no default anyway

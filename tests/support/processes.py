@@ -18,10 +18,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.topology import SERVICES
+from services.upscaler.engine import CPU_MAX_TILE
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED_MODELS = Path(os.environ.get("IMAGEMESH_TEST_MODELS", ROOT.parent / "shared" / "models"))
 SERVICE_MODULES = {service.name: service.module for service in SERVICES}
+# An upscaler exact to the bit (fp32, as the reference computes) at a fixed tile: nothing timed at start.
+EXACT_UPSCALER = {"UPSCALER_BACKEND": "torch-fp32", "UPSCALER_TILE": str(CPU_MAX_TILE)}
 
 
 def free_port() -> int:

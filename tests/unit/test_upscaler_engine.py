@@ -15,7 +15,8 @@ from support.images import fp32_untiled, psnr
 
 @pytest.fixture(scope="module")
 def registry(model_dir):
-    registry = ModelRegistry(model_dir, threads=2, backend="torch-fp32")  # exact; calibration is tested apart
+    # Exact, and at a fixed tile: nothing timed (calibration is tested apart).
+    registry = ModelRegistry(model_dir, threads=2, backend="torch-fp32", tile=CPU_MAX_TILE)
     registry.load_all()
     return registry
 

@@ -16,15 +16,20 @@ from services.upscaler import fetch as upscaler_fetch
 from services.upscaler.arch import RRDBNet
 from services.upscaler.backends import ArrayBackend, Candidate, cpu_has_bf16
 from services.upscaler.calibration import LADDER_CONTENDERS, LADDER_RUNS, calibrate, calibration_tile, read_record
-from services.upscaler.engine import tile_ladder
+from services.upscaler.engine import CPU_MAX_TILE, tile_ladder
 from services.upscaler.models import SPECS, SPECS_BY_NAME, ModelRegistry, sha256_of
 from support.images import psnr
 
 UPSCALER_FILES = sorted({name for spec in SPECS for name in spec.files})
 
 
-def registry_for(directory, tmp_path, backend="torch-fp32"):
-    registry = ModelRegistry(directory, backend=backend, onnx_cache_dir=tmp_path / "onnx", threads=2)
+def registry_for(directory, tmp_path, backend="torch-fp32", tile=None, **settings):
+    # A backend named at a fixed tile is not timed at start: only calibration's own tests wait for that.
+    if tile is None:
+        tile = 0 if backend == "auto" else CPU_MAX_TILE
+    registry = ModelRegistry(
+        directory, backend=backend, onnx_cache_dir=tmp_path / "onnx", threads=2, tile=tile, **settings
+    )
     registry.load_all()
     return registry
 
@@ -75,7 +80,7 @@ def test_torch_and_onnxruntime_backends_agree(model_dir, tmp_path, photo, model)
 def test_openvino_and_ncnn_agree_with_torch(model_dir, tmp_path, photo, model, backend):
     reference = registry_for(model_dir, tmp_path, "torch-fp32").resolve(model)
     candidate = registry_for(only(tmp_path, model_dir, reference.file_name), tmp_path, backend).resolve(model)
-    assert candidate.backend == backend and candidate.calibration == []  # forced: no calibration
+    assert candidate.backend == backend and candidate.calibration == []  # forced, at a fixed tile: not timed
     a = reference.engine.upscale(photo, "RGB", 4, tile=64)
     b = candidate.engine.upscale(photo, "RGB", 4, tile=64)
     assert a.shape == b.shape and psnr(a, b) >= 45
@@ -245,8 +250,7 @@ def test_calibration_picks_the_fastest_backend_and_tile_within_45_db(model_dir, 
     records[0].write_text("{not json")  # a damaged record is measured again, and rewritten
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="imagemesh.upscaler.models"):
-        registry = ModelRegistry(directory, backend="auto", onnx_cache_dir=tmp_path / "onnx", threads=2, halo=8)
-        registry.load_all()
+        registry_for(directory, tmp_path, "auto", halo=8)
         registry_for(directory, tmp_path, "auto")
     assert "calibration reused" not in [r.getMessage() for r in caplog.records]
     assert len(list((tmp_path / "onnx" / "calibration").glob("*.json"))) == 2
@@ -320,14 +324,52 @@ def test_calibration_refuses_a_fast_but_inaccurate_backend():
         ("fast-wrong", False, False),
         ("slow-right", True, True),
     ]
+    # Asked for by name, an inaccurate backend is still served, and said to be inaccurate.
+    chosen, figures, speeds = calibrate([wrong], reference, tile, runs=2, tile_ladder=(48,), forced=True)
+    assert chosen.name == "fast-wrong" and [(f["eligible"], f["chosen"]) for f in figures] == [(False, True)]
+    assert sorted(speeds) == [32, 48]
+
+    # And one that cannot run says why, where calibration among several would skip it.
+    def unavailable():
+        raise RuntimeError("this backend needs what this machine lacks")
+
+    with pytest.raises(RuntimeError, match="lacks"):
+        calibrate([Candidate("broken", "torch", unavailable)], reference, tile, runs=2, forced=True)
 
 
-def test_a_forced_backend_is_used_without_calibration(model_dir, tmp_path):
-    model = registry_for(model_dir, tmp_path, "torch-fp32-cl").resolve("realesr-animevideov3")
-    assert model.backend == "torch-fp32-cl" and model.calibration == []
+def test_a_forced_backend_is_timed_only_to_size_its_tiles(model_dir, tmp_path, caplog):
+    directory = only(tmp_path, model_dir, "realesr-animevideov3.pth")
+
+    def forced(tile: int = 0):
+        return registry_for(directory, tmp_path, "ncnn", tile=tile).resolve("realesr-animevideov3")
+
+    model = forced()
+    [figure] = model.calibration  # the one backend asked for, its accuracy reported
+    assert (figure["backend"], figure["chosen"], model.backend) == ("ncnn", True, "ncnn")
+    assert figure["psnr_db"] >= 45 and figure["eligible"]
+    first = 128 - 2 * 16
+    assert first in model.tile_speeds and set(model.tile_speeds) <= {first, *tile_ladder(first)}
+    assert model.preferred_tile == figure["tile"] in model.tile_speeds
+    assert model.engine.plan(4000, 4000, 4).tile in model.tile_speeds  # sized by speed, not by memory alone
+    with caplog.at_level(logging.INFO, logger="imagemesh.upscaler.models"):
+        again = forced()
+    assert "calibration reused" in [r.getMessage() for r in caplog.records]
+    assert (again.calibration, again.engine.tile_speeds) == (model.calibration, model.tile_speeds)
+    # UPSCALER_TILE: every request's tile unless it names one, and nothing to time.
+    fixed = forced(tile=200)
+    assert fixed.calibration == [] and fixed.preferred_tile == 0
+    assert fixed.engine.plan(4000, 4000, 4).tile == 200 and fixed.engine.plan(4000, 4000, 4, tile=64).tile == 64
     if not cpu_has_bf16():
         broken = registry_for(model_dir, tmp_path, "torch-bf16-cl").models["realesr-animevideov3"]
         assert not broken.ready and "not available" in broken.reason
+
+
+def test_with_a_fixed_tile_calibration_times_the_backends_on_it_alone(model_dir, tmp_path):
+    directory = only(tmp_path, model_dir, "realesr-animevideov3.pth")
+    model = registry_for(directory, tmp_path, "torch", tile=48, halo=8).resolve("realesr-animevideov3")
+    assert len(model.calibration) > 1 and {m["tile"] for m in model.calibration} == {48}
+    assert model.preferred_tile == 48 and list(model.tile_speeds) == [48]
+    assert model.engine.plan(1000, 1000, 4).tile == 48
 
 
 def test_inference_lanes_give_backends_a_wide_and_a_narrow_form_that_agree(model_dir, tmp_path):
@@ -335,12 +377,9 @@ def test_inference_lanes_give_backends_a_wide_and_a_narrow_form_that_agree(model
 
     directory = only(tmp_path, model_dir, "realesr-animevideov3.pth")
     tile = calibration_tile(48)
-    one_lane = ModelRegistry(directory, backend="ncnn", onnx_cache_dir=tmp_path / "onnx", threads=2)
-    one_lane.load_all()
-    expected = one_lane.resolve("realesr-animevideov3").engine.model(tile)
+    expected = registry_for(directory, tmp_path, "ncnn").resolve("realesr-animevideov3").engine.model(tile)
     for backend in ("ncnn", "openvino", "onnxruntime"):
-        registry = ModelRegistry(directory, backend=backend, onnx_cache_dir=tmp_path / "onnx", threads=2, lanes=2)
-        registry.load_all()
+        registry = registry_for(directory, tmp_path, backend, lanes=2)
         engine = registry.resolve("realesr-animevideov3").engine
         assert engine.lanes is registry.lanes and engine.model.adapts_threads, backend
         if backend == "openvino":
@@ -358,9 +397,7 @@ def test_torch_on_cpu_narrows_a_call_on_its_own_thread_only(model_dir, tmp_path)
     import threading
 
     directory = only(tmp_path, model_dir, "realesr-animevideov3.pth")
-    registry = ModelRegistry(directory, backend="torch-fp32-cl", onnx_cache_dir=tmp_path / "onnx", threads=2, lanes=2)
-    registry.load_all()
-    model = registry.resolve("realesr-animevideov3").engine.model
+    model = registry_for(directory, tmp_path, "torch-fp32-cl", lanes=2).resolve("realesr-animevideov3").engine.model
     assert model.adapts_threads
     tile = calibration_tile(48)
     wide = model(tile, threads=2)
