@@ -23,7 +23,7 @@ UPSCALE = group(
     Field(
         "tile",
         "integer",
-        f"inference tile edge: 0 for automatic, else {MIN_TILE_SIZE} to {MAX_TILE_SIZE}",
+        f"inference tile edge: 0 for the service's choice (timed at start), else {MIN_TILE_SIZE} to {MAX_TILE_SIZE}",
         default=0,
         minimum=MIN_TILE_SIZE,
         maximum=MAX_TILE_SIZE,
